@@ -1,0 +1,368 @@
+"""Load a TAG-MoE transformer (and the rest of the pipeline) with one copy of the weights.
+
+The transformer is built on the meta device from the base model's config, shaped after what
+the TAG-MoE checkpoint holds (which blocks are MoE, how many experts, their FFN size), then
+every tensor is read from its file (safetensors memory map) and assigned in place on its
+target device and dtype. Keys the TAG-MoE checkpoint holds come from it; only the keys it
+lacks are read from the base Qwen-Image transformer, whose files are not opened at all when
+the TAG-MoE checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, WeightFiles, resolve_weight_files
+from .devices import DeviceSpec, device_for_key, gpu_budgets, plan_transformer_split, resolve_devices
+from .errors import (CheckpointNotFoundError, CorruptCheckpointError, MissingKeysError, NotATagMoECheckpointError,
+                     ShapeMismatchError, TagMoEError, UnexpectedKeysError)
+from .model import build_tagmoe_transformer
+from .moe import Backend, MoESpec
+
+log = logging.getLogger("tagmoe")
+
+_ROUTER_KEY = re.compile(r"^transformer_blocks\.(\d+)\.img_mlp\.router\.layer\.weight$")
+# Modules the release carries for training and routing analysis; inference runs without them.
+OPTIONAL_PREFIXES = ("tag_embedding.", "router_head.")
+# Wrappers some tools put around a transformer state dict (only stripped when every key has it).
+KEY_PREFIXES = ("model.diffusion_model.", "transformer.", "module.")
+RELEASE_MOE_BLOCKS = 10
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+@dataclass
+class LoadReport:
+    """What was loaded from where (shown by the CLI and the loader node)."""
+
+    tagmoe_source: str
+    base_source: str | None
+    spec: MoESpec
+    moe_blocks: list[int]
+    keys_from_tagmoe: int
+    keys_from_base: int
+    dtype: torch.dtype
+    devices: str
+    ignored_keys: list[str] = field(default_factory=list)
+    missing_optional: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        blocks = self.moe_blocks
+        span = f"{blocks[0]}-{blocks[-1]}" if blocks == list(range(blocks[0], blocks[-1] + 1)) else str(blocks)
+        lines = [
+            f"TAG-MoE weights: {self.tagmoe_source} ({self.keys_from_tagmoe} tensors)",
+            f"base transformer: {self.base_source} ({self.keys_from_base} tensors)" if self.keys_from_base
+            else "base transformer weights: not needed (the TAG-MoE checkpoint is complete)",
+            f"MoE blocks {span}: {self.spec.num_experts} experts, top-{self.spec.top_k}",
+            f"dtype {str(self.dtype).removeprefix('torch.')} on {self.devices}",
+        ]
+        if self.ignored_keys:
+            lines.append(f"ignored {len(self.ignored_keys)} unexpected key(s)")
+        if self.missing_optional:
+            lines.append("no tag_embedding/router_head in the checkpoint: routing analysis is unavailable")
+        return "\n".join(lines)
+
+
+# -- configs ----------------------------------------------------------------------------------------
+def read_transformer_config(base: str | os.PathLike | None, tagmoe_files: WeightFiles | None = None,
+                            revision: str | None = None, local_files_only: bool = False) -> dict[str, Any]:
+    """The Qwen-Image transformer config: from the base model (``transformer/config.json``),
+    else from a ``config.json`` beside the TAG-MoE weights."""
+    candidates: list[Path] = []
+    if base is not None:
+        root = Path(os.path.expanduser(str(base)))
+        if root.is_dir():
+            candidates += [root / "transformer" / "config.json", root / "config.json"]
+        elif not root.exists():
+            try:
+                from huggingface_hub import hf_hub_download
+
+                candidates.append(Path(hf_hub_download(str(base), "config.json", subfolder="transformer",
+                                                       revision=revision, local_files_only=local_files_only)))
+            except Exception as exc:  # noqa: BLE001 - reported below with the other places tried
+                log.debug("no hub config for %s: %s", base, exc)
+    if tagmoe_files is not None:
+        candidates += [tagmoe_files.root / "config.json", tagmoe_files.root / "transformer" / "config.json"]
+    for path in candidates:
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text())
+            except ValueError as exc:
+                raise CorruptCheckpointError(f"transformer config '{path}' is not valid JSON: {exc}") from exc
+            if config.get("_class_name", "QwenImageTransformer2DModel") not in ("QwenImageTransformer2DModel",):
+                log.warning("config %s is for %s; reading it as a QwenImageTransformer2DModel config",
+                            path, config.get("_class_name"))
+            return config
+    raise CheckpointNotFoundError(
+        "no Qwen-Image transformer config found: give the base Qwen-Image folder (with "
+        f"transformer/config.json). Looked in: {', '.join(str(p) for p in candidates) or 'nowhere'}")
+
+
+def infer_moe_layout(reader: CheckpointReader, num_layers: int, top_k: int = 1) -> tuple[MoESpec, list[int]]:
+    """MoE blocks, expert count and FFN size from the checkpoint's router and expert tensors."""
+    blocks = sorted(int(m.group(1)) for key in reader.keys() if (m := _ROUTER_KEY.match(key)))
+    if not blocks:
+        first = max(0, num_layers - RELEASE_MOE_BLOCKS)
+        raise NotATagMoECheckpointError(
+            f"no MoE expert weights found for blocks {first}-{num_layers - 1} in {reader.describe()}: "
+            "this looks like a dense Qwen-Image transformer, not TAG-MoE weights. Choose the TAG-MoE "
+            "checkpoint (e.g. YUXU915/TAG-MoE) as the TAG-MoE weights and the Qwen-Image folder as the base.")
+    bad = [b for b in blocks if b >= num_layers]
+    if bad:
+        raise ShapeMismatchError(f"transformer_blocks.{bad[0]}.img_mlp", (num_layers,), (bad[0] + 1,), reader.describe())
+    router = reader.infos[f"transformer_blocks.{blocks[0]}.img_mlp.router.layer.weight"]
+    num_experts = router.shape[0]
+    w1 = reader.infos.get(f"transformer_blocks.{blocks[0]}.img_mlp.experts.mlp.w1")
+    ffn = w1.shape[0] // num_experts if w1 is not None else None
+    spec = MoESpec(num_experts=num_experts, top_k=min(top_k, num_experts), num_moe_blocks=len(blocks),
+                   ffn_hidden_size=ffn)
+    return spec, blocks
+
+
+def _strip_wrapper_prefix(reader: CheckpointReader) -> None:
+    keys = list(reader.infos)
+    for prefix in KEY_PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            reader.infos = {k[len(prefix):]: v for k, v in reader.infos.items()}
+            reader.stored_names = {k[len(prefix):]: k for k in keys}
+            return
+
+
+# -- the transformer ----------------------------------------------------------------------------------
+def load_tagmoe_transformer(
+    tagmoe: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    *,
+    weight_name: str | None = DEFAULT_WEIGHT_NAME,
+    subfolder: str | None = "transformer",
+    revision: str | None = None,
+    local_files_only: bool = False,
+    spec: MoESpec | None = None,
+    top_k: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | Mapping[str, int | str | torch.device] = "cpu",
+    backend: Backend = "auto",
+    strict: bool = True,
+    progress: Progress | None = None,
+) -> tuple[nn.Module, LoadReport]:
+    """The TAG-MoE transformer with weights from ``tagmoe`` (and ``base`` for what it lacks).
+
+    ``spec`` None infers the MoE layout from the checkpoint (``top_k`` is not stored in the
+    weights; the release uses 1). ``device`` is one device or an accelerate-style device map
+    (``{"transformer_blocks.0": 0, ...}``). ``strict`` makes unexpected keys an error.
+    """
+    tag_files = resolve_weight_files(tagmoe, weight_name, subfolder, revision, local_files_only)
+    tag_reader = CheckpointReader.open(tag_files)
+    _strip_wrapper_prefix(tag_reader)
+    config = read_transformer_config(base, tag_files, revision, local_files_only)
+    num_layers = int(config.get("num_layers", 60))
+    if spec is None:
+        spec, blocks = infer_moe_layout(tag_reader, num_layers, top_k)
+    else:
+        blocks = list(spec.block_indices(num_layers))
+        if not any(_ROUTER_KEY.match(k) for k in tag_reader.keys()):
+            infer_moe_layout(tag_reader, num_layers)  # raises the "dense checkpoint" error
+    model = build_tagmoe_transformer(config, spec, backend=backend, moe_blocks=blocks, device="meta", dtype=dtype)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+
+    unexpected = [k for k in tag_reader.keys() if k not in expected]
+    if unexpected and strict:
+        raise UnexpectedKeysError(unexpected, tag_reader.describe())
+    rest = [k for k in expected if k not in tag_reader]
+    base_reader: CheckpointReader | None = None
+    missing_optional: list[str] = []
+    if rest:
+        required = [k for k in rest if not k.startswith(OPTIONAL_PREFIXES)]
+        if required:
+            if base is None:
+                raise MissingKeysError(required, f"{tag_reader.describe()} (and no base model was given to "
+                                                 "take them from)")
+            base_reader = CheckpointReader.open(resolve_weight_files(base, DEFAULT_WEIGHT_NAME, "transformer",
+                                                                     revision, local_files_only))
+            _strip_wrapper_prefix(base_reader)
+            missing = [k for k in required if k not in base_reader]
+            if missing:
+                raise MissingKeysError(missing, f"{tag_reader.describe()} nor the base {base_reader.describe()}")
+        missing_optional = [k for k in rest if k.startswith(OPTIONAL_PREFIXES)
+                            and (base_reader is None or k not in base_reader)]
+        if missing_optional:
+            log.warning("the TAG-MoE checkpoint has no %s; routing analysis will be unavailable",
+                        ", ".join(sorted({k.split('.')[0] for k in missing_optional})))
+    plan = [(k, tag_reader) for k in expected if k in tag_reader]
+    plan += [(k, base_reader) for k in rest if base_reader is not None and k in base_reader]
+    for key, reader in plan:
+        found = reader.infos[key].shape
+        if found != expected[key]:
+            raise ShapeMismatchError(key, expected[key], found, reader.describe())
+
+    total = sum(r.nbytes([k]) for k, r in plan)
+    done = 0
+    for reader in (tag_reader, base_reader):
+        if reader is None:
+            continue
+        keys = [k for k, r in plan if r is reader]
+        for key, tensor in reader.tensors(keys):
+            target = device_for_key(key, device) if isinstance(device, Mapping) else torch.device(device)
+            _assign(model, key, tensor, target, dtype)
+            done += reader.nbytes([key])
+            if progress is not None:
+                progress(done, total)
+        reader.close()
+    for key in missing_optional:  # keep the model complete; these modules are unused at inference
+        ref = expected[key]
+        target = device_for_key(key, device) if isinstance(device, Mapping) else torch.device(device)
+        _assign(model, key, torch.zeros(ref), target, dtype)
+    model.tagmoe_has_tag_modules = not missing_optional
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise MissingKeysError(still_meta, tag_reader.describe())
+
+    devices = (", ".join(sorted({str(device_for_key(k, device)) for k in expected}))
+               if isinstance(device, Mapping) else str(torch.device(device)))
+    report = LoadReport(str(tagmoe), str(base) if base is not None else None, spec, blocks,
+                        sum(1 for _, r in plan if r is tag_reader), sum(1 for _, r in plan if r is base_reader),
+                        dtype, devices, ignored_keys=unexpected, missing_optional=missing_optional)
+    return model, report
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+    if tensor.device != device or tensor.dtype != target_dtype:
+        tensor = tensor.to(device=device, dtype=target_dtype)
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    elif name in module._buffers:
+        module._buffers[name] = tensor
+    else:
+        raise TagMoEError(f"internal: '{key}' is neither a parameter nor a buffer")
+
+
+# -- the other components and the pipeline ------------------------------------------------------------------------
+def _component_path(base: str | os.PathLike, name: str) -> str:
+    root = Path(os.path.expanduser(str(base)))
+    if root.is_dir() and not (root / name).is_dir():
+        raise CheckpointNotFoundError(
+            f"the base model folder '{root}' has no '{name}/' subfolder: it must be a diffusers Qwen-Image "
+            "folder (model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/)")
+    return str(base)
+
+
+def load_vae(base, dtype: torch.dtype, device: torch.device, local_files_only: bool = False):
+    from diffusers import AutoencoderKLQwenImage
+
+    vae = AutoencoderKLQwenImage.from_pretrained(_component_path(base, "vae"), subfolder="vae", torch_dtype=dtype,
+                                                 local_files_only=local_files_only)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoder(base, dtype: torch.dtype, device: torch.device, local_files_only: bool = False):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        _component_path(base, "text_encoder"), subfolder="text_encoder", dtype=dtype,
+        device_map=str(device) if device.type != "cpu" else None, local_files_only=local_files_only)
+    return encoder.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(base, local_files_only: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_component_path(base, "tokenizer"), subfolder="tokenizer",
+                                         local_files_only=local_files_only)
+
+
+def load_scheduler(base, local_files_only: bool = False):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(_component_path(base, "scheduler"), subfolder="scheduler",
+                                                           local_files_only=local_files_only)
+
+
+def load_vlm_image_processor(base, local_files_only: bool = False):
+    """The base's ``processor/`` image-processor settings if it has them (Qwen-Image-Edit
+    layouts do), else Qwen2.5-VL's defaults. Always the PIL implementation (no torchvision)."""
+    root = Path(os.path.expanduser(str(base)))
+    config = root / "processor" / "preprocessor_config.json"
+    if config.is_file():
+        from transformers import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil.from_pretrained(str(root), subfolder="processor",
+                                                        local_files_only=local_files_only)
+    return None
+
+
+def load_pipeline(
+    base: str | os.PathLike,
+    tagmoe: str | os.PathLike,
+    *,
+    device: str | int | None = "auto",
+    dtype: torch.dtype | None = None,
+    backend: Backend = "auto",
+    weight_name: str | None = DEFAULT_WEIGHT_NAME,
+    subfolder: str | None = "transformer",
+    revision: str | None = None,
+    local_files_only: bool = False,
+    top_k: int = 1,
+    strict: bool = True,
+    gpu_memory_caps: Mapping[int, int] | None = None,
+    progress: Progress | None = None,
+):
+    """A ready :class:`~tagmoe_core.pipeline.TagMoEPipeline` on the given devices.
+
+    One device: everything on it. Several GPUs (``"0,1"``): the transformer split at whole
+    blocks by accelerate within each GPU's free memory (minus 2 GiB, capped by
+    ``gpu_memory_caps``), the text encoder on the last GPU and the VAE on the first, like the
+    reference.
+    """
+    from .pipeline import TagMoEPipeline
+
+    devices: DeviceSpec = resolve_devices(device)
+    dtype = dtype or devices.default_dtype
+    placement: Any = devices.primary
+    if devices.is_multi_gpu:
+        placement = plan_multi_gpu(base, tagmoe, devices, dtype, weight_name=weight_name, subfolder=subfolder,
+                                   revision=revision, local_files_only=local_files_only, top_k=top_k,
+                                   caps=gpu_memory_caps)
+    transformer, report = load_tagmoe_transformer(
+        tagmoe, base, weight_name=weight_name, subfolder=subfolder, revision=revision,
+        local_files_only=local_files_only, top_k=top_k, dtype=dtype, device=placement, backend=backend,
+        strict=strict, progress=progress)
+    if devices.is_multi_gpu:
+        from accelerate import dispatch_model
+
+        transformer = dispatch_model(transformer, device_map=placement)
+    pipe = TagMoEPipeline(
+        transformer,
+        load_vae(base, dtype, devices.primary, local_files_only),
+        load_text_encoder(base, dtype, devices.last, local_files_only),
+        load_tokenizer(base, local_files_only),
+        load_scheduler(base, local_files_only),
+        vlm_image_processor=load_vlm_image_processor(base, local_files_only),
+    )
+    pipe.load_report = report
+    pipe.devices = devices
+    return pipe
+
+
+def plan_multi_gpu(base, tagmoe, devices: DeviceSpec, dtype: torch.dtype, *, caps=None, **resolve) -> dict[str, int]:
+    """Device map for the transformer over ``devices.ids`` (planned on the meta device)."""
+    tag_files = resolve_weight_files(tagmoe, resolve["weight_name"], resolve["subfolder"], resolve["revision"],
+                                     resolve["local_files_only"])
+    reader = CheckpointReader.open(tag_files)
+    _strip_wrapper_prefix(reader)
+    config = read_transformer_config(base, tag_files, resolve["revision"], resolve["local_files_only"])
+    spec, blocks = infer_moe_layout(reader, int(config.get("num_layers", 60)), resolve["top_k"])
+    meta = build_tagmoe_transformer(config, spec, moe_blocks=blocks, device="meta", dtype=dtype)
+    return plan_transformer_split(meta, gpu_budgets(devices.ids, caps=caps), dtype)

@@ -1,0 +1,244 @@
+"""Checkpoint layouts, the meta-device loader and every error a user can act on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tagmoe_core.errors import (CheckpointNotFoundError, CorruptCheckpointError, MissingKeysError,
+                                NotATagMoECheckpointError, ShapeMismatchError, UnexpectedKeysError,
+                                UnknownLayoutError)
+from tagmoe_core.loading import load_tagmoe_transformer
+from tagmoe_core.moe import TagMoEFeedForward
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted((folder / "transformer").glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tagmoe_state(tiny_bundle) -> dict[str, torch.Tensor]:
+    state = {}
+    for f in shard_files(tiny_bundle.tagmoe):
+        state.update(load_file(f))
+    return state
+
+
+@pytest.fixture(scope="module")
+def base_state(tiny_bundle) -> dict[str, torch.Tensor]:
+    return load_file(tiny_bundle.base / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_loaded(model, state):
+    loaded = model.state_dict()
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value.to(loaded[key].dtype)), key
+
+
+def test_sharded_release_folder(tiny_bundle, tagmoe_state):
+    model, report = load_tagmoe_transformer(tiny_bundle.tagmoe, tiny_bundle.base)
+    assert_loaded(model, tagmoe_state)
+    assert report.moe_blocks == [2, 3] and report.spec.num_experts == 4 and report.spec.top_k == 1
+    assert report.keys_from_base == 0 and report.keys_from_tagmoe == len(tagmoe_state)
+    assert sum(isinstance(m, TagMoEFeedForward) for m in model.modules()) == 2
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("layout", ["file", "folder", "folder/transformer", "index-file", "bin-index"])
+def test_every_safetensors_and_index_layout(layout, tiny_bundle, tagmoe_state, tmp_path):
+    if layout == "file":
+        target = tmp_path / "tagmoe.safetensors"
+        save_file(tagmoe_state, target)
+    elif layout == "folder":
+        target = tmp_path / "weights"
+        target.mkdir()
+        save_file(tagmoe_state, target / "diffusion_pytorch_model.safetensors")
+    elif layout == "folder/transformer":
+        target = tmp_path / "repo"
+        shutil.copytree(tiny_bundle.tagmoe, target)
+    elif layout == "index-file":
+        target = tmp_path / "t" / "diffusion_pytorch_model.safetensors.index.json"
+        shutil.copytree(tiny_bundle.tagmoe / "transformer", target.parent)
+    else:
+        target = tmp_path / "bins"
+        target.mkdir()
+        keys = sorted(tagmoe_state)
+        halves = {"pytorch_model-1.bin": keys[: len(keys) // 2], "pytorch_model-2.bin": keys[len(keys) // 2:]}
+        weight_map = {}
+        for name, part in halves.items():
+            torch.save({k: tagmoe_state[k] for k in part}, target / name)
+            weight_map.update({k: name for k in part})
+        (target / "diffusion_pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model, _ = load_tagmoe_transformer(target, tiny_bundle.base)
+    assert_loaded(model, tagmoe_state)
+
+
+@pytest.mark.parametrize("wrapper", [None, "model", "state_dict", "transformer"])
+@pytest.mark.parametrize("suffix", [".bin", ".pt"])
+def test_pickled_state_dicts(wrapper, suffix, tiny_bundle, tagmoe_state, tmp_path):
+    path = tmp_path / f"tagmoe{suffix}"
+    torch.save(tagmoe_state if wrapper is None else {wrapper: tagmoe_state, "step": 1000}, path)
+    model, _ = load_tagmoe_transformer(path, tiny_bundle.base)
+    assert_loaded(model, tagmoe_state)
+
+
+def test_pickles_with_python_objects_are_refused(tiny_bundle, tagmoe_state, tmp_path):
+    import argparse
+
+    path = tmp_path / "unsafe.pt"  # e.g. a training checkpoint that pickled its argparse options
+    torch.save({"model": tagmoe_state, "args": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(CorruptCheckpointError, match="weights_only"):
+        load_tagmoe_transformer(path, tiny_bundle.base)
+
+
+def test_complete_checkpoint_never_reads_base_weights(tiny_bundle, tagmoe_state, tmp_path):
+    base = tmp_path / "base"
+    (base / "transformer").mkdir(parents=True)
+    shutil.copy(tiny_bundle.base / "transformer" / "config.json", base / "transformer")
+    (base / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a checkpoint")
+    model, report = load_tagmoe_transformer(tiny_bundle.tagmoe, base)
+    assert_loaded(model, tagmoe_state)
+    assert report.keys_from_base == 0
+
+
+def test_partial_checkpoint_takes_the_rest_from_base(tiny_bundle, tagmoe_state, base_state, tmp_path):
+    changed = {k: v for k, v in tagmoe_state.items() if ".img_mlp." in k or k.startswith(("tag_", "router_head"))}
+    path = tmp_path / "moe_only.safetensors"
+    save_file(changed, path)
+    model, report = load_tagmoe_transformer(path, tiny_bundle.base)
+    loaded = model.state_dict()
+    for key in tagmoe_state:
+        want = changed[key] if key in changed else base_state[key]
+        assert torch.equal(loaded[key], want), key
+    assert report.keys_from_base == len(tagmoe_state) - len(changed) > 0
+    assert "base transformer:" in report.summary()
+
+
+def test_checkpoint_without_tag_modules_still_loads(tiny_bundle, tagmoe_state, tmp_path):
+    path = tmp_path / "no_tags.safetensors"
+    save_file({k: v for k, v in tagmoe_state.items() if not k.startswith(("tag_", "router_head"))}, path)
+    model, report = load_tagmoe_transformer(path, tiny_bundle.base)
+    assert report.missing_optional and not model.tagmoe_has_tag_modules
+    assert "routing analysis is unavailable" in report.summary()
+
+
+def test_wrapper_prefix_is_stripped(tiny_bundle, tagmoe_state, tmp_path):
+    path = tmp_path / "comfy.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in tagmoe_state.items()}, path)
+    model, _ = load_tagmoe_transformer(path, tiny_bundle.base)
+    assert_loaded(model, tagmoe_state)
+
+
+def test_dtype_and_top_k(tiny_bundle):
+    model, report = load_tagmoe_transformer(tiny_bundle.tagmoe, tiny_bundle.base, dtype=torch.bfloat16, top_k=2)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert report.spec.top_k == 2 and all(m.top_k == 2 for m in model.modules() if isinstance(m, TagMoEFeedForward))
+
+
+def test_progress_reports_bytes(tiny_bundle):
+    seen = []
+    load_tagmoe_transformer(tiny_bundle.tagmoe, tiny_bundle.base, progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1] > 0
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+def test_dense_qwen_image_file_given_as_tagmoe_weights(tiny_bundle):
+    with pytest.raises(NotATagMoECheckpointError, match=r"no MoE expert weights found for blocks 0-3"):
+        load_tagmoe_transformer(tiny_bundle.base / "transformer", tiny_bundle.base)
+
+
+def test_dense_file_message_names_release_blocks(tmp_path):
+    config = {"_class_name": "QwenImageTransformer2DModel", "num_layers": 60}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({"transformer_blocks.59.img_mlp.net.2.weight": torch.zeros(2, 2)}, tmp_path / "dense.safetensors")
+    with pytest.raises(NotATagMoECheckpointError, match="blocks 50-59"):
+        load_tagmoe_transformer(tmp_path / "dense.safetensors")
+
+
+def test_shape_mismatch_names_key_expected_and_found(tiny_bundle, tagmoe_state, tmp_path):
+    bad = dict(tagmoe_state)
+    bad["img_in.weight"] = torch.zeros(7, 64)
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(ShapeMismatchError) as info:
+        load_tagmoe_transformer(tmp_path / "bad.safetensors", tiny_bundle.base)
+    assert info.value.key == "img_in.weight" and info.value.expected == (32, 64) and info.value.found == (7, 64)
+    assert "[32, 64]" in str(info.value) and "[7, 64]" in str(info.value)
+
+
+def test_missing_keys_are_listed(tiny_bundle, tagmoe_state, tmp_path):
+    partial = {k: v for k, v in tagmoe_state.items() if k != "proj_out.weight" and "img_in" not in k}
+    save_file(partial, tmp_path / "partial.safetensors")
+    shutil.copy(tiny_bundle.base / "transformer" / "config.json", tmp_path / "config.json")
+    with pytest.raises(MissingKeysError) as info:
+        load_tagmoe_transformer(tmp_path / "partial.safetensors")  # no base to fill them in
+    assert set(info.value.keys) == {"proj_out.weight", "img_in.weight", "img_in.bias"}
+    assert "proj_out.weight" in str(info.value) and "no base model" in str(info.value)
+
+
+def test_unexpected_keys_are_listed_or_ignored(tiny_bundle, tagmoe_state, tmp_path):
+    extra = dict(tagmoe_state, **{"ema.shadow.weight": torch.zeros(2)})
+    save_file(extra, tmp_path / "extra.safetensors")
+    with pytest.raises(UnexpectedKeysError, match="ema.shadow.weight"):
+        load_tagmoe_transformer(tmp_path / "extra.safetensors", tiny_bundle.base)
+    model, report = load_tagmoe_transformer(tmp_path / "extra.safetensors", tiny_bundle.base, strict=False)
+    assert report.ignored_keys == ["ema.shadow.weight"]
+
+
+def test_missing_file_and_folder(tiny_bundle, tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        load_tagmoe_transformer(tmp_path / "nope.safetensors", tiny_bundle.base)
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "shard-1.safetensors"}}))
+    with pytest.raises(CheckpointNotFoundError, match="missing file"):
+        load_tagmoe_transformer(tmp_path, tiny_bundle.base)
+
+
+def test_corrupt_files(tiny_bundle, tagmoe_state, tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file(tagmoe_state, good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match="incomplete"):
+        load_tagmoe_transformer(truncated, tiny_bundle.base)
+    broken_index = tmp_path / "idx" / "diffusion_pytorch_model.safetensors.index.json"
+    broken_index.parent.mkdir()
+    broken_index.write_text("{not json")
+    with pytest.raises(CorruptCheckpointError, match="cannot be read"):
+        load_tagmoe_transformer(broken_index.parent, tiny_bundle.base)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(CorruptCheckpointError):
+        load_tagmoe_transformer(junk, tiny_bundle.base)
+
+
+def test_unknown_layouts(tiny_bundle, tagmoe_state, tmp_path):
+    notes = tmp_path / "weights.txt"
+    notes.write_text("hello")
+    with pytest.raises(UnknownLayoutError, match="not a weights file"):
+        load_tagmoe_transformer(notes, tiny_bundle.base)
+    two = tmp_path / "two"
+    two.mkdir()
+    save_file({"a": torch.zeros(1)}, two / "a.safetensors")
+    save_file({"b": torch.zeros(1)}, two / "b.safetensors")
+    with pytest.raises(UnknownLayoutError, match="no \\*.index.json"):
+        load_tagmoe_transformer(two, tiny_bundle.base)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UnknownLayoutError, match="no weights found"):
+        load_tagmoe_transformer(empty, tiny_bundle.base)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(UnknownLayoutError, match="state dict"):
+        load_tagmoe_transformer(tmp_path / "list.pt", tiny_bundle.base)
+
+
+def test_hub_repo_id_offline_is_a_clear_error(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointNotFoundError, match="local Hugging Face cache"):
+        load_tagmoe_transformer("YUXU915/TAG-MoE", tiny_bundle.base, local_files_only=True)
