@@ -1,0 +1,302 @@
+"""TAG-MoE editing and text-to-image, in stages a node graph can hold apart.
+
+``encode`` (text) -> ``sample`` (condition image, noise, denoising; returns VAE latents)
+-> ``decode`` (pixels). ``edit`` and ``generate`` chain them the way the reference's
+``infer.py`` does, with its defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from .buckets import snap_to_bucket
+from .errors import InputError
+from .latents import PIXELS_PER_TOKEN, denormalize, normalize, pack, unpack
+from .rope import RegionShape
+from .sampling import DenoiseInputs, StepCallback, denoise, make_schedule
+from .text_encoding import (PromptEmbeds, _module_device, default_vlm_image_processor, encode_prompt_with_image,
+                            encode_prompts, normalize_negative_prompt)
+
+log = logging.getLogger("tagmoe")
+
+DEFAULT_STEPS = 30
+DEFAULT_CFG = 4.0
+DEFAULT_SIZE = 1024
+MAX_SEED = 2**64 - 1
+
+
+@dataclass
+class Conditioning:
+    """Encoded positive and negative prompts (text encoding is independent of the seed)."""
+
+    positive: PromptEmbeds
+    negative: PromptEmbeds
+    prompt: str = ""
+    negative_prompt: str = " "
+
+
+@dataclass
+class ConditionImage:
+    """A condition image made ready for the transformer."""
+
+    tokens: torch.Tensor  # [1, M, 64] model-space tokens (a region crop when ``region`` is set)
+    width: int  # pixels the condition was encoded at (= the target size, as in the reference)
+    height: int
+    original_size: tuple[int, int]  # (w, h) of the image as given
+    region: RegionShape | None = None
+
+    @property
+    def img_shape(self) -> tuple[int, int, int] | RegionShape:
+        if self.region is not None:
+            return self.region
+        return (1, self.height // PIXELS_PER_TOKEN, self.width // PIXELS_PER_TOKEN)
+
+
+@dataclass
+class SampleOutput:
+    latents: torch.Tensor  # VAE latents [B, 16, 1, H/8, W/8], un-normalised, float32 (ComfyUI's LATENT)
+    seed: int
+    width: int
+    height: int
+    original_size: tuple[int, int] | None = None
+
+
+@dataclass
+class EditResult:
+    images: list[Image.Image]
+    seed: int
+    latents: torch.Tensor = field(repr=False)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """-1 (or None) draws a random seed, like the reference; others must fit in 64 bits."""
+    if seed is None or int(seed) == -1:
+        return secrets.randbelow(2**32)
+    seed = int(seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {seed}")
+    return seed
+
+
+def check_size(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be a whole number of pixels, got {value!r}")
+    value = int(value)
+    if value < PIXELS_PER_TOKEN or value % PIXELS_PER_TOKEN:
+        lower = max(PIXELS_PER_TOKEN, value - value % PIXELS_PER_TOKEN)
+        raise InputError(f"{name} must be a positive multiple of {PIXELS_PER_TOKEN} pixels, got {value} "
+                         f"(try {lower} or {lower + PIXELS_PER_TOKEN})")
+    return value
+
+
+def region_from_pixel_box(box: Sequence[float], image_size: tuple[int, int], target_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box (x1, y1, x2, y2; pixels of the image as given, x2/y2 exclusive) -> the inclusive
+    patch box of the condition grid the image is encoded at (``target_size`` pixels)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    (iw, ih), (tw, th) = image_size, target_size
+    if not (0 <= x1 < x2 <= iw and 0 <= y1 < y2 <= ih):
+        raise InputError(f"region {tuple(box)} must lie inside the {iw}x{ih} image with x1 < x2 and y1 < y2")
+    gw, gh = tw // PIXELS_PER_TOKEN, th // PIXELS_PER_TOKEN
+    px1 = int(np.floor(x1 / iw * gw))
+    py1 = int(np.floor(y1 / ih * gh))
+    px2 = max(px1, int(np.ceil(x2 / iw * gw)) - 1)
+    py2 = max(py1, int(np.ceil(y2 / ih * gh)) - 1)
+    return px1, py1, min(px2, gw - 1), min(py2, gh - 1)
+
+
+class TagMoEPipeline:
+    """Components: the TAG-MoE transformer, the Qwen-Image VAE, the Qwen2.5-VL text encoder,
+    its tokenizer (and optional processor, for the image-aware prompt variant), and the
+    scheduler config."""
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, vlm_image_processor=None):
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self._vlm_image_processor = vlm_image_processor
+        self.image_processor = VaeImageProcessor(vae_scale_factor=PIXELS_PER_TOKEN)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, base, tagmoe, **kwargs) -> "TagMoEPipeline":
+        """See :func:`tagmoe_core.loading.load_pipeline`."""
+        from .loading import load_pipeline
+
+        return load_pipeline(base, tagmoe, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device(self.transformer)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def vlm_image_processor(self):
+        """Qwen2.5-VL's image processor, for prompts that show the text encoder an image."""
+        if self._vlm_image_processor is None:
+            self._vlm_image_processor = default_vlm_image_processor()
+        return self._vlm_image_processor
+
+    # -- text -----------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str, image: Image.Image | None = None) -> PromptEmbeds:
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be text, got {type(prompt).__name__}")
+        if image is not None:
+            embeds = encode_prompt_with_image(self.text_encoder, self.tokenizer, self.vlm_image_processor, prompt, image)
+        else:
+            embeds = encode_prompts(self.text_encoder, self.tokenizer, [prompt])
+        return embeds.to(self.device, self.text_encoder.dtype)
+
+    def encode(self, prompt: str, negative_prompt: str | None = "", image: Image.Image | None = None) -> Conditioning:
+        """Both prompts; ``image`` selects the image-aware variant (the reference's ``use_vlm``)."""
+        negative = normalize_negative_prompt(negative_prompt)
+        return Conditioning(self.encode_prompt(prompt, image), self.encode_prompt(negative, image), prompt, negative)
+
+    # -- condition image ------------------------------------------------------------------------
+    def target_size(self, image: Image.Image | None, width: int | None, height: int | None) -> tuple[int, int]:
+        """Output size: given, else the condition's bucket (edit) or 1024 (text-to-image)."""
+        if image is not None:
+            bucket = snap_to_bucket(image).size if (width is None or height is None) else None
+            width = bucket[0] if width is None else width
+            height = bucket[1] if height is None else height
+        width = DEFAULT_SIZE if width is None else width
+        height = DEFAULT_SIZE if height is None else height
+        return check_size("width", width), check_size("height", height)
+
+    @torch.inference_mode()
+    def prepare_condition(self, image: Image.Image, width: int, height: int,
+                          region: Sequence[int] | None = None, generator: torch.Generator | None = None) -> ConditionImage:
+        """Snap to the nearest preferred bucket (RGBA on white, Lanczos), resize to the target
+        size, VAE-encode (a posterior sample drawn from ``generator``), normalise and pack.
+        ``region`` (x1, y1, x2, y2; inclusive patch units) keeps only that box of tokens."""
+        if not isinstance(image, Image.Image):
+            raise InputError(f"the condition image must be a PIL image, got {type(image).__name__}")
+        snapped = snap_to_bucket(image)
+        pixels = self.image_processor.preprocess(snapped, height, width)
+        vae_device = next(self.vae.parameters()).device
+        pixels = pixels.to(vae_device, self.vae.dtype)[:, :, None]
+        posterior = self.vae.encode(pixels).latent_dist
+        latents = normalize(posterior.sample(generator=generator), self.vae.config).to(self.device, self.dtype)
+        tokens = pack(latents)
+        region_shape = None
+        if region is not None:
+            gh, gw = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+            region_shape = RegionShape(gh, gw, tuple(int(v) for v in region))
+            x1, y1, x2, y2 = region_shape.box
+            tokens = tokens.view(1, gh, gw, -1)[:, y1:y2 + 1, x1:x2 + 1].reshape(1, -1, tokens.shape[-1])
+        return ConditionImage(tokens, width, height, image.size, region_shape)
+
+    # -- sampling -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def sample(self, conditioning: Conditioning, image: Image.Image | None = None, *, width: int | None = None,
+               height: int | None = None, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, seed: int = -1,
+               num_images: int = 1, region: Sequence[int] | None = None, callback: StepCallback | None = None,
+               init_latents: torch.Tensor | None = None, denoise_strength: float = 1.0) -> SampleOutput:
+        """Denoise to VAE latents. ``image`` given: edit it; else text-to-image.
+
+        ``init_latents`` (VAE latents [B or 1, 16, 1, H/8, W/8]) with ``denoise_strength`` < 1
+        starts from them instead of pure noise (image-to-image).
+        """
+        if not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise InputError(f"steps must be at least 1, got {steps}")
+        if not isinstance(num_images, (int, np.integer)) or num_images < 1:
+            raise InputError(f"num_images must be at least 1, got {num_images}")
+        if not 0.0 < float(denoise_strength) <= 1.0:
+            raise InputError(f"denoise strength must be in (0, 1], got {denoise_strength}")
+        if float(cfg) < 0:
+            raise InputError(f"cfg must not be negative, got {cfg}")
+        if region is not None and image is None:
+            raise InputError("a region edit needs a condition image")
+        if init_latents is not None and (width is None or height is None):
+            height, width = init_latents.shape[-2] * 8, init_latents.shape[-1] * 8
+        width, height = self.target_size(image, width, height)
+        seed = resolve_seed(seed)
+        device, dtype = self.device, self.dtype
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+        h, w = height // 8, width // 8
+        noise = randn_tensor((num_images, 1, 16, h, w), generator=generator, device=device, dtype=dtype)
+        latents = pack(noise.reshape(num_images, 16, h, w))  # drawn as (B, 1, C, h, w), as the reference
+        condition = self.prepare_condition(image, width, height, region, generator) if image is not None else None
+
+        scheduler, timesteps = make_schedule(self.scheduler.config, steps, latents.shape[1], device, denoise_strength)
+        if init_latents is not None and denoise_strength < 1.0:
+            latents = self._noised_init(init_latents, latents, scheduler, timesteps, num_images, h, w)
+
+        img_shapes: list = [(1, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)]
+        cond_tokens = None
+        if condition is not None:
+            img_shapes.append(condition.img_shape)
+            cond_tokens = condition.tokens.expand(num_images, -1, -1)
+        inputs = DenoiseInputs(latents, img_shapes, conditioning.positive.to(device).repeat(num_images),
+                               conditioning.negative.to(device).repeat(num_images), cond_tokens)
+        out = denoise(self.transformer, scheduler, timesteps, inputs, float(cfg), height, width, self.vae.config,
+                      callback)
+        vae_latents = denormalize(unpack(out, height, width).to(self.vae.dtype), self.vae.config)
+        return SampleOutput(vae_latents.float(), seed, width, height, condition.original_size if condition else None)
+
+    def _noised_init(self, init_latents, noise_tokens, scheduler, timesteps, num_images, h, w) -> torch.Tensor:
+        if tuple(init_latents.shape[-2:]) != (h, w) or init_latents.shape[1] != 16:
+            raise InputError(f"init latents of shape {tuple(init_latents.shape)} do not match the "
+                             f"{w * 8}x{h * 8} output (expected [B, 16, 1, {h}, {w}])")
+        init = init_latents if init_latents.ndim == 5 else init_latents[:, :, None]
+        if init.shape[0] not in (1, num_images):
+            raise InputError(f"init latents hold {init.shape[0]} images but {num_images} were asked for")
+        init = normalize(init.to(self.device, self.dtype), self.vae.config).expand(num_images, -1, -1, -1, -1)
+        return scheduler.scale_noise(pack(init), timesteps[:1], noise_tokens)
+
+    # -- pixels ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents [B, 16, 1, h, w] -> images [B, H, W, 3] float32 in 0..1 (on the CPU)."""
+        if latents.ndim == 4:
+            latents = latents[:, :, None]
+        vae_device = next(self.vae.parameters()).device
+        out = self.vae.decode(latents.to(vae_device, self.vae.dtype), return_dict=False)[0][:, :, 0].float()
+        if not torch.isfinite(out).all():
+            log.warning("the decoded image has NaN/inf values (numeric overflow?); they are shown as black")
+            out = torch.nan_to_num(out, nan=-1.0, posinf=1.0, neginf=-1.0)
+        return (out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+    @staticmethod
+    def to_pil(images: torch.Tensor) -> list[Image.Image]:
+        arrays = (images.numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(a) for a in arrays]
+
+    # -- one call -------------------------------------------------------------------------------
+    def edit(self, image: Image.Image, prompt: str, negative_prompt: str | None = "", *, width: int | None = None,
+             height: int | None = None, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, seed: int = -1,
+             num_images: int = 1, keep_original_size: bool = False, region: Sequence[int] | None = None,
+             use_vlm: bool = False, callback: StepCallback | None = None) -> EditResult:
+        """Edit ``image`` following ``prompt`` (the reference's ``End2End.predict``)."""
+        if image is None:
+            raise InputError("edit needs an input image; use generate() for text-to-image")
+        conditioning = self.encode(prompt, negative_prompt, image if use_vlm else None)
+        out = self.sample(conditioning, image, width=width, height=height, steps=steps, cfg=cfg, seed=seed,
+                          num_images=num_images, region=region, callback=callback)
+        images = self.to_pil(self.decode(out.latents))
+        if keep_original_size and width is None and height is None:
+            images = [im.resize(image.size, Image.LANCZOS) for im in images]
+        return EditResult(images, out.seed, out.latents)
+
+    def generate(self, prompt: str, negative_prompt: str | None = "", *, width: int = DEFAULT_SIZE,
+                 height: int = DEFAULT_SIZE, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, seed: int = -1,
+                 num_images: int = 1, callback: StepCallback | None = None) -> EditResult:
+        """Text-to-image: the same model and loop without a condition image."""
+        conditioning = self.encode(prompt, negative_prompt)
+        out = self.sample(conditioning, None, width=width, height=height, steps=steps, cfg=cfg, seed=seed,
+                          num_images=num_images, callback=callback)
+        return EditResult(self.to_pil(self.decode(out.latents)), out.seed, out.latents)

@@ -1,0 +1,155 @@
+"""Prompt encoding with Qwen2.5-VL, as Qwen-Image and the TAG-MoE reference do it.
+
+The prompt is wrapped in Qwen-Image's text-to-image chat template, run through the language
+model, and the last hidden state is kept without the template's system prefix (34 tokens
+with Qwen's tokenizer; counted from the tokenizer here so tiny test tokenizers work too).
+The image-aware variant (the reference's ``use_vlm``) also shows the condition image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .buckets import to_rgb
+
+PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+MAX_PROMPT_TOKENS = 1024
+VLM_EXTRA_TOKENS = 374  # the reference's allowance for image tokens in the image-aware variant
+EMPTY_NEGATIVE = " "  # an empty negative prompt is encoded as a single space
+
+
+@dataclass
+class PromptEmbeds:
+    """Hidden states [B, L, D] and mask [B, L] (1 = token) of encoded prompts."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PromptEmbeds":
+        return PromptEmbeds(self.embeds.to(device=device, dtype=dtype), self.mask.to(device=device))
+
+    def repeat(self, n: int) -> "PromptEmbeds":
+        return PromptEmbeds(self.embeds.repeat_interleave(n, dim=0), self.mask.repeat_interleave(n, dim=0))
+
+    @property
+    def fully_valid(self) -> bool:
+        return bool(self.mask.all())
+
+
+def normalize_negative_prompt(text: str | None) -> str:
+    return text if text is not None and str(text).strip() else EMPTY_NEGATIVE
+
+
+def template_prefix_length(tokenizer) -> int:
+    """Tokens of the template before the user's text (34 for Qwen's tokenizer)."""
+    prefix = PROMPT_TEMPLATE.split("{}")[0]
+    return len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    device_map = getattr(module, "hf_device_map", None)
+    if device_map:
+        for device in device_map.values():
+            if device not in ("cpu", "disk"):
+                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return next(module.parameters()).device
+
+
+def _language_model(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    # Qwen2_5_VLForConditionalGeneration.model is the decoder without the LM head; its last
+    # hidden state is the (final-normed) hidden_states[-1] the reference reads.
+    return getattr(text_encoder, "model", text_encoder)
+
+
+def _split_and_pad(hidden: torch.Tensor, mask: torch.Tensor, drop: int) -> PromptEmbeds:
+    rows = [h[m.bool()][drop:] for h, m in zip(hidden, mask)]
+    length = max(r.shape[0] for r in rows)
+    embeds = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], r.shape[1])]) for r in rows])
+    out_mask = torch.stack([torch.cat([torch.ones(r.shape[0], dtype=torch.long, device=r.device),
+                                       torch.zeros(length - r.shape[0], dtype=torch.long, device=r.device)])
+                            for r in rows])
+    return PromptEmbeds(embeds, out_mask)
+
+
+@torch.inference_mode()
+def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> PromptEmbeds:
+    """Qwen-Image text embeddings of ``prompts`` (the reference's ``_get_qwen_prompt_embeds``)."""
+    drop = template_prefix_length(tokenizer)
+    texts = [PROMPT_TEMPLATE.format(p) for p in prompts]
+    device = _module_device(text_encoder)
+    tokens = tokenizer(texts, max_length=MAX_PROMPT_TOKENS + drop, padding=True, truncation=True,
+                       return_tensors="pt").to(device)
+    out = _language_model(text_encoder)(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+    return _split_and_pad(out.last_hidden_state, tokens.attention_mask, drop)
+
+
+VLM_MIN_PIXELS = 4 * 28 * 28  # qwen_vl_utils' limits, also Qwen2.5-VL's processor config
+VLM_MAX_PIXELS = 16384 * 28 * 28
+
+
+def vlm_image(image: Image.Image, factor: int = 28, min_pixels: int = VLM_MIN_PIXELS,
+              max_pixels: int = VLM_MAX_PIXELS) -> Image.Image:
+    """The image as ``qwen_vl_utils.process_vision_info`` hands it to the processor: RGB, resized
+    (bicubic) to the nearest size made of whole 28-pixel patches within the pixel limits."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    rgb = to_rgb(image)
+    height, width = smart_resize(rgb.height, rgb.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return rgb.resize((width, height), Image.BICUBIC)
+
+
+def default_vlm_image_processor():
+    """Qwen2.5-VL's image processor settings (the PIL implementation: no torchvision needed)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": VLM_MIN_PIXELS, "longest_edge": VLM_MAX_PIXELS})
+
+
+def vlm_inputs(tokenizer, image_processor, text: str, images: list[Image.Image], max_length: int | None = None,
+               device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """What ``Qwen2_5_VLProcessor`` makes of chat text and images: pixel patches, their grid,
+    and the text with each ``<|image_pad|>`` expanded to one token per merged patch."""
+    processed = image_processor(images=images, return_tensors="pt")
+    grids = processed["image_grid_thw"]
+    merge = image_processor.merge_size ** 2
+    parts = text.split("<|image_pad|>")
+    if len(parts) - 1 != len(images):
+        raise ValueError(f"{len(parts) - 1} image placeholders for {len(images)} images")
+    expanded = parts[0]
+    for grid, rest in zip(grids, parts[1:]):
+        expanded += "<|image_pad|>" * int(grid.prod() // merge) + rest
+    tokens = tokenizer([expanded], truncation=max_length is not None, max_length=max_length, padding=True,
+                       return_tensors="pt")
+    out = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
+           "pixel_values": processed["pixel_values"], "image_grid_thw": grids}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+@torch.inference_mode()
+def encode_prompt_with_image(text_encoder, tokenizer, image_processor, prompt: str, image: Image.Image) -> PromptEmbeds:
+    """The image-aware variant (the reference's ``_get_qwenvl_prompt_embeds``), reproduced as
+    released: the system message holds the whole text template (placeholder included), the
+    chat template wraps it again, and the first 34-equivalent tokens are dropped."""
+    drop = template_prefix_length(tokenizer)
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": PROMPT_TEMPLATE}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+    ]
+    from .chat_template import QWEN_VL_CHAT_TEMPLATE
+
+    template = None if getattr(tokenizer, "chat_template", None) else QWEN_VL_CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, add_vision_id=True,
+                                         chat_template=template)
+    device = _module_device(text_encoder)
+    inputs = vlm_inputs(tokenizer, image_processor, text, [vlm_image(image)],
+                        max_length=MAX_PROMPT_TOKENS + drop + VLM_EXTRA_TOKENS, device=device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(text_encoder.dtype)
+    out = _language_model(text_encoder)(**inputs)
+    return _split_and_pad(out.last_hidden_state, inputs["attention_mask"], drop)
