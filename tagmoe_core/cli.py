@@ -1,0 +1,203 @@
+"""``tagmoe`` / ``python -m tagmoe_core``: edit and generate from the command line.
+
+The flags of the reference ``infer.py`` are accepted as they are (``--pretrained_model_path``,
+``--transformer_model_path``, ``--transformer_weight_name``, ...) and in dashed form.
+``--tiny`` runs on the embedded tiny model (random weights: the image is noise, the run is real).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import TagMoEError
+
+DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """``--name`` plus its dashed spelling ``--na-me`` (the reference uses underscores)."""
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*names, dest=name, **kwargs)
+
+
+def _common(parser: argparse.ArgumentParser, edit: bool) -> None:
+    src = parser.add_argument_group("model")
+    _flag(src, "pretrained_model_path", metavar="BASE", help="base Qwen-Image: a diffusers folder or a hub repo id")
+    _flag(src, "transformer_model_path", metavar="TAGMOE",
+          help="TAG-MoE weights: a file (.safetensors/.bin/.pt), a folder, a *.index.json, or a hub repo id")
+    _flag(src, "transformer_weight_name", default="diffusion_pytorch_model.safetensors",
+          help="weights file (or index) name inside a folder or repo")
+    _flag(src, "transformer_subfolder", default="transformer", help="subfolder holding the weights")
+    _flag(src, "transformer_revision", default=None, help="hub revision of the TAG-MoE weights")
+    _flag(src, "local_files_only", action="store_true", help="never download; use the local hub cache only")
+    src.add_argument("--tiny", action="store_true", help="use the embedded tiny model (built on first use)")
+    run = parser.add_argument_group("run")
+    _flag(run, "device", default="auto", help="'auto', 'cpu', '0', 'cuda:1', or '0,1' to split across GPUs")
+    _flag(run, "dtype", default="auto", choices=sorted(DTYPES), help="default: bf16 on GPUs, fp32 on the CPU")
+    _flag(run, "moe_backend", default="auto", choices=["auto", "torch", "megablocks"])
+    _flag(run, "prompt", required=True, help="the instruction (edit) or description (generate)")
+    _flag(run, "negative_prompt", default="", help="negative prompt (default: empty, encoded as ' ')")
+    _flag(run, "width", type=int, default=None,
+          help="output width, a multiple of 16 (default: the input's preferred bucket; 1024 for generate)")
+    _flag(run, "height", type=int, default=None, help="output height, a multiple of 16")
+    _flag(run, "cfg", type=float, default=4.0, help="true CFG scale (<= 1 disables the negative pass)")
+    _flag(run, "steps", type=int, default=30, help="denoising steps")
+    _flag(run, "seed", type=int, default=-1, help="-1 = random; the seed used is printed")
+    _flag(run, "num_images", type=int, default=1, help="images per prompt")
+    _flag(run, "output", required=True, help="output PNG (several images: name_0.png, name_1.png, ...)")
+    if edit:
+        _flag(run, "image", default=None, help="input image (with --tiny, a built-in picture if omitted)")
+        _flag(run, "keep_original_size", action="store_true", help="resize the result back to the input's size")
+        _flag(run, "region", default=None, metavar="X1,Y1,X2,Y2",
+              help="edit only this box of the input (pixels); condition tokens outside it are dropped")
+        _flag(run, "use_vlm", action="store_true", help="let the text encoder see the input image")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tagmoe", description="TAG-MoE instruction editing and text-to-image.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("edit", help="edit an image following an instruction"), edit=True)
+    _common(sub.add_parser("generate", help="text-to-image"), edit=False)
+    tiny = sub.add_parser("tiny", help="build the embedded tiny model and print where it is")
+    tiny.add_argument("--root", default=None, help="where to build it (default: the user cache)")
+    return parser
+
+
+def _sources(args) -> tuple[str, str]:
+    if args.tiny:
+        from .tiny import ensure_tiny_bundle
+
+        bundle = ensure_tiny_bundle()
+        return str(bundle.base), str(bundle.tagmoe)
+    if not args.pretrained_model_path or not args.transformer_model_path:
+        raise TagMoEError("give --pretrained_model_path (base Qwen-Image) and --transformer_model_path "
+                          "(TAG-MoE weights), or --tiny for the embedded tiny model")
+    return args.pretrained_model_path, args.transformer_model_path
+
+
+def _parse_region(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise TagMoEError(f"--region must be four numbers X1,Y1,X2,Y2 (pixels), got {text!r}")
+    return values
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError as exc:
+        raise TagMoEError(f"input image '{path}' does not exist") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise TagMoEError(f"input image '{path}' cannot be read as an image ({exc})") from exc
+
+
+def _outputs(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if path.suffix == "":
+        path = path.with_suffix(".png")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(count)]
+
+
+def run(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .loading import load_pipeline
+    from .pipeline import region_from_pixel_box
+
+    from .devices import resolve_devices
+    from .pipeline import check_size
+
+    # Check everything that can be checked before spending minutes loading the model.
+    for name in ("width", "height"):
+        if getattr(args, name) is not None:
+            check_size(f"--{name}", getattr(args, name))
+    if args.steps < 1 or args.num_images < 1:
+        raise TagMoEError("--steps and --num_images must be at least 1")
+    resolve_devices(args.device)
+    base, tagmoe = _sources(args)
+    image = None
+    if args.command == "edit":
+        if args.image is None:
+            if not args.tiny:
+                raise TagMoEError("edit needs --image (or use --tiny for a built-in demo picture)")
+            from .demo import demo_image
+
+            image = demo_image()
+        else:
+            image = _open_image(args.image)
+    region_px = _parse_region(getattr(args, "region", None))
+    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
+
+    start = time.perf_counter()
+    with tqdm(total=100, desc="loading", unit="%", leave=False) as bar:
+        def on_load(done: int, total: int) -> None:
+            bar.n = int(100 * done / max(total, 1))
+            bar.refresh()
+
+        pipe = load_pipeline(base, tagmoe, device=args.device, dtype=dtype, backend=args.moe_backend,
+                             weight_name=args.transformer_weight_name, subfolder=args.transformer_subfolder,
+                             revision=args.transformer_revision, local_files_only=args.local_files_only,
+                             progress=on_load)
+    print(pipe.load_report.summary(), file=sys.stderr)
+    print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+
+    with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
+        def on_step(info) -> None:
+            bar.update(1)
+
+        if args.command == "edit":
+            width, height = pipe.target_size(image, args.width, args.height)
+            region = region_from_pixel_box(region_px, image.size, (width, height)) if region_px else None
+            result = pipe.edit(image, args.prompt, args.negative_prompt, width=args.width, height=args.height,
+                               steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=args.num_images,
+                               keep_original_size=args.keep_original_size, region=region, use_vlm=args.use_vlm,
+                               callback=on_step)
+        else:
+            result = pipe.generate(args.prompt, args.negative_prompt, width=args.width or 1024,
+                                   height=args.height or 1024, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                                   num_images=args.num_images, callback=on_step)
+    for path, im in zip(_outputs(args.output, len(result.images)), result.images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im.save(path)
+        print(f"Saved to {path} ({im.width}x{im.height}, seed {result.seed})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        if args.command == "tiny":
+            from .tiny import ensure_tiny_bundle
+
+            bundle = ensure_tiny_bundle(args.root)
+            print(f"base:   {bundle.base}\ntag-moe: {bundle.tagmoe}")
+            return 0
+        return run(args)
+    except TagMoEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The command line on the tiny model: the reference's flags, outputs and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tagmoe_core.cli import main
+
+
+def test_edit_with_reference_flags(tiny_bundle, photo, tmp_path, capsys):
+    photo.save(tmp_path / "in.png")
+    code = main(["edit", "--pretrained_model_path", str(tiny_bundle.base), "--transformer_model_path",
+                 str(tiny_bundle.tagmoe), "--device", "cpu", "--image", str(tmp_path / "in.png"),
+                 "--prompt", "Change the cloak to red color", "--width", "64", "--height", "32", "--steps", "2",
+                 "--seed", "3", "--cfg", "4.0", "--output", str(tmp_path / "out.png")])
+    assert code == 0
+    assert Image.open(tmp_path / "out.png").size == (64, 32)
+    assert "seed 3" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tiny_demo_at_bucket_size_keeping_the_original_size(tiny_bundle, tmp_path):
+    assert main(["edit", "--tiny", "--prompt", "Make it night", "--steps", "1", "--cfg", "1",
+                 "--keep-original-size", "--num-images", "2", "--output", str(tmp_path / "e.png")]) == 0
+    sizes = {Image.open(tmp_path / f"e_{i}.png").size for i in range(2)}
+    from tagmoe_core.demo import demo_image
+
+    assert sizes == {demo_image().size}
+
+
+def test_tiny_edit_generate_and_dashed_flags(tiny_bundle, tmp_path):
+    assert main(["edit", "--tiny", "--prompt", "Make it night", "--width", "32", "--height", "48", "--steps", "1",
+                 "--num-images", "2", "--use-vlm", "--output", str(tmp_path / "e.png")]) == 0
+    assert {Image.open(tmp_path / f"e_{i}.png").size for i in range(2)} == {(32, 48)}
+    assert main(["generate", "--tiny", "--prompt", "a cat", "--width", "48", "--height", "32", "--steps", "1",
+                 "--seed", "1", "--output", str(tmp_path / "g")]) == 0
+    assert Image.open(tmp_path / "g.png").size == (48, 32)
+
+
+def test_region_flag(tiny_bundle, tmp_path):
+    assert main(["edit", "--tiny", "--prompt", "Remove the sun", "--width", "64", "--height", "48", "--steps", "1",
+                 "--region", "150,0,256,80", "--output", str(tmp_path / "r.png")]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["edit", "--prompt", "x", "--output", "o.png"], "--pretrained_model_path"),
+    (["edit", "--tiny", "--prompt", "x", "--image", "missing.png", "--output", "o.png"], "does not exist"),
+    (["edit", "--tiny", "--prompt", "x", "--width", "33", "--output", "o.png"], "--width must be a positive multiple of 16"),
+    (["edit", "--tiny", "--prompt", "x", "--steps", "0", "--output", "o.png"], "at least 1"),
+    (["edit", "--tiny", "--prompt", "x", "--region", "1,2,3", "--output", "o.png"], "four numbers"),
+    (["edit", "--tiny", "--prompt", "x", "--device", "7", "--output", "o.png"], "CUDA"),
+    (["edit", "--pretrained_model_path", "/nonexistent/base", "--transformer_model_path", "/nonexistent/w",
+      "--prompt", "x", "--image", "in.png", "--output", "o.png"], "does not exist"),
+])
+def test_errors_are_one_line_messages(tiny_bundle, tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last and "Traceback" not in err
+
+
+def test_not_an_image(tiny_bundle, tmp_path, capsys):
+    (tmp_path / "in.png").write_text("not an image")
+    assert main(["edit", "--tiny", "--prompt", "x", "--image", str(tmp_path / "in.png"), "--output", "o.png"]) == 2
+    assert "cannot be read as an image" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs(tiny_bundle, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tagmoe_core", "tiny"], capture_output=True, text=True, check=True)
+    assert str(tiny_bundle.base) in out.stdout
