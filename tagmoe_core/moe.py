@@ -211,8 +211,10 @@ def dropless_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, 
     counts = torch.bincount(flat, minlength=num_experts)
     token_of_pair = order // top_k if top_k > 1 else order
     xs = x.index_select(0, token_of_pair)
-    hidden = activation(grouped_matmul(xs, w1, counts))
-    ys = grouped_matmul(hidden, w2, counts)
+    if _grouped_mm_ok(xs, w1):  # CUDA: two grouped GEMMs, no host sync (w1 [E,H,F] covers H and F)
+        ys = grouped_matmul(activation(grouped_matmul(xs, w1, counts, "grouped")), w2, counts, "grouped")
+    else:
+        ys = expert_loop(xs, w1, w2, counts, activation)
     ys = ys * weights.reshape(-1).index_select(0, order).unsqueeze(1).to(ys.dtype)
     if top_k == 1:
         return torch.empty_like(ys).index_copy_(0, token_of_pair, ys)
@@ -231,6 +233,20 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, impl:
             parts.append(a[start:start + count] @ b[expert])
             start += count
     return torch.cat(parts) if parts else a.new_empty(0, b.shape[2])
+
+
+def expert_loop(xs: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
+                activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Each expert's whole MLP on its contiguous group, one expert at a time: its hidden
+    activations stay small and in cache (measured faster than two grouped phases on the CPU,
+    and as fast as a dense FFN of the same active size)."""
+    parts, start = [], 0
+    for expert, count in enumerate(counts.tolist()):  # one host sync
+        if count:
+            group = xs[start:start + count]
+            parts.append(activation(group @ w1[expert]) @ w2[expert])
+            start += count
+    return torch.cat(parts) if parts else xs.new_empty(0, w2.shape[2])
 
 
 def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
