@@ -139,7 +139,29 @@ def _strip_wrapper_prefix(reader: CheckpointReader) -> None:
 
 
 # -- the transformer ----------------------------------------------------------------------------------
-def load_tagmoe_transformer(
+@dataclass
+class LoadPlan:
+    """Everything decided and checked before any tensor data is read (cheap: file headers and
+    a meta-device model). ``execute_load`` then reads the weights."""
+
+    model: nn.Module  # on the meta device
+    sources: list[tuple[str, CheckpointReader]]  # key -> the reader it comes from
+    tag_reader: CheckpointReader
+    base_reader: CheckpointReader | None
+    spec: MoESpec
+    blocks: list[int]
+    dtype: torch.dtype
+    tagmoe: str
+    base: str | None
+    unexpected: list[str] = field(default_factory=list)
+    missing_optional: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(reader.nbytes([key]) for key, reader in self.sources)
+
+
+def plan_tagmoe_load(
     tagmoe: str | os.PathLike,
     base: str | os.PathLike | None = None,
     *,
@@ -150,16 +172,13 @@ def load_tagmoe_transformer(
     spec: MoESpec | None = None,
     top_k: int = 1,
     dtype: torch.dtype = torch.float32,
-    device: str | torch.device | Mapping[str, int | str | torch.device] = "cpu",
     backend: Backend = "auto",
     strict: bool = True,
-    progress: Progress | None = None,
-) -> tuple[nn.Module, LoadReport]:
-    """The TAG-MoE transformer with weights from ``tagmoe`` (and ``base`` for what it lacks).
+) -> LoadPlan:
+    """Resolve the files, shape the model after the checkpoint and check every key and shape.
 
-    ``spec`` None infers the MoE layout from the checkpoint (``top_k`` is not stored in the
-    weights; the release uses 1). ``device`` is one device or an accelerate-style device map
-    (``{"transformer_blocks.0": 0, ...}``). ``strict`` makes unexpected keys an error.
+    Raises the checkpoint errors (dense file, shape mismatch, missing/unexpected keys, missing,
+    corrupt or unknown files) before a single weight is read.
     """
     tag_files = resolve_weight_files(tagmoe, weight_name, subfolder, revision, local_files_only)
     tag_reader = CheckpointReader.open(tag_files)
@@ -195,44 +214,71 @@ def load_tagmoe_transformer(
                 raise MissingKeysError(missing, f"{tag_reader.describe()} nor the base {base_reader.describe()}")
         missing_optional = [k for k in rest if k.startswith(OPTIONAL_PREFIXES)
                             and (base_reader is None or k not in base_reader)]
-        if missing_optional:
-            log.warning("the TAG-MoE checkpoint has no %s; routing analysis will be unavailable",
-                        ", ".join(sorted({k.split('.')[0] for k in missing_optional})))
-    plan = [(k, tag_reader) for k in expected if k in tag_reader]
-    plan += [(k, base_reader) for k in rest if base_reader is not None and k in base_reader]
-    for key, reader in plan:
+    sources = [(k, tag_reader) for k in expected if k in tag_reader]
+    sources += [(k, base_reader) for k in rest if base_reader is not None and k in base_reader]
+    for key, reader in sources:
         found = reader.infos[key].shape
         if found != expected[key]:
             raise ShapeMismatchError(key, expected[key], found, reader.describe())
+    return LoadPlan(model, sources, tag_reader, base_reader, spec, blocks, dtype, str(tagmoe),
+                    str(base) if base is not None else None, unexpected, missing_optional)
 
-    total = sum(r.nbytes([k]) for k, r in plan)
-    done = 0
-    for reader in (tag_reader, base_reader):
+
+def execute_load(plan: LoadPlan, device: str | torch.device | Mapping[str, int | str | torch.device] = "cpu",
+                 progress: Progress | None = None) -> tuple[nn.Module, LoadReport]:
+    """Read every planned tensor into place on its device (``device`` may be a device map)."""
+    model = plan.model
+
+    def target(key: str) -> torch.device:
+        return device_for_key(key, device) if isinstance(device, Mapping) else torch.device(device)
+
+    if plan.missing_optional:
+        log.warning("the TAG-MoE checkpoint has no %s; routing analysis will be unavailable",
+                    ", ".join(sorted({k.split('.')[0] for k in plan.missing_optional})))
+    total, done = plan.nbytes, 0
+    for reader in (plan.tag_reader, plan.base_reader):
         if reader is None:
             continue
-        keys = [k for k, r in plan if r is reader]
+        keys = [k for k, r in plan.sources if r is reader]
         for key, tensor in reader.tensors(keys):
-            target = device_for_key(key, device) if isinstance(device, Mapping) else torch.device(device)
-            _assign(model, key, tensor, target, dtype)
+            _assign(model, key, tensor, target(key), plan.dtype)
             done += reader.nbytes([key])
             if progress is not None:
                 progress(done, total)
         reader.close()
-    for key in missing_optional:  # keep the model complete; these modules are unused at inference
-        ref = expected[key]
-        target = device_for_key(key, device) if isinstance(device, Mapping) else torch.device(device)
-        _assign(model, key, torch.zeros(ref), target, dtype)
-    model.tagmoe_has_tag_modules = not missing_optional
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    for key in plan.missing_optional:  # keep the model complete; these modules are unused at inference
+        _assign(model, key, torch.zeros(shapes[key]), target(key), plan.dtype)
+    model.tagmoe_has_tag_modules = not plan.missing_optional
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
-        raise MissingKeysError(still_meta, tag_reader.describe())
+        raise MissingKeysError(still_meta, plan.tag_reader.describe())
 
-    devices = (", ".join(sorted({str(device_for_key(k, device)) for k in expected}))
-               if isinstance(device, Mapping) else str(torch.device(device)))
-    report = LoadReport(str(tagmoe), str(base) if base is not None else None, spec, blocks,
-                        sum(1 for _, r in plan if r is tag_reader), sum(1 for _, r in plan if r is base_reader),
-                        dtype, devices, ignored_keys=unexpected, missing_optional=missing_optional)
+    devices = (", ".join(sorted({str(target(k)) for k in shapes})) if isinstance(device, Mapping)
+               else str(torch.device(device)))
+    report = LoadReport(plan.tagmoe, plan.base, plan.spec, plan.blocks,
+                        sum(1 for _, r in plan.sources if r is plan.tag_reader),
+                        sum(1 for _, r in plan.sources if r is plan.base_reader),
+                        plan.dtype, devices, ignored_keys=plan.unexpected, missing_optional=plan.missing_optional)
     return model, report
+
+
+def load_tagmoe_transformer(
+    tagmoe: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | Mapping[str, int | str | torch.device] = "cpu",
+    progress: Progress | None = None,
+    **plan_kwargs,
+) -> tuple[nn.Module, LoadReport]:
+    """The TAG-MoE transformer with weights from ``tagmoe`` (and ``base`` for what it lacks).
+
+    ``plan_kwargs`` are :func:`plan_tagmoe_load`'s: ``spec`` None infers the MoE layout from the
+    checkpoint (``top_k`` is not stored in the weights; the release uses 1), ``dtype``,
+    ``backend``, ``strict`` (unexpected keys are an error), and where to find the files.
+    ``device`` is one device or an accelerate-style device map (``{"transformer_blocks.0": 0}``).
+    """
+    return execute_load(plan_tagmoe_load(tagmoe, base, **plan_kwargs), device, progress)
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
@@ -318,27 +364,31 @@ def load_pipeline(
     strict: bool = True,
     gpu_memory_caps: Mapping[int, int] | None = None,
     progress: Progress | None = None,
+    before_load: Callable[[], None] | None = None,
 ):
     """A ready :class:`~tagmoe_core.pipeline.TagMoEPipeline` on the given devices.
 
     One device: everything on it. Several GPUs (``"0,1"``): the transformer split at whole
     blocks by accelerate within each GPU's free memory (minus 2 GiB, capped by
     ``gpu_memory_caps``), the text encoder on the last GPU and the VAE on the first, like the
-    reference.
+    reference. Every check that needs no weights runs first; ``before_load`` is called once
+    they passed, just before the first weight is read (e.g. to free the previous model).
     """
     from .pipeline import TagMoEPipeline
 
     devices: DeviceSpec = resolve_devices(device)
     dtype = dtype or devices.default_dtype
+    plan = plan_tagmoe_load(tagmoe, base, weight_name=weight_name, subfolder=subfolder, revision=revision,
+                            local_files_only=local_files_only, top_k=top_k, dtype=dtype, backend=backend,
+                            strict=strict)
+    for component in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        _component_path(base, component)
     placement: Any = devices.primary
     if devices.is_multi_gpu:
-        placement = plan_multi_gpu(base, tagmoe, devices, dtype, weight_name=weight_name, subfolder=subfolder,
-                                   revision=revision, local_files_only=local_files_only, top_k=top_k,
-                                   caps=gpu_memory_caps)
-    transformer, report = load_tagmoe_transformer(
-        tagmoe, base, weight_name=weight_name, subfolder=subfolder, revision=revision,
-        local_files_only=local_files_only, top_k=top_k, dtype=dtype, device=placement, backend=backend,
-        strict=strict, progress=progress)
+        placement = plan_transformer_split(plan.model, gpu_budgets(devices.ids, caps=gpu_memory_caps), dtype)
+    if before_load is not None:
+        before_load()
+    transformer, report = execute_load(plan, placement, progress)
     if devices.is_multi_gpu:
         from accelerate import dispatch_model
 
@@ -354,15 +404,3 @@ def load_pipeline(
     pipe.load_report = report
     pipe.devices = devices
     return pipe
-
-
-def plan_multi_gpu(base, tagmoe, devices: DeviceSpec, dtype: torch.dtype, *, caps=None, **resolve) -> dict[str, int]:
-    """Device map for the transformer over ``devices.ids`` (planned on the meta device)."""
-    tag_files = resolve_weight_files(tagmoe, resolve["weight_name"], resolve["subfolder"], resolve["revision"],
-                                     resolve["local_files_only"])
-    reader = CheckpointReader.open(tag_files)
-    _strip_wrapper_prefix(reader)
-    config = read_transformer_config(base, tag_files, resolve["revision"], resolve["local_files_only"])
-    spec, blocks = infer_moe_layout(reader, int(config.get("num_layers", 60)), resolve["top_k"])
-    meta = build_tagmoe_transformer(config, spec, moe_blocks=blocks, device="meta", dtype=dtype)
-    return plan_transformer_split(meta, gpu_budgets(devices.ids, caps=caps), dtype)

@@ -291,6 +291,13 @@ def moe_layers(model: nn.Module) -> list[TagMoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, TagMoEFeedForward)]
 
 
+def effective_backend(layer: TagMoEFeedForward) -> str:
+    """What ``auto`` means for this layer where its weights are now."""
+    if layer.backend != "auto":
+        return layer.backend
+    return "megablocks" if layer.experts.mlp.w1.is_cuda and megablocks_available() else "torch"
+
+
 def set_backend(model: nn.Module, backend: Backend) -> None:
     if backend not in BACKENDS:
         raise TagMoEError(f"unknown MoE backend {backend!r}; choose from {', '.join(BACKENDS)}")

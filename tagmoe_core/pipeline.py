@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -204,11 +204,13 @@ class TagMoEPipeline:
     def sample(self, conditioning: Conditioning, image: Image.Image | None = None, *, width: int | None = None,
                height: int | None = None, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, seed: int = -1,
                num_images: int = 1, region: Sequence[int] | None = None, callback: StepCallback | None = None,
-               init_latents: torch.Tensor | None = None, denoise_strength: float = 1.0) -> SampleOutput:
+               init_latents: torch.Tensor | None = None, denoise_strength: float = 1.0,
+               check: Callable[[], None] | None = None) -> SampleOutput:
         """Denoise to VAE latents. ``image`` given: edit it; else text-to-image.
 
         ``init_latents`` (VAE latents [B or 1, 16, 1, H/8, W/8]) with ``denoise_strength`` < 1
-        starts from them instead of pure noise (image-to-image).
+        starts from them instead of pure noise (image-to-image). ``callback`` runs after every
+        step, ``check`` before every transformer pass; either stops the run by raising.
         """
         if not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"steps must be at least 1, got {steps}")
@@ -244,7 +246,7 @@ class TagMoEPipeline:
         inputs = DenoiseInputs(latents, img_shapes, conditioning.positive.to(device).repeat(num_images),
                                conditioning.negative.to(device).repeat(num_images), cond_tokens)
         out = denoise(self.transformer, scheduler, timesteps, inputs, float(cfg), height, width, self.vae.config,
-                      callback)
+                      callback, check)
         vae_latents = denormalize(unpack(out, height, width).to(self.vae.dtype), self.vae.config)
         return SampleOutput(vae_latents.float(), seed, width, height, condition.original_size if condition else None)
 

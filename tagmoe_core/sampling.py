@@ -80,9 +80,14 @@ class StepInfo:
     width: int
     vae_config: object
 
+    def denoised_latents(self) -> torch.Tensor:
+        """The clean-image prediction, unpacked but still normalised: [B, 16, 1, H/8, W/8]
+        (what ComfyUI's latent previewers expect)."""
+        return unpack(self.denoised.float(), self.height, self.width)
+
     def denoised_vae_latents(self) -> torch.Tensor:
-        """The clean-image prediction as VAE latents [B, 16, 1, H/8, W/8] (for previews)."""
-        return denormalize(unpack(self.denoised.float(), self.height, self.width), self.vae_config)
+        """The clean-image prediction as VAE latents [B, 16, 1, H/8, W/8]."""
+        return denormalize(self.denoised_latents(), self.vae_config)
 
 
 StepCallback = Callable[[StepInfo], None]
@@ -100,13 +105,17 @@ class DenoiseInputs:
 @torch.inference_mode()
 def denoise(transformer, scheduler: FlowMatchEulerDiscreteScheduler, timesteps: torch.Tensor,
             inputs: DenoiseInputs, cfg_scale: float, height: int, width: int, vae_config,
-            callback: StepCallback | None = None, on_step_start: Callable[[int], None] | None = None) -> torch.Tensor:
+            callback: StepCallback | None = None, check: Callable[[], None] | None = None) -> torch.Tensor:
+    """``callback`` runs after every step; ``check`` before every transformer pass (so a
+    cancellation raised there stops the run within half a step)."""
     latents = inputs.latents
     batch, num_target = latents.shape[0], latents.shape[1]
     img_shapes = [list(inputs.img_shapes)] * batch
     do_cfg = cfg_scale > 1.0 and inputs.negative is not None
 
     def predict(prompt: PromptEmbeds, timestep: torch.Tensor, cache: str) -> torch.Tensor:
+        if check is not None:
+            check()
         hidden = latents if inputs.condition is None else torch.cat([latents, inputs.condition], dim=1)
         with transformer.cache_context(cache):
             out = transformer(
@@ -123,8 +132,6 @@ def denoise(transformer, scheduler: FlowMatchEulerDiscreteScheduler, timesteps: 
     sigmas = scheduler.sigmas
     begin = scheduler.begin_index or 0
     for i, t in enumerate(timesteps):
-        if on_step_start is not None:
-            on_step_start(i)
         timestep = t.expand(batch).to(latents.dtype)
         noise_pred = predict(inputs.positive, timestep, "cond")
         if do_cfg:

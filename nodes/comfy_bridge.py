@@ -1,0 +1,237 @@
+"""The one place where the node pack talks to ComfyUI.
+
+Everything ComfyUI-specific (model folders, progress bars and previews, cancellation, VRAM,
+messages to the browser) goes through here. Without ComfyUI (tests, scripts) the same calls
+work on plain defaults: model folders come from ``configure()`` or ``TAGMOE_MODELS_DIR``,
+progress is recorded instead of sent, and cancellation is requested with ``interrupt()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("tagmoe")
+
+try:  # ComfyUI's modules are top-level imports inside a running ComfyUI
+    import comfy.model_management as _mm
+    import comfy.utils as _comfy_utils
+    import folder_paths as _folder_paths
+
+    HAVE_COMFY = True
+except ImportError:  # pragma: no cover - exercised by the tests' plain Python environment
+    _mm = _comfy_utils = _folder_paths = None
+    HAVE_COMFY = False
+
+TAGMOE_FOLDER = "tagmoe"  # models/tagmoe: TAG-MoE weights (files or folders)
+WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth")
+_IGNORED_DIRS = {".git", ".cache", "__pycache__"}
+
+
+# -- model folders ------------------------------------------------------------------------------------
+_fallback_roots: dict[str, list[Path]] = {}
+
+
+def configure(models_dir: str | os.PathLike) -> None:
+    """Without ComfyUI: use ``models_dir/{diffusers,tagmoe,diffusion_models}`` as model folders."""
+    root = Path(models_dir)
+    for kind in ("diffusers", TAGMOE_FOLDER, "diffusion_models"):
+        _fallback_roots[kind] = [root / kind]
+
+
+def register_model_folder() -> None:
+    """Add ``models/tagmoe`` to ComfyUI's model folders (kept beside any extra_model_paths entries)."""
+    if not HAVE_COMFY:
+        return
+    path = os.path.join(_folder_paths.models_dir, TAGMOE_FOLDER)
+    known = _folder_paths.folder_names_and_paths.get(TAGMOE_FOLDER)
+    if known is None or path not in known[0]:
+        _folder_paths.add_model_folder_path(TAGMOE_FOLDER, path, is_default=True)
+
+
+def model_roots(kind: str) -> list[Path]:
+    if HAVE_COMFY:
+        try:
+            return [Path(p) for p in _folder_paths.get_folder_paths(kind)]
+        except KeyError:
+            return []
+    if not _fallback_roots and os.environ.get("TAGMOE_MODELS_DIR"):
+        configure(os.environ["TAGMOE_MODELS_DIR"])
+    return list(_fallback_roots.get(kind, []))
+
+
+def _walk(root: Path):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if d not in _IGNORED_DIRS)
+        yield Path(dirpath), sorted(filenames)
+
+
+def list_diffusers_models() -> list[str]:
+    """Folders holding a ``model_index.json`` under the ``diffusers`` model folders."""
+    found: list[str] = []
+    for root in model_roots("diffusers"):
+        if root.is_dir():
+            found += [str(d.relative_to(root)) for d, files in _walk(root) if "model_index.json" in files]
+    return sorted(dict.fromkeys(found))
+
+
+def list_tagmoe_weights() -> list[str]:
+    """Weight files, and folders holding weights or a shard index, under ``models/tagmoe``
+    and ``models/diffusion_models`` (shards of an indexed folder are not listed one by one)."""
+    found: list[str] = []
+    for kind in (TAGMOE_FOLDER, "diffusion_models"):
+        for root in model_roots(kind):
+            if not root.is_dir():
+                continue
+            for d, files in _walk(root):
+                indexed = any(f.endswith(".index.json") for f in files)
+                weights = [f for f in files if f.endswith(WEIGHT_EXTENSIONS)]
+                if d != root and (indexed or weights):
+                    # a hub repo layout (TAG-MoE/transformer/...) is listed as the repo folder
+                    folder = d.parent if d.name == "transformer" and d.parent != root else d
+                    found.append(str(folder.relative_to(root)) + os.sep)
+                if not indexed:
+                    found += [str((d / f).relative_to(root)) for f in weights]
+    return sorted(dict.fromkeys(found))
+
+
+def resolve_model(kind: str, name: str) -> Path:
+    """The full path of a listed model (``kind`` 'diffusers' or 'tagmoe'), or FileNotFoundError."""
+    kinds = ("diffusers",) if kind == "diffusers" else (TAGMOE_FOLDER, "diffusion_models")
+    relative = name.rstrip("/" + os.sep)
+    for k in kinds:
+        for root in model_roots(k):
+            candidate = root / relative
+            if candidate.exists():
+                return candidate
+    where = ", ".join(str(r) for k in kinds for r in model_roots(k)) or "no model folders are configured"
+    raise FileNotFoundError(f"'{name}' was not found in {where}")
+
+
+# -- memory --------------------------------------------------------------------------------------------
+def free_vram_for_external_model() -> None:
+    """Ask ComfyUI to unload its own models before a multi-GB model it does not manage loads."""
+    if HAVE_COMFY:
+        _mm.unload_all_models()
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def empty_cache() -> None:
+    if HAVE_COMFY:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- cancellation ---------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """Raised by :func:`check_interrupt` outside ComfyUI (inside, ComfyUI's own exception is)."""
+
+
+_interrupt_requested = False
+
+
+def interrupt(value: bool = True) -> None:
+    """Outside ComfyUI: request that the running node stops at its next check."""
+    global _interrupt_requested
+    if HAVE_COMFY:
+        _mm.interrupt_current_processing(value)
+    _interrupt_requested = value
+
+
+def check_interrupt() -> None:
+    """Raise if the user cancelled (ComfyUI's InterruptProcessingException inside ComfyUI)."""
+    global _interrupt_requested
+    if HAVE_COMFY:
+        _mm.throw_exception_if_processing_interrupted()
+    if _interrupt_requested:
+        _interrupt_requested = False
+        raise Interrupted("cancelled")
+
+
+def cancellation_types() -> tuple[type[BaseException], ...]:
+    return (Interrupted, _mm.InterruptProcessingException) if HAVE_COMFY else (Interrupted,)
+
+
+# -- progress and previews ---------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """A progress bar for one node run; records updates (tests read ``updates``)."""
+
+    total: int
+    node_id: str | None = None
+    updates: list[tuple[int, int, bool]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._bar = _comfy_utils.ProgressBar(self.total, node_id=self.node_id) if HAVE_COMFY else None
+        self._previewer = _make_previewer()
+
+    def update(self, value: int, preview_latents: torch.Tensor | None = None) -> None:
+        """``preview_latents``: normalised (model-space) latents [B, 16, 1, h, w] to preview."""
+        preview = None
+        if preview_latents is not None and self._previewer is not None:
+            preview = self._previewer.decode_latent_to_preview_image("JPEG", preview_latents.float().cpu())
+        self.updates.append((value, self.total, preview is not None))
+        if self._bar is not None:
+            self._bar.update_absolute(value, self.total, preview)  # also a cancellation point in ComfyUI
+
+
+def _make_previewer():
+    """ComfyUI's chosen previewer for Qwen-Image latents (Wan 2.1 format); Latent2RGB when it
+    has none (its default is no previews, but a 16-to-3 projection costs next to nothing)."""
+    if not HAVE_COMFY:
+        return _Latent2RGB()
+    try:
+        import latent_preview
+        from comfy import latent_formats
+
+        fmt = latent_formats.Wan21()
+        previewer = latent_preview.get_previewer(_mm.get_torch_device(), fmt)
+        return previewer or latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias)
+    except Exception as exc:  # noqa: BLE001 - previews are a nicety; never fail a run over them
+        log.debug("no previews: %s", exc)
+        return None
+
+
+class _Latent2RGB:
+    """The same projection outside ComfyUI (so previews are testable): Wan 2.1 RGB factors."""
+
+    FACTORS = [[-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747],
+               [0.0372, 0.2344, 0.1420], [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665],
+               [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975], [-0.0412, 0.0267, -0.1364],
+               [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
+               [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950],
+               [0.1984, 0.0913, 0.1861]]
+    BIAS = [-0.1835, -0.0868, -0.3360]
+
+    def decode_latent_to_preview_image(self, fmt: str, x0: torch.Tensor):
+        from PIL import Image
+
+        rgb = torch.nn.functional.linear(x0[0, :, 0].movedim(0, -1), torch.tensor(self.FACTORS).T,
+                                         torch.tensor(self.BIAS))
+        pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).numpy()
+        return (fmt, Image.fromarray(pixels), 512)
+
+
+# -- messages to the browser ---------------------------------------------------------------------------------
+def send_text(node_id: str | None, text: str) -> None:
+    """Show ``text`` as the node's progress text in the browser (no-op outside ComfyUI)."""
+    if not HAVE_COMFY or node_id is None:
+        return
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception as exc:  # noqa: BLE001 - the text is informative only
+        log.debug("send_progress_text failed: %s", exc)
+
+
+def intermediate_device() -> torch.device:
+    return _mm.intermediate_device() if HAVE_COMFY else torch.device("cpu")
+

@@ -1,0 +1,247 @@
+"""Write the example workflows in workflows/ (ComfyUI UI format 0.4) and their thumbnails.
+
+    python scripts/make_workflows.py
+
+Each workflow is laid out left to right; its thumbnail is a drawing of the graph. The
+workflows are checked by tests/test_workflows.py against the nodes' real inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "workflows"
+
+EDIT_PROMPT = "Change the cloak to red color"
+T2I_PROMPT = "A cat holding a sign that says hello world, studio photo"
+REGION_PROMPT = "Replace the object in the painted region with a bouquet of sunflowers"
+BASE = "Qwen-Image"
+WEIGHTS = "TAG-MoE/"
+COLORS = {"IMAGE": (100, 181, 246), "MASK": (129, 199, 132), "LATENT": (255, 158, 193), "VAE": (255, 112, 67),
+          "TAGMOE_MODEL": (179, 157, 219), "TAGMOE_CONDITIONING": (255, 213, 79), "INT": (160, 160, 160)}
+
+
+class Graph:
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, kind: str, pos, widgets, inputs=(), outputs=(), size=(320, 140), title=None, color=None):
+        node = {
+            "id": len(self.nodes) + 1, "type": kind, "pos": list(pos), "size": list(size), "flags": {},
+            "order": len(self.nodes), "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": None} | ({"shape": 7} if optional else {})
+                       for n, t, optional in inputs],
+            "outputs": [{"name": n, "type": t, "links": []} for n, t in outputs],
+            "properties": {"Node name for S&R": kind}, "widgets_values": list(widgets),
+        }
+        if title:
+            node["title"] = title
+        if color:
+            node["color"], node["bgcolor"] = color
+        self.nodes.append(node)
+        return node
+
+    def link(self, src: dict, output: str, dst: dict, input_name: str) -> None:
+        slot = next(i for i, o in enumerate(src["outputs"]) if o["name"] == output)
+        target = next(i for i, o in enumerate(dst["inputs"]) if o["name"] == input_name)
+        kind = src["outputs"][slot]["type"]
+        link_id = len(self.links) + 1
+        self.links.append([link_id, src["id"], slot, dst["id"], target, kind])
+        src["outputs"][slot]["links"].append(link_id)
+        dst["inputs"][target]["link"] = link_id
+
+    def to_json(self) -> dict:
+        return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-tagmoe/{self.name}")), "revision": 0,
+                "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}}, "version": 0.4}
+
+
+# -- node factories (sockets in INPUT_TYPES order; widget values in INPUT_TYPES order) -------------------------
+def loader(g, pos):
+    return g.add("TagMoEModelLoader", pos, [BASE, WEIGHTS, "auto", "auto", "auto"],
+                 outputs=[("model", "TAGMOE_MODEL"), ("placement", "STRING")], size=(340, 190))
+
+
+def text_encode(g, pos, prompt, negative=""):
+    return g.add("TagMoETextEncode", pos, [prompt, negative],
+                 inputs=[("model", "TAGMOE_MODEL", False), ("image", "IMAGE", True)],
+                 outputs=[("conditioning", "TAGMOE_CONDITIONING")], size=(360, 220))
+
+
+def sampler(g, pos, width=0, height=0, seed=1234, steps=30, cfg=4.0, denoise=1.0):
+    return g.add("TagMoESampler", pos, [seed, "randomize", steps, cfg, width, height, 1, denoise],
+                 inputs=[("model", "TAGMOE_MODEL", False), ("conditioning", "TAGMOE_CONDITIONING", False),
+                         ("image", "IMAGE", True), ("mask", "MASK", True), ("latent", "LATENT", True)],
+                 outputs=[("latent", "LATENT"), ("seed", "INT")], size=(320, 300))
+
+
+def decode(g, pos, keep=False):
+    return g.add("TagMoEDecode", pos, [keep], inputs=[("model", "TAGMOE_MODEL", False), ("latent", "LATENT", False),
+                                                     ("original_image", "IMAGE", True)],
+                 outputs=[("image", "IMAGE")], size=(260, 110))
+
+
+def load_image(g, pos, name="example.png"):
+    return g.add("LoadImage", pos, [name, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], size=(300, 330))
+
+
+def save_image(g, pos, prefix):
+    return g.add("SaveImage", pos, [prefix], inputs=[("images", "IMAGE", False)], size=(300, 320))
+
+
+def note(g, pos, text, size=(340, 200)):
+    return g.add("MarkdownNote", pos, [text], size=size, title="Read me", color=("#432", "#653"))
+
+
+SETUP = ("**Models**: put the Qwen-Image diffusers folder in `models/diffusers/Qwen-Image` and the TAG-MoE "
+         "weights (the YUXU915/TAG-MoE folder, or a single file) in `models/tagmoe/`, then pick them in the "
+         "loader. The release needs about 60 GB of GPU memory; `device` `0,1` splits it over two GPUs.")
+
+
+def instruction_edit() -> Graph:
+    g = Graph("tagmoe_instruction_edit")
+    m = loader(g, (40, 80))
+    img = load_image(g, (40, 320))
+    t = text_encode(g, (420, 80), EDIT_PROMPT)
+    s = sampler(g, (820, 80))
+    d = decode(g, (1180, 80), keep=True)
+    out = save_image(g, (1480, 80), "TAG-MoE/edit")
+    note(g, (420, 360), SETUP + "\n\nWidth/height 0: the input's preferred Qwen-Image bucket; keep_original_size "
+                                "resizes the result back to the input's size.")
+    g.link(m, "model", t, "model")
+    g.link(m, "model", s, "model")
+    g.link(m, "model", d, "model")
+    g.link(t, "conditioning", s, "conditioning")
+    g.link(img, "IMAGE", s, "image")
+    g.link(s, "latent", d, "latent")
+    g.link(d, "image", out, "images")
+    return g
+
+
+def text_to_image() -> Graph:
+    g = Graph("tagmoe_text_to_image")
+    m = loader(g, (40, 80))
+    t = text_encode(g, (420, 80), T2I_PROMPT, "blurry, low quality")
+    s = sampler(g, (820, 80), width=1024, height=1024)
+    d = decode(g, (1180, 80))
+    out = save_image(g, (1480, 80), "TAG-MoE/t2i")
+    note(g, (40, 320), SETUP + "\n\nNo image on the sampler: TAG-MoE makes a new picture (the 'image "
+                               "generation' task).")
+    g.link(m, "model", t, "model")
+    g.link(m, "model", s, "model")
+    g.link(m, "model", d, "model")
+    g.link(t, "conditioning", s, "conditioning")
+    g.link(s, "latent", d, "latent")
+    g.link(d, "image", out, "images")
+    return g
+
+
+def region_edit() -> Graph:
+    g = Graph("tagmoe_region_edit")
+    m = loader(g, (40, 80))
+    img = load_image(g, (40, 320))
+    t = text_encode(g, (420, 80), REGION_PROMPT)
+    s = sampler(g, (820, 80))
+    d = decode(g, (1180, 80), keep=True)
+    out = save_image(g, (1480, 80), "TAG-MoE/region")
+    note(g, (420, 360), "**Paint the region**: right-click the image, *Open in MaskEditor*, paint where the edit "
+                        "goes and save. The mask's bounding box selects which part of the input conditions the "
+                        "edit (the reference's cond_bbox).\n\n" + SETUP, size=(340, 260))
+    for a, out_name, b, in_name in ((m, "model", t, "model"), (m, "model", s, "model"), (m, "model", d, "model"),
+                                    (t, "conditioning", s, "conditioning"), (img, "IMAGE", s, "image"),
+                                    (img, "MASK", s, "mask"), (s, "latent", d, "latent"), (d, "image", out, "images")):
+        g.link(a, out_name, b, in_name)
+    return g
+
+
+def native_latent_chain() -> Graph:
+    g = Graph("tagmoe_native_latent_chain")
+    m = loader(g, (40, 80))
+    img = load_image(g, (40, 320))
+    t = text_encode(g, (420, 80), EDIT_PROMPT)
+    s = sampler(g, (820, 80), width=512, height=512)
+    up = g.add("LatentUpscaleBy", (1180, 80), ["bislerp", 1.5], inputs=[("samples", "LATENT", False)],
+               outputs=[("LATENT", "LATENT")], size=(280, 90))
+    vae = g.add("VAELoader", (1180, 240), ["qwen_image_vae.safetensors"], outputs=[("VAE", "VAE")], size=(300, 60))
+    native = g.add("VAEDecode", (1520, 80), [], inputs=[("samples", "LATENT", False), ("vae", "VAE", False)],
+                   outputs=[("IMAGE", "IMAGE")], size=(210, 50))
+    out = save_image(g, (1780, 80), "TAG-MoE/native")
+    d = decode(g, (1180, 380))
+    preview = g.add("PreviewImage", (1520, 380), [], inputs=[("images", "IMAGE", False)], size=(300, 300))
+    note(g, (420, 360), "TAG-MoE's LATENT is ComfyUI's Qwen-Image latent format ([B,16,1,H/8,W/8], "
+                        "un-normalised), so native latent nodes and **VAE Decode with the Qwen-Image VAE** "
+                        "(`models/vae/qwen_image_vae.safetensors`) take it. Below: the same latent decoded by "
+                        "TAG-MoE Decode, for comparison.\n\n" + SETUP, size=(340, 280))
+    for a, out_name, b, in_name in ((m, "model", t, "model"), (m, "model", s, "model"), (m, "model", d, "model"),
+                                    (t, "conditioning", s, "conditioning"), (img, "IMAGE", s, "image"),
+                                    (s, "latent", up, "samples"), (up, "LATENT", native, "samples"),
+                                    (vae, "VAE", native, "vae"), (native, "IMAGE", out, "images"),
+                                    (s, "latent", d, "latent"), (d, "image", preview, "images")):
+        g.link(a, out_name, b, in_name)
+    return g
+
+
+DISPLAY = {"TagMoEModelLoader": "TAG-MoE Model Loader", "TagMoETextEncode": "TAG-MoE Text Encode",
+           "TagMoESampler": "TAG-MoE Sampler", "TagMoEDecode": "TAG-MoE Decode"}
+
+
+def thumbnail(graph: dict, path: Path, scale: float = 0.4) -> None:
+    """A drawing of the graph: nodes as titled boxes, links as curves coloured by type."""
+    xs = [n["pos"][0] for n in graph["nodes"]] + [n["pos"][0] + n["size"][0] for n in graph["nodes"]]
+    ys = [n["pos"][1] for n in graph["nodes"]] + [n["pos"][1] + n["size"][1] for n in graph["nodes"]]
+    x0, y0 = min(xs) - 30, min(ys) - 50
+    width, height = int((max(xs) - x0 + 30) * scale), int((max(ys) - y0 + 30) * scale)
+    image = Image.new("RGB", (width, height), (32, 33, 36))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    nodes = {n["id"]: n for n in graph["nodes"]}
+
+    def xy(x, y):
+        return (x - x0) * scale, (y - y0) * scale
+
+    for n in graph["nodes"]:
+        left, top = xy(*n["pos"])
+        right, bottom = xy(n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+        body = (70, 52, 40) if n["type"] == "MarkdownNote" else (53, 53, 58)
+        head = (110, 80, 60) if n["type"] == "MarkdownNote" else ((90, 70, 140) if n["type"].startswith("TagMoE")
+                                                                   else (70, 70, 78))
+        draw.rectangle([left, top - 14, right, bottom], fill=body, outline=(90, 90, 96))
+        draw.rectangle([left, top - 14, right, top], fill=head)
+        label = n.get("title") or DISPLAY.get(n["type"], n["type"])
+        draw.text((left + 4, top - 13), label[:28], fill=(235, 235, 235), font=font)
+    for link_id, src, src_slot, dst, dst_slot, kind in graph["links"]:
+        a, b = nodes[src], nodes[dst]
+        p0 = xy(a["pos"][0] + a["size"][0], a["pos"][1] + 20 + 22 * src_slot)
+        p3 = xy(b["pos"][0], b["pos"][1] + 20 + 22 * dst_slot)
+        mid = (p0[0] + p3[0]) / 2
+        points = []
+        for i in range(21):  # a cubic bezier, like the editor's links
+            t = i / 20
+            x = (1 - t) ** 3 * p0[0] + 3 * (1 - t) ** 2 * t * mid + 3 * (1 - t) * t ** 2 * mid + t ** 3 * p3[0]
+            y = (1 - t) ** 3 * p0[1] + 3 * (1 - t) ** 2 * t * p0[1] + 3 * (1 - t) * t ** 2 * p3[1] + t ** 3 * p3[1]
+            points.append((x, y))
+        draw.line(points, fill=COLORS.get(kind, (200, 200, 200)), width=2)
+    image.save(path, quality=90)
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    for build in (instruction_edit, text_to_image, region_edit, native_latent_chain):
+        graph = build()
+        data = graph.to_json()
+        (OUT / f"{graph.name}.json").write_text(json.dumps(data, indent=2) + "\n")
+        thumbnail(data, OUT / f"{graph.name}.jpg")
+        print(f"wrote workflows/{graph.name}.json (+ .jpg)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
