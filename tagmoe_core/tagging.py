@@ -1,0 +1,290 @@
+"""Task tags from an instruction: deterministic English rules, and robust parsing of a VLM's
+JSON answer (with the rules as the fallback).
+
+The rules follow the paper's annotation examples ("Change the cloak to red color" -> local
+editing, attribute editing, identity/background/style preservation; "Make the person wear
+sunglasses" -> local editing, object editing, identity/background/style preservation) and
+extend them by keyword families. They are meant to be predictable, not clever: the VLM tagger
+is there for instructions the rules read wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+
+from .taxonomy import (PRESERVATIONS, SCOPES, TAG_DEFINITIONS, TYPES, TagError, TaskTags, Tier, canonical_tag,
+                       TAG_TIERS)
+
+log = logging.getLogger("tagmoe")
+
+
+def _words(*items: str) -> re.Pattern:
+    return re.compile(r"\b(?:" + "|".join(items) + r")\b")
+
+
+STYLE = _words(r"styles?", r"stylized?", r"watercolou?r", r"oil painting", r"painting", r"painted", r"sketch(?:ed)?",
+               r"drawing", r"anime", r"manga", r"cartoon(?:ish)?", r"pixel art", r"van gogh", r"ghibli", r"ukiyo-e",
+               r"impressionis[mt]", r"comic(?: book)?", r"3d render", r"claymation", r"pencil", r"charcoal",
+               r"vaporwave", r"art deco", r"pop art", r"low poly", r"line art", r"cubis[mt]", r"pastel",
+               r"vintage", r"sepia", r"black and white", r"monochrome", r"film look", r"colou?r grad(?:e|ed|ing)")
+REFERENCE_STYLE = _words(r"(?:this|that|the same|same|the reference|the image's|this image's|its) (?:art )?style",
+                         r"style of (?:this|the|that) (?:image|picture|photo|reference|painting)",
+                         r"in this style", r"same look")
+GENERATE = _words(r"generate", r"create", r"draw", r"paint", r"design", r"make (?:a|an|me a)", r"produce",
+                  r"render (?:a|an)", r"a (?:photo|picture|poster|portrait|image) of", r"show (?:this|the same)")
+REFERENCE_SUBJECT = _words(r"(?:this|the same|same) (?:person|man|woman|girl|boy|child|dog|cat|pet|character|"
+                           r"product|logo|object|subject|toy|car|bag|shoe|model|face)", r"the subject",
+                           r"this (?:one|item)", r"him|her")
+NEW_SCENE = _words(r"on (?:a|the) (?:beach|street|mountain|moon|table|mug|shirt|t-shirt|poster|billboard|stage)",
+                   r"in (?:a|an|the) (?:forest|city|kitchen|office|park|cafe|desert|garden|studio|room|snow|space)",
+                   r"at (?:a|the) (?:beach|park|party|concert|station)", r"new scene", r"different scene",
+                   r"printed on", r"as a (?:sticker|poster|figurine|plush)")
+VIEWPOINT = _words(r"view(?:point)?", r"angle", r"perspective", r"rotate the (?:camera|view|scene)",
+                   r"from (?:the )?(?:side|back|behind|above|below|top|front|left|right)", r"zoom(?:ed)? (?:in|out)",
+                   r"close-?up", r"bird'?s-?eye", r"wide shot", r"turn the camera", r"camera")
+POSE = _words(r"pose", r"posture", r"raise[sd]?", r"raising", r"wav(?:e|es|ing)", r"sit(?:ting)?(?: down)?",
+              r"stand(?:ing)?(?: up)?", r"kneel(?:ing)?", r"jump(?:ing)?", r"arms?", r"hands?", r"crossed", r"lying",
+              r"running", r"walking", r"danc(?:e|ing)", r"lean(?:ing)?", r"bend(?:ing)?", r"gesture", r"hung",
+              r"turn (?:his|her|its|their) head", r"look(?:ing)? (?:up|down|left|right|at the camera)")
+BACKGROUND = _words(r"background", r"backdrop", r"scenery", r"surroundings", r"sky", r"setting")
+LIGHT = _words(r"light(?:ing|s)?", r"lit", r"shadows?", r"sunset", r"sunrise", r"night(?:time)?", r"dusk", r"dawn",
+               r"golden hour", r"brighter", r"darker", r"dim(?:mer)?", r"glow(?:ing)?", r"neon", r"candlelight",
+               r"backlit", r"daytime", r"day time", r"twilight", r"moonlight", r"exposure", r"brightness")
+WEATHER = _words(r"weather", r"sunny", r"rain(?:y|ing)?", r"snow(?:y|ing)?", r"fog(?:gy)?", r"misty", r"stormy",
+                 r"cloudy", r"overcast", r"winter", r"summer", r"autumn", r"spring", r"season")
+GLOBAL = _words(r"(?:the )?whole (?:image|picture|photo|scene)", r"entire (?:image|picture|photo|scene)",
+                r"overall", r"everything", r"colou?r tone")
+OBJECT = _words(r"add(?:s|ed|ing)?", r"remove[sd]?", r"removing", r"delete", r"erase", r"get rid of", r"take away",
+                r"insert", r"put", r"place", r"replace[sd]?", r"swap", r"wear(?:s|ing)?", r"hold(?:s|ing)?",
+                r"carry(?:ing)?", r"without the", r"include", r"there (?:is|are)")
+ATTRIBUTE = _words(r"colou?rs?", r"red", r"blue", r"green", r"yellow", r"black", r"white", r"pink", r"purple",
+                   r"orange", r"brown", r"golden", r"gold", r"silver", r"gr[ae]y", r"beige", r"turquoise",
+                   r"wooden", r"metal(?:lic)?", r"glass", r"leather", r"marble", r"velvet", r"denim", r"silk",
+                   r"bigger", r"smaller", r"larger", r"taller", r"shorter", r"longer", r"thicker", r"thinner",
+                   r"older", r"younger", r"smil(?:e|es|ing)", r"sad", r"angry", r"happy", r"texture", r"material",
+                   r"shiny", r"matte", r"rusty", r"striped", r"polka", r"hair(?:style)?", r"curly", r"straight",
+                   r"beard", r"bald", r"tattoo")
+_EDIT_VERBS = (r"change", r"make", r"turn", r"add", r"remove", r"replace", r"put", r"place", r"let", r"give",
+               r"recolou?r", r"paint", r"convert", r"transform", r"delete", r"erase", r"swap", r"set")
+EDIT_VERB = _words(*_EDIT_VERBS)
+PERSON = _words(r"person", r"man", r"woman", r"girl", r"boy", r"child", r"kid", r"people", r"he", r"she", r"his",
+                r"her", r"lady", r"guy", r"face", r"portrait")
+KEEP = re.compile(r"\b(?:keep|keeping|preserve|preserving|maintain|retain|unchanged|don'?t change|do not change|"
+                  r"without changing|same)\b")
+KEEP_TARGETS = (
+    (_words(r"backgrounds?", r"scene", r"surroundings"), "background preservation"),
+    (_words(r"faces?", r"facial"), "face preservation"),
+    (_words(r"identity", r"person", r"character", r"subject", r"who"), "identity preservation"),
+    (_words(r"style", r"look", r"colou?rs", r"rendering"), "style preservation"),
+    (_words(r"layout", r"composition", r"structure", r"shapes?", r"pose", r"position"), "structure preservation"),
+)
+
+
+@dataclass
+class TagResult:
+    tags: TaskTags
+    source: str  # "rules", "vlm", or "vlm+rules" (the VLM's answer needed fixing)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _clauses(text: str) -> list[str]:
+    parts = re.split(r"[;.]|,\s*(?:and\s+)?|\s+and\s+(?=(?:" + "|".join(_EDIT_VERBS) + r")\b)|\s+then\s+", text)
+    return [p.strip() for p in parts if p and p.strip()]
+
+
+def _explicit_keeps(text: str) -> set[str]:
+    keeps: set[str] = set()
+    for match in KEEP.finditer(text):
+        window = text[match.start(): match.start() + 80]
+        for pattern, tag in KEEP_TARGETS:
+            if pattern.search(window):
+                keeps.add(tag)
+    return keeps
+
+
+def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
+    """Deterministic tags for an English instruction (``has_image`` False: text-to-image)."""
+    text = " ".join(str(instruction).lower().split())
+    if not has_image:
+        return TaskTags("image generation")
+    keeps = _explicit_keeps(text)
+    edit_text = KEEP.split(text)[0] if keeps else text  # what comes after "keep ..." is not an edit
+    edit_text = edit_text or text
+
+    def types_in(t: str) -> set[str]:
+        found: set[str] = set()
+        if STYLE.search(t):
+            found.add("style transfer")
+        if POSE.search(t):
+            found.add("pose editing")
+        if BACKGROUND.search(t) and not KEEP.search(t):
+            found.add("background editing")
+        if LIGHT.search(t) or WEATHER.search(t):
+            found.add("illumination editing")
+        verbs = {m.group(0).split()[0] for m in OBJECT.finditer(t)}
+        placing = {"put", "place", "replace", "replaced", "replaces", "swap"}
+        if verbs and not ("background editing" in found and verbs <= placing) \
+                and not ("illumination editing" in found and verbs <= {"add", "adds", "added", "adding"}):
+            found.add("object editing")  # but "put her in front of a new background", "add sunset light" are not
+        swapped = re.search(r"\b(?:replace[sd]?|swap)\b.*\bwith\b", t)  # "replace the cat with a golden retriever"
+        if ATTRIBUTE.search(t) and "style transfer" not in found and not swapped:
+            found.add("attribute editing")
+        if not found and re.search(r"\b(?:change|turn|make)\b.*\b(?:into|to|a|an)\b", t):
+            found.add("object editing")  # "turn the cat into a dog": an object becomes another
+        return found
+
+    types = types_in(edit_text)
+    if REFERENCE_STYLE.search(text) and GENERATE.search(text):
+        return TaskTags("style customization", (), tuple(keeps | {"style preservation"}))
+    if REFERENCE_SUBJECT.search(text) and (NEW_SCENE.search(text) or GENERATE.search(text)):
+        keep = {"identity preservation"} | ({"face preservation"} if PERSON.search(text) else set())
+        return TaskTags("content customization", (), tuple(keeps | keep))
+    if VIEWPOINT.search(edit_text) and not STYLE.search(edit_text):
+        return TaskTags("viewpoint editing", (), tuple(keeps | {"identity preservation", "style preservation"}))
+
+    edit_clauses = [c for c in _clauses(edit_text) if EDIT_VERB.search(c) or types_in(c)]
+    if len(edit_clauses) >= 2:
+        scope = "multi region editing"
+    elif "style transfer" in types or GLOBAL.search(edit_text) or \
+            ("illumination editing" in types and "object editing" not in types):
+        scope = "global editing"
+    else:
+        scope = "local editing"
+
+    if not types:
+        types = {"attribute editing"} if scope == "local editing" else set()
+    if "style transfer" in types:
+        types.discard("attribute editing")
+        keep = {"structure preservation", "identity preservation"}
+    elif scope == "global editing":
+        keep = {"structure preservation", "identity preservation"}
+    elif "background editing" in types and len(types) == 1:
+        keep = {"identity preservation", "style preservation"}
+    else:
+        keep = {"identity preservation", "background preservation", "style preservation"}
+        if "background editing" in types:
+            keep.discard("background preservation")
+    return TaskTags(scope, tuple(types), tuple(keep | keeps))
+
+
+# -- the VLM tagger -------------------------------------------------------------------------------------
+def vlm_tagging_prompt(instruction: str, has_image: bool = True) -> str:
+    """The question put to a vision-language model, with the tier definitions."""
+    lines = ["You annotate image-editing instructions with task tags in three tiers.", ""]
+    for tier, names, rule in ((Tier.SCOPE, SCOPES, "choose exactly one"),
+                              (Tier.TYPE, TYPES, "choose all that apply (none for image generation)"),
+                              (Tier.PRESERVATION, PRESERVATIONS, "choose all that apply")):
+        lines.append(f"{tier.value} ({rule}):")
+        lines += [f"- {name}: {TAG_DEFINITIONS[name]}" for name in names]
+        lines.append("")
+    lines += [
+        "Rules: if 'style transfer' applies, do not mark 'attribute editing'. "
+        + ("The instruction comes with the input image shown." if has_image
+           else "There is no input image, so the scope is 'image generation'."),
+        "Example: 'Change the cloak to red color' -> {\"scope\": \"local editing\", \"type\": [\"attribute editing\"], "
+        "\"preservation\": [\"identity preservation\", \"background preservation\", \"style preservation\"]}",
+        "",
+        f"Instruction: {instruction}",
+        "Answer with one JSON object with the keys scope, type and preservation, and nothing else.",
+    ]
+    return "\n".join(lines)
+
+
+def extract_json_object(text: str) -> dict | None:
+    """The first JSON object in a model's answer, tolerating code fences, prose around it,
+    single quotes, trailing commas and Python literals."""
+    if not text:
+        return None
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S | re.I)
+    candidates = [fenced.group(1)] if fenced else []
+    start = text.find("{")
+    while start != -1:
+        depth, in_string, quote = 0, False, ""
+        for i in range(start, len(text)):
+            ch = text[i]
+            if in_string:
+                if ch == quote and text[i - 1] != "\\":
+                    in_string = False
+            elif ch in "\"'":
+                in_string, quote = True, ch
+            elif ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    candidates.append(text[start:i + 1])
+                    break
+        start = text.find("{", start + 1)
+    for candidate in candidates:
+        for attempt in (candidate, _loosen(candidate)):
+            try:
+                value = json.loads(attempt)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
+
+
+def _loosen(text: str) -> str:
+    text = re.sub(r",\s*([}\]])", r"\1", text)  # trailing commas
+    text = re.sub(r"\bTrue\b", "true", re.sub(r"\bFalse\b", "false", re.sub(r"\bNone\b", "null", text)))
+    if "'" in text and '"' not in text:
+        text = text.replace("'", '"')
+    return text
+
+
+def tags_from_vlm_answer(answer: str, instruction: str, has_image: bool = True) -> TagResult:
+    """Parse a VLM's answer into tags; unknown tags are dropped and broken answers fall back to
+    the rules, each with a warning (never an exception)."""
+    data = extract_json_object(answer)
+    if data is None:
+        warning = "the VLM's answer held no JSON object; using the rule-based tags"
+        log.warning(warning)
+        return TagResult(rule_tags(instruction, has_image), "rules", [warning])
+    lowered = {str(k).strip().lower(): v for k, v in data.items()}
+    warnings: list[str] = []
+    picked: dict[Tier, list[str]] = {Tier.SCOPE: [], Tier.TYPE: [], Tier.PRESERVATION: []}
+    for key in ("scope", "scopes", "type", "types", "preservation", "preservations", "tags"):
+        value = lowered.get(key)
+        if value is None:
+            continue
+        for raw in (value if isinstance(value, list) else re.split(r"[,;]", str(value))):
+            if not str(raw).strip():
+                continue
+            try:
+                name = canonical_tag(str(raw))
+            except TagError:
+                warnings.append(f"unknown tag {str(raw).strip()!r} dropped")
+                continue
+            picked[TAG_TIERS[name]].append(name)
+    rules = rule_tags(instruction, has_image)
+    scopes = list(dict.fromkeys(picked[Tier.SCOPE]))
+    if not has_image:
+        scopes = ["image generation"]
+    if len(scopes) != 1:
+        warnings.append(f"the VLM gave {len(scopes)} scopes ({', '.join(scopes) or 'none'}); using the rules' "
+                        f"'{rules.scope}'")
+        scopes = [rules.scope]
+    if has_image and scopes[0] == "image generation":
+        warning = "the VLM chose 'image generation' although there is an input image; using the rule-based tags"
+        log.warning(warning)
+        return TagResult(rules, "rules", warnings + [warning])
+    types = list(dict.fromkeys(picked[Tier.TYPE]))
+    if scopes[0] == "image generation" and types:
+        warnings.append(f"edit types dropped for image generation: {', '.join(types)}")
+        types = []
+    if "style transfer" in types and "attribute editing" in types:
+        types.remove("attribute editing")
+        warnings.append("'attribute editing' dropped: it cannot go with 'style transfer'")
+    try:
+        tags = TaskTags(scopes[0], tuple(types), tuple(dict.fromkeys(picked[Tier.PRESERVATION])))
+    except TagError as exc:
+        warnings.append(f"the VLM's tags break the rules ({exc}); using the rule-based tags")
+        return TagResult(rules, "rules", warnings)
+    for warning in warnings:
+        log.warning("VLM tagging: %s", warning)
+    return TagResult(tags, "vlm+rules" if warnings else "vlm", warnings)
