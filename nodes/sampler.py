@@ -15,9 +15,10 @@ class TagMoESampler:
                    "ComfyUI's Qwen-Image nodes (VAE Decode with the Qwen-Image VAE, latent upscalers).")
     CATEGORY = "TAG-MoE"
     FUNCTION = "sample"
-    RETURN_TYPES = ("LATENT", "INT")
-    RETURN_NAMES = ("latent", "seed")
-    OUTPUT_TOOLTIPS = ("Qwen-Image latents [batch, 16, 1, height/8, width/8]", "the seed used")
+    RETURN_TYPES = ("LATENT", "INT", "TAGMOE_ROUTING")
+    RETURN_NAMES = ("latent", "seed", "routing")
+    OUTPUT_TOOLTIPS = ("Qwen-Image latents [batch, 16, 1, height/8, width/8]", "the seed used",
+                       "the recorded routing (with record_routing; of the first input image)")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -49,13 +50,20 @@ class TagMoESampler:
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                       "tooltip": "with a latent: how much of the schedule to run (1 = all, "
                                                  "ignoring the latent's content)"}),
+                "tags": ("TAGMOE_TAGS", {"tooltip": "the task, for tag guidance (from TAG-MoE Task Tags)"}),
+                "tag_guidance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                           "tooltip": "steer the MoE routers toward the gate distribution that best "
+                                                      "expresses the tags; 0 = the release's behaviour exactly"}),
+                "record_routing": ("BOOLEAN", {"default": False, "tooltip": "record every MoE routing decision "
+                                                                            "for TAG-MoE Routing Map"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, model, conditioning, seed, steps, cfg, width=0, height=0, images_per_prompt=1, image=None,
-               mask=None, latent=None, denoise=1.0, unique_id=None):
+               mask=None, latent=None, denoise=1.0, tags=None, tag_guidance=0.0, record_routing=False, unique_id=None):
         from ..tagmoe_core.pipeline import region_from_pixel_box
+        from ..tagmoe_core.routing import RoutingRecorder
 
         pipe = model.require()
         if (width == 0) != (height == 0):
@@ -75,7 +83,9 @@ class TagMoESampler:
         runs = len(pictures)
         steps_per_run = max(1, min(steps, round(steps * denoise))) if init is not None and denoise < 1 else steps
         progress = bridge.Progress(runs * steps_per_run, unique_id)
-        outputs, original_sizes = [], []
+        if tag_guidance and tags is None:
+            raise InputError("tag_guidance needs tags: connect a TAG-MoE Task Tags node to 'tags'")
+        outputs, original_sizes, recorder = [], [], None
         for index, picture in enumerate(pictures):
             region = None
             if masks is not None:
@@ -86,10 +96,13 @@ class TagMoESampler:
             def on_step(info, done=index * steps_per_run):
                 progress.update(done + info.step + 1, info.denoised_latents())
 
+            run_recorder = RoutingRecorder() if record_routing and index == 0 else None
+            recorder = recorder or run_recorder
             with model.lock:
                 out = pipe.sample(conditioning, picture, steps=steps, cfg=cfg, seed=seed, num_images=num_images,
                                   region=region, callback=on_step, init_latents=init, denoise_strength=denoise,
-                                  check=bridge.check_interrupt, **size)
+                                  before_pass=lambda step, name: bridge.check_interrupt(), recorder=run_recorder,
+                                  tags=tags, tag_guidance=tag_guidance, **size)
             outputs.append(out.latents)
             original_sizes += [out.original_size] * out.latents.shape[0]
         samples = torch.cat(outputs).to(bridge.intermediate_device())
@@ -98,4 +111,7 @@ class TagMoESampler:
             result[ORIGINAL_SIZE_KEY] = original_sizes
         h, w = samples.shape[-2] * 8, samples.shape[-1] * 8
         text = f"seed {seed}, {samples.shape[0]} image(s) {w}x{h}"
-        return {"ui": {"text": [text], "seed": [seed]}, "result": (result, seed)}
+        if tag_guidance:
+            text += f", tag guidance {tag_guidance:g} toward g* = " + ", ".join(f"{v:.2f}" for v in out.g_star.tolist())
+        routing = recorder.recording if recorder is not None else None
+        return {"ui": {"text": [text], "seed": [seed]}, "result": (result, seed, routing)}

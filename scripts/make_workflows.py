@@ -23,7 +23,7 @@ T2I_PROMPT = "A cat holding a sign that says hello world, studio photo"
 REGION_PROMPT = "Replace the object in the painted region with a bouquet of sunflowers"
 BASE = "Qwen-Image"
 WEIGHTS = "TAG-MoE/"
-COLORS = {"IMAGE": (100, 181, 246), "MASK": (129, 199, 132), "LATENT": (255, 158, 193), "VAE": (255, 112, 67),
+COLORS = {"STRING": (140, 200, 140), "TAGMOE_TAGS": (0, 188, 212), "TAGMOE_ROUTING": (244, 143, 177), "IMAGE": (100, 181, 246), "MASK": (129, 199, 132), "LATENT": (255, 158, 193), "VAE": (255, 112, 67),
           "TAGMOE_MODEL": (179, 157, 219), "TAGMOE_CONDITIONING": (255, 213, 79), "INT": (160, 160, 160)}
 
 
@@ -71,17 +71,21 @@ def loader(g, pos):
                  outputs=[("model", "TAGMOE_MODEL"), ("placement", "STRING")], size=(340, 190))
 
 
-def text_encode(g, pos, prompt, negative=""):
-    return g.add("TagMoETextEncode", pos, [prompt, negative],
+def text_encode(g, pos, prompt, negative="", prompt_input=False):
+    node = g.add("TagMoETextEncode", pos, [prompt, negative],
                  inputs=[("model", "TAGMOE_MODEL", False), ("image", "IMAGE", True)],
                  outputs=[("conditioning", "TAGMOE_CONDITIONING")], size=(360, 220))
+    if prompt_input:  # the prompt widget fed by a link (e.g. from Prompt Refine)
+        node["inputs"].append({"name": "prompt", "type": "STRING", "widget": {"name": "prompt"}, "link": None})
+    return node
 
 
-def sampler(g, pos, width=0, height=0, seed=1234, steps=30, cfg=4.0, denoise=1.0):
-    return g.add("TagMoESampler", pos, [seed, "randomize", steps, cfg, width, height, 1, denoise],
+def sampler(g, pos, width=0, height=0, seed=1234, steps=30, cfg=4.0, denoise=1.0, guidance=0.0, record=False):
+    return g.add("TagMoESampler", pos, [seed, "randomize", steps, cfg, width, height, 1, denoise, guidance, record],
                  inputs=[("model", "TAGMOE_MODEL", False), ("conditioning", "TAGMOE_CONDITIONING", False),
-                         ("image", "IMAGE", True), ("mask", "MASK", True), ("latent", "LATENT", True)],
-                 outputs=[("latent", "LATENT"), ("seed", "INT")], size=(320, 300))
+                         ("image", "IMAGE", True), ("mask", "MASK", True), ("latent", "LATENT", True),
+                         ("tags", "TAGMOE_TAGS", True)],
+                 outputs=[("latent", "LATENT"), ("seed", "INT"), ("routing", "TAGMOE_ROUTING")], size=(320, 380))
 
 
 def decode(g, pos, keep=False):
@@ -191,7 +195,48 @@ def native_latent_chain() -> Graph:
 
 
 DISPLAY = {"TagMoEModelLoader": "TAG-MoE Model Loader", "TagMoETextEncode": "TAG-MoE Text Encode",
-           "TagMoESampler": "TAG-MoE Sampler", "TagMoEDecode": "TAG-MoE Decode"}
+           "TagMoESampler": "TAG-MoE Sampler", "TagMoEDecode": "TAG-MoE Decode", "TagMoETaskTags": "TAG-MoE Task Tags",
+           "TagMoEPromptRefine": "TAG-MoE Prompt Refine", "TagMoERoutingMap": "TAG-MoE Routing Map"}
+
+
+def task_intent() -> Graph:
+    g = Graph("tagmoe_task_intent")
+    m = loader(g, (40, 80))
+    img = load_image(g, (40, 320))
+    refine = g.add("TagMoEPromptRefine", (420, 320), [EDIT_PROMPT, "TAG-MoE text encoder", 0, "fixed", 0.0, 160, "",
+                                                      "http://127.0.0.1:8000/v1", "", "OPENAI_API_KEY", 60.0, 2],
+                   inputs=[("image", "IMAGE", False), ("model", "TAGMOE_MODEL", True)],
+                   outputs=[("instruction", "STRING"), ("proposed_tags", "TAGMOE_TAGS"),
+                            ("proposed_tags_text", "STRING")], size=(360, 420))
+    tags = g.add("TagMoETaskTags", (820, 420), ["auto (rules)", "local editing",
+                                                "identity preservation, background preservation, style preservation",
+                                                True],
+                 inputs=[("instruction", "STRING", True), ("model", "TAGMOE_MODEL", True), ("image", "IMAGE", True)],
+                 outputs=[("tags", "TAGMOE_TAGS"), ("tags_text", "STRING")], size=(340, 300))
+    t = text_encode(g, (820, 80), EDIT_PROMPT, prompt_input=True)
+    s = sampler(g, (1220, 80), guidance=1.0, record=True)
+    d = decode(g, (1580, 80))
+    out = save_image(g, (1880, 80), "TAG-MoE/intent")
+    routing = g.add("TagMoERoutingMap", (1580, 420), ["all", "all"],
+                    inputs=[("model", "TAGMOE_MODEL", False), ("routing", "TAGMOE_ROUTING", False),
+                            ("image", "IMAGE", True), ("condition_image", "IMAGE", True), ("tags", "TAGMOE_TAGS", True)],
+                    outputs=[("maps", "IMAGE"), ("report", "STRING")], size=(300, 200))
+    maps = g.add("PreviewImage", (1880, 420), [], inputs=[("images", "IMAGE", False)], size=(420, 300))
+    note(g, (40, 700), "**Task intent**: the VLM (here TAG-MoE's own text encoder) rewrites the instruction while "
+                       "looking at the image; the Task Tags node tags the refined instruction; tag_guidance steers "
+                       "the MoE routers toward the gate mix that best expresses those tags (0 = the release's "
+                       "behaviour); the Routing Map shows where each expert worked and how well the routing "
+                       "matches the tags.\n\n" + SETUP, size=(560, 200))
+    for a, out_name, b, in_name in (
+            (m, "model", refine, "model"), (img, "IMAGE", refine, "image"), (refine, "instruction", t, "prompt"),
+            (refine, "instruction", tags, "instruction"), (m, "model", t, "model"), (m, "model", s, "model"),
+            (m, "model", d, "model"), (m, "model", routing, "model"), (t, "conditioning", s, "conditioning"),
+            (img, "IMAGE", s, "image"), (tags, "tags", s, "tags"), (s, "latent", d, "latent"),
+            (d, "image", out, "images"), (s, "routing", routing, "routing"), (d, "image", routing, "image"),
+            (img, "IMAGE", routing, "condition_image"), (tags, "tags", routing, "tags"),
+            (routing, "maps", maps, "images")):
+        g.link(a, out_name, b, in_name)
+    return g
 
 
 def thumbnail(graph: dict, path: Path, scale: float = 0.4) -> None:
@@ -235,7 +280,7 @@ def thumbnail(graph: dict, path: Path, scale: float = 0.4) -> None:
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    for build in (instruction_edit, text_to_image, region_edit, native_latent_chain):
+    for build in (instruction_edit, text_to_image, region_edit, native_latent_chain, task_intent):
         graph = build()
         data = graph.to_json()
         (OUT / f"{graph.name}.json").write_text(json.dumps(data, indent=2) + "\n")

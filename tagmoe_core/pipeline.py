@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Sequence
@@ -22,7 +23,10 @@ from .buckets import snap_to_bucket
 from .errors import InputError
 from .latents import PIXELS_PER_TOKEN, denormalize, normalize, pack, unpack
 from .rope import RegionShape
+from .routing import RoutingRecorder
+from .routing import tag_guidance as guided_routing
 from .sampling import DenoiseInputs, StepCallback, denoise, make_schedule
+from .taxonomy import TaskTags
 from .text_encoding import (PromptEmbeds, _module_device, default_vlm_image_processor, encode_prompt_with_image,
                             encode_prompts, normalize_negative_prompt)
 
@@ -68,6 +72,7 @@ class SampleOutput:
     width: int
     height: int
     original_size: tuple[int, int] | None = None
+    g_star: torch.Tensor | None = None  # the gate distribution tag guidance steered toward
 
 
 @dataclass
@@ -205,12 +210,15 @@ class TagMoEPipeline:
                height: int | None = None, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, seed: int = -1,
                num_images: int = 1, region: Sequence[int] | None = None, callback: StepCallback | None = None,
                init_latents: torch.Tensor | None = None, denoise_strength: float = 1.0,
-               check: Callable[[], None] | None = None) -> SampleOutput:
+               before_pass: Callable[[int, str], None] | None = None, recorder: RoutingRecorder | None = None,
+               tags: TaskTags | None = None, tag_guidance: float = 0.0) -> SampleOutput:
         """Denoise to VAE latents. ``image`` given: edit it; else text-to-image.
 
         ``init_latents`` (VAE latents [B or 1, 16, 1, H/8, W/8]) with ``denoise_strength`` < 1
         starts from them instead of pure noise (image-to-image). ``callback`` runs after every
-        step, ``check`` before every transformer pass; either stops the run by raising.
+        step, ``before_pass(step, pass)`` before every transformer pass; either stops the run by
+        raising. ``recorder`` records the routing; ``tag_guidance`` > 0 steers the routers
+        toward the gate distribution that best expresses ``tags`` (0: the release's behaviour).
         """
         if not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"steps must be at least 1, got {steps}")
@@ -245,10 +253,27 @@ class TagMoEPipeline:
             cond_tokens = condition.tokens.expand(num_images, -1, -1)
         inputs = DenoiseInputs(latents, img_shapes, conditioning.positive.to(device).repeat(num_images),
                                conditioning.negative.to(device).repeat(num_images), cond_tokens)
-        out = denoise(self.transformer, scheduler, timesteps, inputs, float(cfg), height, width, self.vae.config,
-                      callback, check)
+        def before(step: int, name: str) -> None:
+            if recorder is not None:
+                recorder.before_pass(step, name)
+            if before_pass is not None:
+                before_pass(step, name)
+
+        with contextlib.ExitStack() as stack:
+            if recorder is not None:
+                stack.enter_context(recorder.attached(self.transformer))
+                grid = None
+                if condition is not None:
+                    shape = condition.img_shape
+                    grid = ((shape.box[3] - shape.box[1] + 1, shape.box[2] - shape.box[0] + 1)
+                            if isinstance(shape, RegionShape) else shape[1:])
+                recorder.set_layout(latents.shape[1], (height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN), grid)
+            g_star = stack.enter_context(guided_routing(self.transformer, tags, tag_guidance))
+            out = denoise(self.transformer, scheduler, timesteps, inputs, float(cfg), height, width,
+                          self.vae.config, callback, before)
         vae_latents = denormalize(unpack(out, height, width).to(self.vae.dtype), self.vae.config)
-        return SampleOutput(vae_latents.float(), seed, width, height, condition.original_size if condition else None)
+        return SampleOutput(vae_latents.float(), seed, width, height, condition.original_size if condition else None,
+                            g_star)
 
     def _noised_init(self, init_latents, noise_tokens, scheduler, timesteps, num_images, h, w) -> torch.Tensor:
         if tuple(init_latents.shape[-2:]) != (h, w) or init_latents.shape[1] != 16:

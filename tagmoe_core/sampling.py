@@ -105,17 +105,18 @@ class DenoiseInputs:
 @torch.inference_mode()
 def denoise(transformer, scheduler: FlowMatchEulerDiscreteScheduler, timesteps: torch.Tensor,
             inputs: DenoiseInputs, cfg_scale: float, height: int, width: int, vae_config,
-            callback: StepCallback | None = None, check: Callable[[], None] | None = None) -> torch.Tensor:
-    """``callback`` runs after every step; ``check`` before every transformer pass (so a
-    cancellation raised there stops the run within half a step)."""
+            callback: StepCallback | None = None,
+            before_pass: Callable[[int, str], None] | None = None) -> torch.Tensor:
+    """``callback`` runs after every step; ``before_pass(step, "cond" | "uncond")`` before every
+    transformer pass (a cancellation raised there stops the run within half a step)."""
     latents = inputs.latents
     batch, num_target = latents.shape[0], latents.shape[1]
     img_shapes = [list(inputs.img_shapes)] * batch
     do_cfg = cfg_scale > 1.0 and inputs.negative is not None
 
-    def predict(prompt: PromptEmbeds, timestep: torch.Tensor, cache: str) -> torch.Tensor:
-        if check is not None:
-            check()
+    def predict(prompt: PromptEmbeds, timestep: torch.Tensor, step: int, cache: str) -> torch.Tensor:
+        if before_pass is not None:
+            before_pass(step, cache)
         hidden = latents if inputs.condition is None else torch.cat([latents, inputs.condition], dim=1)
         with transformer.cache_context(cache):
             out = transformer(
@@ -133,9 +134,9 @@ def denoise(transformer, scheduler: FlowMatchEulerDiscreteScheduler, timesteps: 
     begin = scheduler.begin_index or 0
     for i, t in enumerate(timesteps):
         timestep = t.expand(batch).to(latents.dtype)
-        noise_pred = predict(inputs.positive, timestep, "cond")
+        noise_pred = predict(inputs.positive, timestep, i, "cond")
         if do_cfg:
-            noise_pred = true_cfg(noise_pred, predict(inputs.negative, timestep, "uncond"), cfg_scale)
+            noise_pred = true_cfg(noise_pred, predict(inputs.negative, timestep, i, "uncond"), cfg_scale)
         sigma = sigmas[begin + i]
         step_input = latents
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]

@@ -55,7 +55,8 @@ def comfy_image(h=40, w=72, batch=1, seed=0):
 
 
 def test_pack_exports_and_categories(pack, nodes):
-    assert set(nodes) == {"TagMoEModelLoader", "TagMoETextEncode", "TagMoESampler", "TagMoEDecode"}
+    assert set(nodes) == {"TagMoEModelLoader", "TagMoETextEncode", "TagMoESampler", "TagMoEDecode", "TagMoETaskTags",
+                          "TagMoEPromptRefine", "TagMoERoutingMap"}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(nodes)
     assert pack.WEB_DIRECTORY == "./web" and (REPO / "web").is_dir()
     for cls in nodes.values():
@@ -116,16 +117,16 @@ def test_loading_another_model_releases_the_previous_one(nodes, models_dir, tiny
 
 def test_text_to_image_edit_and_decode(nodes, model, cond):
     sampler, decode = nodes["TagMoESampler"], nodes["TagMoEDecode"]
-    (latent, seed), ui = run_node(sampler, model=model, conditioning=cond, seed=42, steps=2, cfg=4.0, width=48,
+    (latent, seed, _), ui = run_node(sampler, model=model, conditioning=cond, seed=42, steps=2, cfg=4.0, width=48,
                                   height=32)
     assert seed == 42 and ui["seed"] == [42] and "seed 42" in ui["text"][0]
     assert latent["samples"].shape == (1, 16, 1, 4, 6) and latent["samples"].dtype == torch.float32
     (image,), _ = run_node(decode, model=model, latent=latent)
     assert image.shape == (1, 32, 48, 3) and 0 <= image.min() and image.max() <= 1
 
-    (edited, _), _ = run_node(sampler, model=model, conditioning=cond, seed=42, steps=2, cfg=4.0, width=64,
+    (edited, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=42, steps=2, cfg=4.0, width=64,
                               height=48, image=comfy_image())
-    (again, _), _ = run_node(sampler, model=model, conditioning=cond, seed=42, steps=2, cfg=4.0, width=64,
+    (again, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=42, steps=2, cfg=4.0, width=64,
                              height=48, image=comfy_image())
     assert torch.equal(edited["samples"], again["samples"])
     assert edited["tagmoe_original_size"] == [(72, 40)]
@@ -136,10 +137,10 @@ def test_text_to_image_edit_and_decode(nodes, model, cond):
 def test_batches(nodes, model, cond):
     sampler = nodes["TagMoESampler"]
     images = comfy_image(batch=2)
-    (latent, _), _ = run_node(sampler, model=model, conditioning=cond, seed=1, steps=1, width=32, height=32,
+    (latent, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=1, steps=1, width=32, height=32,
                               image=images, images_per_prompt=2)
     assert latent["samples"].shape[0] == 4
-    (single, _), _ = run_node(sampler, model=model, conditioning=cond, seed=1, steps=1, width=32, height=32,
+    (single, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=1, steps=1, width=32, height=32,
                               image=images[1:], images_per_prompt=2)
     assert torch.equal(latent["samples"][2:], single["samples"])  # each image as if alone, same seed
     (decoded,), _ = run_node(nodes["TagMoEDecode"], model=model, latent=latent)
@@ -156,9 +157,9 @@ def test_mask_region_edit(nodes, model, cond):
     handle = pipe.transformer.register_forward_hook(lambda m, a, kw, o: seen.append(kw["hidden_states"].shape[1]),
                                                     with_kwargs=True)
     try:
-        (region, _), _ = run_node(sampler, model=model, conditioning=cond, seed=3, steps=1, width=64, height=64,
+        (region, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=3, steps=1, width=64, height=64,
                                   image=image, mask=mask)
-        (full, _), _ = run_node(sampler, model=model, conditioning=cond, seed=3, steps=1, width=64, height=64,
+        (full, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=3, steps=1, width=64, height=64,
                                 image=image)
     finally:
         handle.remove()
@@ -206,22 +207,22 @@ def test_progress_previews_and_cancel(nodes, model, cond, pack):
         bridge.Progress.update = original
     assert progress == [(1, 3, True), (2, 3, True), (3, 3, True)]
 
-    (reference, _), _ = run_node(sampler, model=model, conditioning=cond, seed=5, steps=3, width=32, height=32)
+    (reference, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=5, steps=3, width=32, height=32)
     bridge.interrupt()
     with pytest.raises(bridge.cancellation_types()):
         run_node(sampler, model=model, conditioning=cond, seed=5, steps=3, width=32, height=32)
-    (after, _), _ = run_node(sampler, model=model, conditioning=cond, seed=5, steps=3, width=32, height=32)
+    (after, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=5, steps=3, width=32, height=32)
     assert torch.equal(after["samples"], reference["samples"])  # the model is still usable, same result
 
 
 def test_latent_in_comfy_formats(nodes, model, cond):
     sampler, decode = nodes["TagMoESampler"], nodes["TagMoEDecode"]
-    (start, _), _ = run_node(sampler, model=model, conditioning=cond, seed=2, steps=2, width=32, height=48)
+    (start, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=2, steps=2, width=32, height=48)
     four_d = {"samples": start["samples"][:, :, 0]}  # e.g. from an empty-latent node
     (image,), _ = run_node(decode, model=model, latent=four_d)
     assert image.shape == (1, 48, 32, 3)
     frames = {"samples": torch.cat([start["samples"]] * 2).permute(1, 2, 0, 3, 4).reshape(1, 16, 2, 6, 4)}
-    (img2img, _), _ = run_node(sampler, model=model, conditioning=cond, seed=3, steps=4, latent=frames, denoise=0.5)
+    (img2img, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=3, steps=4, latent=frames, denoise=0.5)
     assert img2img["samples"].shape == (2, 16, 1, 6, 4)  # VAE Encode's frames became a batch, size from the latent
 
 

@@ -26,3 +26,12 @@ def test_extension_targets_real_nodes_and_their_ui_keys():
     named = set(re.findall(r'"(TagMoE\w+)"', source))
     assert named and named <= set(load_pack().NODE_CLASS_MAPPINGS)
     assert "message?.text" in source  # the loader's and the sampler's ui key
+
+
+def test_picker_tiers_match_the_taxonomy():
+    from tagmoe_core.taxonomy import PRESERVATIONS, TYPES
+
+    source = (REPO / "web" / "tagmoe.js").read_text()
+    block = source[source.index("const TIERS"):source.index("};", source.index("const TIERS"))]
+    types, keeps = (re.findall(r'"([a-z ]+)"', part) for part in block.split('"preservations"'))
+    assert types[1:] == list(TYPES) and keeps == list(PRESERVATIONS)  # types[0] is the key "edit types"

@@ -96,7 +96,13 @@ def check_workflow(workflow: dict, specs: dict) -> list[str]:
         problems += [f"node {node['id']} ({kind}): {p}"
                      for p in expected_widget_values(kind, widgets, node.get("widgets_values", []))]
         socket_types = {name: kind_ for name, kind_, _, _ in sockets}
-        for i, entry in enumerate(node.get("inputs", [])):
+        widget_types = {name: ("COMBO" if isinstance(kind_, list) else kind_) for name, kind_, _, _ in widgets}
+        for entry in node.get("inputs", []):
+            if "widget" in entry:  # a widget fed by a link: its value slot stays in widgets_values
+                if widget_types.get(entry["widget"]["name"]) != entry["type"]:
+                    problems.append(f"node {node['id']} ({kind}): widget input '{entry['name']}' is not a "
+                                    f"{entry['type']} widget")
+                continue
             if entry["name"] not in socket_types:
                 problems.append(f"node {node['id']} ({kind}): input '{entry['name']}' does not exist")
             elif socket_types[entry["name"]] != entry["type"]:
@@ -128,7 +134,7 @@ def check_workflow(workflow: dict, specs: dict) -> list[str]:
 def test_every_workflow_has_a_thumbnail_and_the_required_set_exists():
     names = {p.stem for p in WORKFLOWS}
     assert {"tagmoe_instruction_edit", "tagmoe_text_to_image", "tagmoe_region_edit",
-            "tagmoe_native_latent_chain"} <= names
+            "tagmoe_native_latent_chain", "tagmoe_task_intent"} <= names
     for path in WORKFLOWS:
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
 

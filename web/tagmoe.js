@@ -1,11 +1,22 @@
-// comfyui-tagmoe front-end: shows on the nodes what the backend reports (where the loader
-// placed the model, the seed the sampler used), as a read-only text area that is not saved
-// with the workflow.
+// comfyui-tagmoe front-end.
+// * Shows on the nodes what the backend reports (where the loader placed the model, the seed
+//   the sampler used, the refined instruction, the routing report) in a read-only text area
+//   that is not saved with the workflow.
+// * Gives TAG-MoE Task Tags a hierarchical picker: one scope (the node's dropdown), then the
+//   edit types and preservations as checkboxes, kept in sync with the node's `tags` text.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const INFO_WIDGET = "tagmoe_info";
-const NODES_WITH_INFO = new Set(["TagMoEModelLoader", "TagMoESampler"]);
+const NODES_WITH_INFO = new Set([
+  "TagMoEModelLoader", "TagMoESampler", "TagMoEPromptRefine", "TagMoETaskTags", "TagMoERoutingMap",
+]);
+const TIERS = {
+  "edit types": ["object editing", "attribute editing", "style transfer", "pose editing", "background editing",
+                 "illumination editing"],
+  "preservations": ["structure preservation", "background preservation", "identity preservation",
+                    "face preservation", "style preservation"],
+};
 
 function showInfo(node, text) {
   let widget = node.widgets?.find((w) => w.name === INFO_WIDGET);
@@ -24,14 +35,87 @@ function showInfo(node, text) {
   app.graph?.setDirtyCanvas(true, true);
 }
 
-app.registerExtension({
-  name: "comfyui-tagmoe.info",
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!NODES_WITH_INFO.has(nodeData.name)) return;
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      onExecuted?.apply(this, arguments);
-      if (message?.text?.length) showInfo(this, message.text.join("\n"));
+function parseTags(text) {
+  return new Set((text || "").split(/[,;]/).map((t) => t.trim().toLowerCase()).filter(Boolean));
+}
+
+// The annotation rules, mirrored from tagmoe_core/taxonomy.py: style transfer excludes
+// attribute editing, and "image generation" takes no edit types.
+function applyRules(selected, scope, changed) {
+  if (changed === "style transfer" && selected.has("style transfer")) selected.delete("attribute editing");
+  if (changed === "attribute editing" && selected.has("attribute editing")) selected.delete("style transfer");
+  if (scope === "image generation") TIERS["edit types"].forEach((t) => selected.delete(t));
+  return selected;
+}
+
+function addTagPicker(node) {
+  const tagsWidget = node.widgets?.find((w) => w.name === "tags");
+  const scopeWidget = node.widgets?.find((w) => w.name === "scope");
+  if (!tagsWidget || !scopeWidget || !node.addDOMWidget) return;
+  const root = document.createElement("div");
+  root.style.cssText = "display:flex;gap:10px;font-size:11px;color:var(--input-text,#ddd);padding:2px 4px;";
+  const boxes = {};
+  for (const [tier, names] of Object.entries(TIERS)) {
+    const column = document.createElement("fieldset");
+    column.style.cssText = "border:1px solid #555;border-radius:4px;padding:2px 6px;margin:0;";
+    const legend = document.createElement("legend");
+    legend.textContent = tier;
+    column.appendChild(legend);
+    for (const name of names) {
+      const label = document.createElement("label");
+      label.style.cssText = "display:block;white-space:nowrap;cursor:pointer;";
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.onchange = () => {
+        const selected = parseTags(tagsWidget.value);
+        box.checked ? selected.add(name) : selected.delete(name);
+        applyRules(selected, scopeWidget.value, name);
+        tagsWidget.value = [...TIERS["edit types"], ...TIERS["preservations"]].filter((t) => selected.has(t)).join(", ");
+        sync();
+      };
+      boxes[name] = box;
+      label.append(box, " " + name);
+      column.appendChild(label);
+    }
+    root.appendChild(column);
+  }
+  function sync() {
+    const selected = parseTags(tagsWidget.value);
+    const generation = scopeWidget.value === "image generation";
+    for (const [name, box] of Object.entries(boxes)) {
+      box.checked = selected.has(name);
+      box.disabled = generation && TIERS["edit types"].includes(name);
+    }
+  }
+  node.addDOMWidget("tag_picker", "tagmoe_picker", root, { serialize: false, hideOnZoom: true });
+  for (const widget of [tagsWidget, scopeWidget]) {
+    const callback = widget.callback;
+    widget.callback = function () {
+      const result = callback?.apply(this, arguments);
+      sync();
+      return result;
     };
+  }
+  sync();
+}
+
+app.registerExtension({
+  name: "comfyui-tagmoe.ui",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (NODES_WITH_INFO.has(nodeData.name)) {
+      const onExecuted = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        onExecuted?.apply(this, arguments);
+        if (message?.text?.length) showInfo(this, message.text.join("\n"));
+      };
+    }
+    if (nodeData.name === "TagMoETaskTags") {
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const result = onNodeCreated?.apply(this, arguments);
+        addTagPicker(this);
+        return result;
+      };
+    }
   },
 });

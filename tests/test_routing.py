@@ -1,0 +1,155 @@
+"""Routing recording, the signature math, expert maps and tag-guided routing on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tagmoe_core.errors import InputError, TagMoEError
+from tagmoe_core.moe import moe_layers
+from tagmoe_core.routing import (RoutingRecorder, analyse, optimal_gate_distribution, router_head_output,
+                                 semantic_embedding)
+from tagmoe_core.routing_maps import parse_selection, render_expert_maps
+from tagmoe_core.taxonomy import TAG_NAMES, TaskTags
+
+PROMPT = "Turn the photo into a watercolor painting"
+STYLE = TaskTags.from_text("global editing, style transfer, structure preservation")
+
+
+def run(pipe, photo, **kwargs):
+    recorder = RoutingRecorder()
+    args = {"width": 64, "height": 48, "steps": 2, "seed": 0} | kwargs
+    out = pipe.sample(pipe.encode(PROMPT), photo, recorder=recorder, **args)
+    return out, recorder.recording
+
+
+def test_recording_shapes_and_layout(tiny_pipe, photo):
+    _, rec = run(tiny_pipe, photo)
+    assert rec.layers == [2, 3] and rec.steps == 2 and rec.num_experts == 4
+    assert len(rec.records) == 2 * 2 * 2  # steps x (cond, uncond) x MoE layers
+    assert rec.num_target == 12 and rec.target_grid == (3, 4) and rec.condition_grid == (3, 4)
+    first = rec.records[0]
+    assert first.experts.shape == (1, 24) and first.experts.dtype == torch.uint8
+    assert first.scores.shape == (1, 24) and first.mean_scores.shape == (1, 4)
+    torch.testing.assert_close(first.mean_scores.sum(-1), torch.ones(1))
+    assert {r.pass_name for r in rec.records} == {"cond", "uncond"}
+    assert all(layer.observer is None for layer in moe_layers(tiny_pipe.transformer))  # detached afterwards
+
+
+def test_signature_is_the_mean_softmax_gate_score(tiny_pipe, photo):
+    seen = []
+
+    def hook(module, args, output):  # an independent look at the router logits of the conditional passes
+        seen.append(output.detach().float().softmax(-1).mean(0))
+
+    passes = []
+    handles = [layer.router.layer.register_forward_hook(hook) for layer in moe_layers(tiny_pipe.transformer)]
+    try:
+        _, rec = run(tiny_pipe, photo, before_pass=lambda step, name: passes.append(name))
+    finally:
+        for h in handles:
+            h.remove()
+    per_pass = [seen[i:i + 2] for i in range(0, len(seen), 2)]  # two MoE layers per pass
+    cond = [torch.stack(p).mean(0) for p, name in zip(per_pass, passes) if name == "cond"]
+    torch.testing.assert_close(rec.signature()[0], torch.stack(cond).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_analysis_math(tiny_pipe, photo):
+    _, rec = run(tiny_pipe, photo)
+    result = analyse(rec, tiny_pipe.transformer, STYLE)
+    g = rec.signature().mean(0)
+    with torch.no_grad():
+        want = tiny_pipe.transformer.router_head(g.to(tiny_pipe.dtype)).float()
+    torch.testing.assert_close(result.s_hat, want, rtol=1e-5, atol=1e-5)
+    s = tiny_pipe.transformer.tag_embedding.weight[torch.tensor(STYLE.ids)].sum(0).float()
+    assert result.alignment == pytest.approx(float(F.cosine_similarity(want, s, dim=0)), abs=1e-5)
+    assert [name for name, _ in result.ranking] != list(TAG_NAMES) and len(result.ranking) == 18
+    scores = [score for _, score in result.ranking]
+    assert scores == sorted(scores, reverse=True)
+    assert result.expert_share.sum() == pytest.approx(1.0) and result.signature_per_step.shape == (2, 4)
+    report = result.report()
+    assert "routing signature g" in report and "alignment" in report and STYLE.to_text() in report
+
+
+def test_expert_maps_and_selection(tiny_pipe, photo):
+    _, rec = run(tiny_pipe, photo)
+    target, condition = rec.expert_maps(layers=[3], steps=[1])
+    assert target.shape == (4, 3, 4) and condition.shape == (4, 3, 4)
+    torch.testing.assert_close(target.sum(0), torch.ones(3, 4))
+    picture = render_expert_maps(rec, target_image=photo, condition_image=photo)
+    assert picture.width == 5 * 256 and picture.height > 2 * 18
+    assert parse_selection("all", [2, 3], "layers") is None
+    assert parse_selection("2-3, 3", [2, 3], "layers") == [2, 3]
+    assert parse_selection("-1", [0, 1], "steps") == [1]
+    with pytest.raises(InputError, match="were not recorded"):
+        parse_selection("50-59", [2, 3], "layers")
+    with pytest.raises(InputError, match="numbers or ranges"):
+        parse_selection("first", [2, 3], "layers")
+    with pytest.raises(TagMoEError, match="no routing was recorded"):
+        rec.select(layers=[0])
+
+
+def test_region_condition_grid(tiny_pipe, photo):
+    _, rec = run(tiny_pipe, photo, width=64, height=64, region=(1, 0, 2, 1))
+    assert rec.condition_grid == (2, 2) and rec.expert_maps()[1].shape == (4, 2, 2)
+
+
+def test_optimal_gate_distribution_is_on_the_simplex_and_beats_alternatives(tiny_pipe):
+    g_star = optimal_gate_distribution(tiny_pipe.transformer, STYLE)
+    assert g_star.shape == (4,) and g_star.min() >= 0 and g_star.sum() == pytest.approx(1.0)
+    s = semantic_embedding(tiny_pipe.transformer, STYLE)
+
+    def cos(g):
+        return float(F.cosine_similarity(router_head_output(tiny_pipe.transformer, g), s, dim=0))
+
+    samples = torch.distributions.Dirichlet(torch.ones(4)).sample((200,))
+    best_sampled = max(cos(g) for g in samples)
+    assert cos(g_star) >= cos(torch.full((4,), 0.25)) and cos(g_star) >= best_sampled - 1e-3
+
+
+def test_zero_guidance_is_the_release_behaviour_bit_for_bit(tiny_pipe, photo):
+    cond = tiny_pipe.encode(PROMPT)
+    plain = tiny_pipe.sample(cond, photo, width=32, height=32, steps=2, seed=4)
+    zero = tiny_pipe.sample(cond, photo, width=32, height=32, steps=2, seed=4, tags=STYLE, tag_guidance=0.0)
+    assert torch.equal(plain.latents, zero.latents) and zero.g_star is None
+    guided = tiny_pipe.sample(cond, photo, width=32, height=32, steps=2, seed=4, tags=STYLE, tag_guidance=1.0)
+    assert not torch.equal(plain.latents, guided.latents)
+    assert all(layer.logit_bias is None for layer in moe_layers(tiny_pipe.transformer))
+
+
+def test_guidance_moves_the_signature_toward_g_star_monotonically(tiny_pipe, photo):
+    """With bias lambda * log g*, each token's gate distribution p becomes p * g*^lambda
+    (renormalised): E_p[log g*] grows with lambda. Measured on the whole model: the
+    cross-entropy of the routing signature to g* falls, and alignment does not drop."""
+    closeness, alignment = [], []
+    for strength in (0.0, 0.5, 1.0, 2.0, 4.0):
+        out, rec = run(tiny_pipe, photo, tags=STYLE, tag_guidance=strength)
+        g_star = optimal_gate_distribution(tiny_pipe.transformer, STYLE)
+        g = rec.signature().mean(0)
+        closeness.append(float((g * g_star.log()).sum()))
+        alignment.append(analyse(rec, tiny_pipe.transformer, STYLE).alignment)
+    assert all(b > a for a, b in zip(closeness, closeness[1:])), closeness
+    assert all(b >= a - 1e-4 for a, b in zip(alignment, alignment[1:])), alignment
+    assert alignment[-1] > alignment[0]
+
+
+def test_guidance_bias_is_removed_after_a_cancelled_run(tiny_pipe, photo):
+    def stop(step, name):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        tiny_pipe.sample(tiny_pipe.encode(PROMPT), photo, width=32, height=32, steps=2, seed=0, tags=STYLE,
+                         tag_guidance=2.0, recorder=RoutingRecorder(), before_pass=stop)
+    assert all(layer.logit_bias is None and layer.observer is None for layer in moe_layers(tiny_pipe.transformer))
+
+
+def test_guidance_without_tags_and_models_without_tag_modules(tiny_pipe, photo):
+    with pytest.raises(TagMoEError, match="needs task tags"):
+        tiny_pipe.sample(tiny_pipe.encode(PROMPT), photo, width=32, height=32, steps=1, tag_guidance=1.0)
+    tiny_pipe.transformer.tagmoe_has_tag_modules = False
+    try:
+        with pytest.raises(TagMoEError, match="no tag_embedding/router_head"):
+            optimal_gate_distribution(tiny_pipe.transformer, STYLE)
+    finally:
+        tiny_pipe.transformer.tagmoe_has_tag_modules = True
