@@ -11,6 +11,7 @@ import torch
 
 from ..tagmoe_core.errors import TagMoEError
 from ..tagmoe_core.moe import BACKENDS, effective_backend, moe_layers
+from ..tagmoe_core.placement import MODES as PLACEMENTS
 from . import comfy_bridge as bridge
 
 log = logging.getLogger("tagmoe")
@@ -76,6 +77,22 @@ class TagMoEModelLoader:
                 "moe_backend": (list(BACKENDS), {"default": "auto", "tooltip": "auto: MegaBlocks kernels on CUDA when "
                                                                                "installed, else plain PyTorch"}),
             },
+            # Optional, so prompts saved before these existed still validate.
+            "optional": {
+                "placement": (list(PLACEMENTS), {"default": "auto", "tooltip": (
+                    "auto: the first that fits the free GPU memory. single: all on one device; multi-gpu: "
+                    "transformer split over the listed GPUs; model-offload: each part visits the GPU while it runs; "
+                    "block-swap: transformer blocks stream from host memory")}),
+                "fp8_weights": ("BOOLEAN", {"default": False, "tooltip": "store the transformer's weights (MoE experts "
+                                                                         "included) in float8, compute in bf16"}),
+                "drop_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "keep the text encoder in host memory "
+                                                                              "between prompts (its output is cached)"}),
+                "blocks_on_gpu": ("INT", {"default": -1, "min": -1, "max": 200, "tooltip": "block-swap: transformer "
+                                                                                          "blocks kept on the GPU "
+                                                                                          "(-1 = as many as fit)"}),
+                "gpu_memory_gib": ("STRING", {"default": "", "tooltip": "optional per-GPU caps in GiB, e.g. '20' or "
+                                                                        "'38,38' (default: free memory minus 2 GiB)"}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -93,7 +110,8 @@ class TagMoEModelLoader:
                     f"and pick them (got '{tagmoe_weights}')")
         return True
 
-    def load(self, base_model, tagmoe_weights, device="auto", dtype="auto", moe_backend="auto", unique_id=None):
+    def load(self, base_model, tagmoe_weights, device="auto", dtype="auto", moe_backend="auto", placement="auto",
+             fp8_weights=False, drop_text_encoder=False, blocks_on_gpu=-1, gpu_memory_gib="", unique_id=None):
         try:
             base = bridge.resolve_model("diffusers", base_model)
             weights = bridge.resolve_model("tagmoe", tagmoe_weights)
@@ -101,7 +119,9 @@ class TagMoEModelLoader:
             raise TagMoEError(str(exc)) from exc
         from ..tagmoe_core.loading import load_pipeline  # heavy (diffusers, transformers): not at ComfyUI start
 
-        key = (str(base), str(weights), device, dtype, moe_backend)
+        caps = parse_gib_caps(gpu_memory_gib, device)
+        key = (str(base), str(weights), device, dtype, moe_backend, placement, fp8_weights, drop_text_encoder,
+               blocks_on_gpu, gpu_memory_gib)
         for handle in _loaded:
             if handle.key == key and handle.pipe is not None:
                 return self._result(handle)
@@ -112,6 +132,8 @@ class TagMoEModelLoader:
 
         progress = bridge.Progress(100, unique_id)
         pipe = load_pipeline(base, weights, device=device, dtype=DTYPES[dtype], backend=moe_backend,
+                             placement=placement, fp8=fp8_weights, drop_text_encoder=drop_text_encoder,
+                             blocks_on_gpu=None if blocks_on_gpu < 0 else blocks_on_gpu, gpu_memory_caps=caps,
                              progress=lambda done, total: progress.update(int(100 * done / max(total, 1))),
                              before_load=make_room)
         handle = TagMoEModel(pipe, placement_text(pipe), key)
@@ -124,12 +146,38 @@ class TagMoEModelLoader:
         return {"ui": {"text": [handle.info]}, "result": (handle, handle.info)}
 
 
+def parse_gib_caps(text: str, device: str) -> dict[int, int] | None:
+    """'20' or '38,38' (GiB) -> {gpu id: bytes} for the GPUs of ``device`` in order."""
+    from ..tagmoe_core.devices import GIB, parse_device_spec
+
+    if not str(text).strip():
+        return None
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError as exc:
+        raise TagMoEError(f"gpu_memory_gib must be numbers in GiB such as '20' or '38,38', got {text!r}") from exc
+    spec = parse_device_spec(device)
+    ids = spec.ids if spec is not None and spec.kind == "cuda" else (0,)
+    if len(values) == 1:
+        values = values * len(ids)
+    if len(values) != len(ids) or any(v <= 0 for v in values):
+        raise TagMoEError(f"gpu_memory_gib gives {len(values)} cap(s) for {len(ids)} GPU(s) ({device}); give one "
+                          "positive number for all, or one per GPU")
+    return {i: int(v * GIB) for i, v in zip(ids, values)}
+
+
 def placement_text(pipe) -> str:
     report = pipe.load_report
     backend = {effective_backend(layer) for layer in moe_layers(pipe.transformer)} or {"-"}
+    placement = pipe.placement
+    streamed = placement.mode in ("model-offload", "block-swap")
+    text_encoder = (f"host memory, visits {pipe.device}" if "text_encoder" in pipe.offloaded
+                    else str(next(pipe.text_encoder.parameters()).device))
     lines = [
-        f"transformer: {report.devices}",
-        f"text encoder: {next(pipe.text_encoder.parameters()).device}",
+        f"placement: {placement.describe()}",
+        f"why: {placement.reason}",
+        f"transformer: {f'host memory, streamed to {pipe.device}' if streamed else report.devices}",
+        f"text encoder: {text_encoder}",
         f"VAE: {next(pipe.vae.parameters()).device}",
         f"dtype: {str(report.dtype).removeprefix('torch.')}",
         f"MoE backend: {', '.join(sorted(backend))}; blocks {report.moe_blocks[0]}-{report.moe_blocks[-1]}, "

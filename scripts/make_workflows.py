@@ -67,8 +67,8 @@ class Graph:
 
 # -- node factories (sockets in INPUT_TYPES order; widget values in INPUT_TYPES order) -------------------------
 def loader(g, pos):
-    return g.add("TagMoEModelLoader", pos, [BASE, WEIGHTS, "auto", "auto", "auto"],
-                 outputs=[("model", "TAGMOE_MODEL"), ("placement", "STRING")], size=(340, 190))
+    return g.add("TagMoEModelLoader", pos, [BASE, WEIGHTS, "auto", "auto", "auto", "auto", False, False, -1, ""],
+                 outputs=[("model", "TAGMOE_MODEL"), ("placement", "STRING")], size=(340, 300))
 
 
 def text_encode(g, pos, prompt, negative="", prompt_input=False):
@@ -114,7 +114,7 @@ SETUP = ("**Models**: put the Qwen-Image diffusers folder in `models/diffusers/Q
 def instruction_edit() -> Graph:
     g = Graph("tagmoe_instruction_edit")
     m = loader(g, (40, 80))
-    img = load_image(g, (40, 320))
+    img = load_image(g, (40, 420))
     t = text_encode(g, (420, 80), EDIT_PROMPT)
     s = sampler(g, (820, 80))
     d = decode(g, (1180, 80), keep=True)
@@ -152,7 +152,7 @@ def text_to_image() -> Graph:
 def region_edit() -> Graph:
     g = Graph("tagmoe_region_edit")
     m = loader(g, (40, 80))
-    img = load_image(g, (40, 320))
+    img = load_image(g, (40, 420))
     t = text_encode(g, (420, 80), REGION_PROMPT)
     s = sampler(g, (820, 80))
     d = decode(g, (1180, 80), keep=True)
@@ -170,7 +170,7 @@ def region_edit() -> Graph:
 def native_latent_chain() -> Graph:
     g = Graph("tagmoe_native_latent_chain")
     m = loader(g, (40, 80))
-    img = load_image(g, (40, 320))
+    img = load_image(g, (40, 420))
     t = text_encode(g, (420, 80), EDIT_PROMPT)
     s = sampler(g, (820, 80), width=512, height=512)
     up = g.add("LatentUpscaleBy", (1180, 80), ["bislerp", 1.5], inputs=[("samples", "LATENT", False)],
@@ -202,7 +202,7 @@ DISPLAY = {"TagMoEModelLoader": "TAG-MoE Model Loader", "TagMoETextEncode": "TAG
 def task_intent() -> Graph:
     g = Graph("tagmoe_task_intent")
     m = loader(g, (40, 80))
-    img = load_image(g, (40, 320))
+    img = load_image(g, (40, 420))
     refine = g.add("TagMoEPromptRefine", (420, 320), [EDIT_PROMPT, "TAG-MoE text encoder", 0, "fixed", 0.0, 160, "",
                                                       "http://127.0.0.1:8000/v1", "", "OPENAI_API_KEY", 60.0, 2],
                    inputs=[("image", "IMAGE", False), ("model", "TAGMOE_MODEL", True)],

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, WeightFiles, resolve_weight_files
-from .devices import DeviceSpec, device_for_key, gpu_budgets, plan_transformer_split, resolve_devices
+from .devices import (RESERVE_BYTES, DeviceSpec, device_for_key, gpu_budgets, plan_transformer_split,
+                      resolve_devices)
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, MissingKeysError, NotATagMoECheckpointError,
                      ShapeMismatchError, TagMoEError, UnexpectedKeysError)
 from .model import build_tagmoe_transformer
@@ -356,25 +357,32 @@ def load_pipeline(
     device: str | int | None = "auto",
     dtype: torch.dtype | None = None,
     backend: Backend = "auto",
+    placement: str = "auto",
+    fp8: bool = False,
+    drop_text_encoder: bool = False,
+    blocks_on_gpu: int | None = None,
+    gpu_memory_caps: Mapping[int, int] | None = None,
     weight_name: str | None = DEFAULT_WEIGHT_NAME,
     subfolder: str | None = "transformer",
     revision: str | None = None,
     local_files_only: bool = False,
     top_k: int = 1,
     strict: bool = True,
-    gpu_memory_caps: Mapping[int, int] | None = None,
     progress: Progress | None = None,
     before_load: Callable[[], None] | None = None,
 ):
     """A ready :class:`~tagmoe_core.pipeline.TagMoEPipeline` on the given devices.
 
-    One device: everything on it. Several GPUs (``"0,1"``): the transformer split at whole
-    blocks by accelerate within each GPU's free memory (minus 2 GiB, capped by
-    ``gpu_memory_caps``), the text encoder on the last GPU and the VAE on the first, like the
-    reference. Every check that needs no weights runs first; ``before_load`` is called once
-    they passed, just before the first weight is read (e.g. to free the previous model).
+    ``placement`` is one of :data:`~tagmoe_core.placement.MODES`: 'auto' picks the first that
+    fits the GPUs' free memory (minus 2 GiB, capped by ``gpu_memory_caps``) in the order single,
+    multi-gpu, model-offload, block-swap, then with fp8 storage, then with the text encoder on
+    the CPU; a mode that does not fit is refused with one that would. Several GPUs (``"0,1"``)
+    with 'multi-gpu': the transformer split at whole blocks, the text encoder on the last GPU and
+    the VAE on the first, like the reference. Every check that needs no weights runs first;
+    ``before_load`` is called once they passed, just before the first weight is read.
     """
     from .pipeline import TagMoEPipeline
+    from .placement import apply_placement, choose_placement, component_sizes
 
     devices: DeviceSpec = resolve_devices(device)
     dtype = dtype or devices.default_dtype
@@ -383,24 +391,39 @@ def load_pipeline(
                             strict=strict)
     for component in ("vae", "text_encoder", "tokenizer", "scheduler"):
         _component_path(base, component)
-    placement: Any = devices.primary
-    if devices.is_multi_gpu:
-        placement = plan_transformer_split(plan.model, gpu_budgets(devices.ids, caps=gpu_memory_caps), dtype)
+    free = None
+    if devices.kind == "cuda":
+        free = {i: torch.cuda.mem_get_info(i)[0] for i in devices.ids}
+        if gpu_memory_caps:
+            free = {i: min(free[i], gpu_memory_caps.get(i, free[i]) + RESERVE_BYTES) for i in free}
+    sizes = component_sizes(plan.model, base, dtype, fp8)
+    chosen = choose_placement(placement, sizes, devices, free, fp8=fp8, drop_text_encoder=drop_text_encoder,
+                              blocks_on_gpu=blocks_on_gpu,
+                              fp8_sizes=None if fp8 else component_sizes(plan.model, base, dtype, True))
+    target: Any = devices.primary
+    if chosen.mode == "multi-gpu":
+        target = plan_transformer_split(plan.model, gpu_budgets(devices.ids, free, caps=gpu_memory_caps), dtype)
+    elif chosen.mode != "single" or chosen.fp8:
+        target = torch.device("cpu")
+    text_device = devices.last if chosen.mode in ("single", "multi-gpu") and not chosen.drop_text_encoder \
+        else torch.device("cpu")
     if before_load is not None:
         before_load()
-    transformer, report = execute_load(plan, placement, progress)
-    if devices.is_multi_gpu:
+    transformer, report = execute_load(plan, target, progress)
+    if chosen.mode == "multi-gpu":
         from accelerate import dispatch_model
 
-        transformer = dispatch_model(transformer, device_map=placement)
+        transformer = dispatch_model(transformer, device_map=target)
     pipe = TagMoEPipeline(
         transformer,
         load_vae(base, dtype, devices.primary, local_files_only),
-        load_text_encoder(base, dtype, devices.last, local_files_only),
+        load_text_encoder(base, dtype, text_device, local_files_only),
         load_tokenizer(base, local_files_only),
         load_scheduler(base, local_files_only),
         vlm_image_processor=load_vlm_image_processor(base, local_files_only),
+        execution_device=devices.primary, dtype=dtype,
     )
+    apply_placement(pipe, chosen, devices.primary)
     pipe.load_report = report
     pipe.devices = devices
     return pipe

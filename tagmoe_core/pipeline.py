@@ -123,8 +123,14 @@ class TagMoEPipeline:
     its tokenizer (and optional processor, for the image-aware prompt variant), and the
     scheduler config."""
 
-    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, vlm_image_processor=None):
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, vlm_image_processor=None,
+                 execution_device: torch.device | None = None, dtype: torch.dtype | None = None):
         self.transformer = transformer
+        # Where the denoising runs and in which dtype: explicit, because with offloading the
+        # weights may sit in host memory, and with fp8 storage they are not in the compute dtype.
+        self._execution_device = execution_device
+        self._dtype = dtype or transformer.dtype
+        self.offloaded: set[str] = set()  # components kept in host memory that visit the GPU to run
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -142,11 +148,26 @@ class TagMoEPipeline:
 
     @property
     def device(self) -> torch.device:
-        return _module_device(self.transformer)
+        return self._execution_device or _module_device(self.transformer)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return self._dtype
+
+    @contextlib.contextmanager
+    def using(self, name: str):
+        """Bring an offloaded component to the execution device for the ``with`` block."""
+        module = getattr(self, name)
+        if name not in self.offloaded:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @property
     def vlm_image_processor(self):
@@ -159,11 +180,12 @@ class TagMoEPipeline:
     def encode_prompt(self, prompt: str, image: Image.Image | None = None) -> PromptEmbeds:
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be text, got {type(prompt).__name__}")
-        if image is not None:
-            embeds = encode_prompt_with_image(self.text_encoder, self.tokenizer, self.vlm_image_processor, prompt, image)
-        else:
-            embeds = encode_prompts(self.text_encoder, self.tokenizer, [prompt])
-        return embeds.to(self.device, self.text_encoder.dtype)
+        with self.using("text_encoder") as text_encoder:
+            if image is not None:
+                embeds = encode_prompt_with_image(text_encoder, self.tokenizer, self.vlm_image_processor, prompt, image)
+            else:
+                embeds = encode_prompts(text_encoder, self.tokenizer, [prompt])
+        return embeds.to(self.device, self.dtype)
 
     def encode(self, prompt: str, negative_prompt: str | None = "", image: Image.Image | None = None) -> Conditioning:
         """Both prompts; ``image`` selects the image-aware variant (the reference's ``use_vlm``)."""
@@ -269,7 +291,8 @@ class TagMoEPipeline:
                             if isinstance(shape, RegionShape) else shape[1:])
                 recorder.set_layout(latents.shape[1], (height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN), grid)
             g_star = stack.enter_context(guided_routing(self.transformer, tags, tag_guidance))
-            out = denoise(self.transformer, scheduler, timesteps, inputs, float(cfg), height, width,
+            transformer = stack.enter_context(self.using("transformer"))
+            out = denoise(transformer, scheduler, timesteps, inputs, float(cfg), height, width,
                           self.vae.config, callback, before)
         vae_latents = denormalize(unpack(out, height, width).to(self.vae.dtype), self.vae.config)
         return SampleOutput(vae_latents.float(), seed, width, height, condition.original_size if condition else None,

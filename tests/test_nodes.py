@@ -74,6 +74,7 @@ def test_loader_lists_models_and_reports_placement(nodes, models_dir, model):
     assert "qwen_image_dense.safetensors" in spec["tagmoe_weights"][0]
     assert not any(".safetensors" in w and "TAG-MoE-tiny/" in w for w in spec["tagmoe_weights"][0])
     assert "transformer: cpu" in model.info and "float32" in model.info and "MoE backend: torch" in model.info
+    assert "placement: single" in model.info and "why: cpu" in model.info
 
 
 def test_loader_keeps_the_model_and_replaces_it_on_change(nodes, models_dir, model):
@@ -244,3 +245,36 @@ def test_pack_loads_under_any_folder_name(tmp_path):
                                                                  "__pycache__", ".ci-cache", "*.egg-info"))
     module = load_pack(target)
     assert "TagMoESampler" in module.NODE_CLASS_MAPPINGS
+
+
+def test_loader_placement_options(nodes, models_dir, pack):
+    loader = nodes["TagMoEModelLoader"]
+    with pytest.raises(Exception, match="use 'single'"):
+        run_node(loader, base_model="Qwen-Image-tiny", tagmoe_weights="TAG-MoE-tiny/", device="cpu",
+                 placement="block-swap")
+    (fp8, info), _ = run_node(loader, base_model="Qwen-Image-tiny", tagmoe_weights="TAG-MoE-tiny/", device="cpu",
+                              fp8_weights=True, drop_text_encoder=True)
+    assert "fp8 weights" in info and "text encoder: host memory" in info
+    parse = pack.nodes.loader.parse_gib_caps
+    assert parse("", "0") is None and parse("20", "0,1") == {0: 20 * 2**30, 1: 20 * 2**30}
+    assert parse("10, 30.5", "cuda:0,cuda:2") == {0: 10 * 2**30, 2: int(30.5 * 2**30)}
+    for bad in ("lots", "1,2,3", "-4"):
+        with pytest.raises(Exception, match="gpu_memory_gib"):
+            parse(bad, "0,1")
+
+
+# ComfyUI rejects an API prompt that lacks a required input, so a new required input breaks
+# every saved prompt: new options must be optional. This pins the required sets.
+STABLE_REQUIRED = {
+    "TagMoEModelLoader": {"base_model", "tagmoe_weights", "device", "dtype", "moe_backend"},
+    "TagMoETextEncode": {"model", "prompt", "negative_prompt"},
+    "TagMoESampler": {"model", "conditioning", "seed", "steps", "cfg", "width", "height", "images_per_prompt"},
+    "TagMoEDecode": {"model", "latent", "keep_original_size"},
+    "TagMoETaskTags": {"mode", "scope", "tags", "edits_an_image"},
+    "TagMoEPromptRefine": {"image", "instruction", "backend", "seed", "temperature", "max_new_tokens"},
+    "TagMoERoutingMap": {"model", "routing", "layers", "steps"},
+}
+
+
+def test_required_inputs_are_a_stable_contract(nodes):
+    assert {name: set(cls.INPUT_TYPES()["required"]) for name, cls in nodes.items()} == STABLE_REQUIRED
