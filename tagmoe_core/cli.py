@@ -39,6 +39,11 @@ def _common(parser: argparse.ArgumentParser, edit: bool) -> None:
     _flag(run, "device", default="auto", help="'auto', 'cpu', '0', 'cuda:1', or '0,1' to split across GPUs")
     _flag(run, "dtype", default="auto", choices=sorted(DTYPES), help="default: bf16 on GPUs, fp32 on the CPU")
     _flag(run, "moe_backend", default="auto", choices=["auto", "torch", "megablocks"])
+    _flag(run, "placement", default="auto", choices=["auto", "single", "multi-gpu", "model-offload", "block-swap"],
+          help="where the weights live (auto: the first that fits the free GPU memory)")
+    _flag(run, "fp8", action="store_true", help="store the transformer's weights in float8, compute in bf16")
+    _flag(run, "drop_text_encoder", action="store_true", help="keep the text encoder off the GPU between prompts")
+    _flag(run, "blocks_on_gpu", type=int, default=None, help="block-swap: blocks kept on the GPU (default: all that fit)")
     _flag(run, "prompt", required=True, help="the instruction (edit) or description (generate)")
     _flag(run, "negative_prompt", default="", help="negative prompt (default: empty, encoded as ' ')")
     _flag(run, "width", type=int, default=None,
@@ -152,10 +157,13 @@ def run(args) -> int:
             bar.refresh()
 
         pipe = load_pipeline(base, tagmoe, device=args.device, dtype=dtype, backend=args.moe_backend,
+                             placement=args.placement, fp8=args.fp8, drop_text_encoder=args.drop_text_encoder,
+                             blocks_on_gpu=args.blocks_on_gpu,
                              weight_name=args.transformer_weight_name, subfolder=args.transformer_subfolder,
                              revision=args.transformer_revision, local_files_only=args.local_files_only,
                              progress=on_load)
     print(pipe.load_report.summary(), file=sys.stderr)
+    print(f"placement: {pipe.placement.describe()} - {pipe.placement.reason}", file=sys.stderr)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
 
     with tqdm(total=args.steps, desc="sampling", unit="step") as bar:

@@ -201,31 +201,36 @@ def choose_placement(mode: str, sizes: ComponentSizes, devices: DeviceSpec, free
     budgets = {i: max(0, free_bytes[i] - reserve) for i in devices.ids}
     kw = {"width": width, "height": height, "edit": edit, "drop_text_encoder": drop_text_encoder, "budgets": budgets}
 
-    def need(name: str, s: ComponentSizes, n: int | None, te_cpu: bool = False) -> dict[int, int] | None:
-        return need_for(name, s, devices, blocks_on_gpu=n or 0, text_encoder_on_cpu=te_cpu, **kw)
+    def need(name: str, s: ComponentSizes, n: int | None, te_cpu: bool = False,
+             drop: bool = drop_text_encoder) -> dict[int, int] | None:
+        return need_for(name, s, devices, blocks_on_gpu=n or 0, text_encoder_on_cpu=te_cpu,
+                        **(kw | {"drop_text_encoder": drop}))
 
     def most_resident(s: ComponentSizes, te_cpu: bool) -> int | None:
         return next((n for n in range(len(s.transformer_blocks), -1, -1)
                      if _fits(need("block-swap", s, n, te_cpu), budgets)), None)
 
     def fitting_options():
-        """(mode, blocks_on_gpu, fp8, text encoder on CPU, need) that fit, most preferred first:
-        least data movement, then fp8 storage, then the text encoder on the CPU."""
+        """(mode, blocks_on_gpu, fp8, text encoder on CPU, drop text encoder, need) that fit, most
+        preferred first: least data movement (the text encoder leaving the GPU between prompts
+        before anything else), then fp8 storage, then the text encoder on the CPU."""
         variants = [(sizes, fp8)] + ([(fp8_sizes, True)] if fp8_sizes is not None and not fp8 else [])
+        drops = (drop_text_encoder,) if drop_text_encoder else (False, True)
         for te_cpu in (False, True):
             for s, use_fp8 in variants:
-                for name in ("single", "multi-gpu", "model-offload", "block-swap"):
+                for name, drop in [("single", d) for d in drops] + [("multi-gpu", d) for d in drops] + \
+                        [("model-offload", True), ("block-swap", True)]:
                     n = most_resident(s, te_cpu) if name == "block-swap" else None
                     if name == "block-swap" and n is None:
                         continue
-                    required = need(name, s, n, te_cpu)
+                    required = need(name, s, n, te_cpu, drop)
                     if _fits(required, budgets):
-                        yield name, n, use_fp8, te_cpu, required
+                        yield name, n, use_fp8, te_cpu, drop, required
 
     if mode == "auto":
-        for name, n, use_fp8, te_cpu, required in fitting_options():
-            return Placement(name, devices, use_fp8, drop_text_encoder or te_cpu, n, required,
-                             _why(name, required, budgets, use_fp8 and not fp8, te_cpu), te_cpu)
+        for name, n, use_fp8, te_cpu, drop, required in fitting_options():
+            return Placement(name, devices, use_fp8, drop or te_cpu, n, required,
+                             _why(name, required, budgets, use_fp8 and not fp8, te_cpu, drop), te_cpu)
         raise PlacementError(
             f"TAG-MoE does not fit on {devices}: even streaming every transformer block needs more than the "
             f"{max(budgets.values()) / GIB:.1f} GiB usable ({reserve / GIB:.0f} GiB kept free). Free GPU memory, "
@@ -238,22 +243,27 @@ def choose_placement(mode: str, sizes: ComponentSizes, devices: DeviceSpec, free
         return Placement(mode, devices, fp8, drop_text_encoder, n, required, reason="as asked")
     short = ", ".join(f"cuda:{i} needs ~{required[i] / GIB:.1f} GiB but {budgets[i] / GIB:.1f} GiB is usable"
                       for i in required if required[i] > budgets[i])
-    for name, alt_n, use_fp8, te_cpu, other in fitting_options():
-        if (name, use_fp8, te_cpu) == (mode, fp8, False):
+    for name, alt_n, use_fp8, te_cpu, drop, other in fitting_options():
+        if (name, use_fp8, te_cpu, drop) == (mode, fp8, False, drop_text_encoder):
             continue
         extra = (f" with blocks_on_gpu={alt_n}" if name == "block-swap" else "") + \
-            (" and fp8 weights" if use_fp8 and not fp8 else "") + (" and the text encoder on the CPU" if te_cpu else "")
+            (" and fp8 weights" if use_fp8 and not fp8 else "") + \
+            (" and the text encoder on the CPU" if te_cpu else "") + \
+            (" with drop_text_encoder" if drop and not drop_text_encoder and name in ("single", "multi-gpu") else "")
         raise PlacementError(f"'{mode}' does not fit ({short}); '{name}'{extra} would "
                              f"(~{max(other.values()) / GIB:.1f} GiB)")
     raise PlacementError(f"'{mode}' does not fit ({short}), and no other placement would either")
 
 
-def _why(mode: str, need: dict[int, int], budgets: dict[int, int], fp8_added: bool, te_cpu: bool = False) -> str:
+def _why(mode: str, need: dict[int, int], budgets: dict[int, int], fp8_added: bool, te_cpu: bool = False,
+         drop: bool = False) -> str:
     used = ", ".join(f"cuda:{i} {need[i] / GIB:.1f} of {budgets[i] / GIB:.1f} GiB" for i in need)
     earlier = {"single": "", "multi-gpu": "one GPU is not enough; ",
                "model-offload": "the whole model does not fit at once; ",
                "block-swap": "no component fits whole beside the others; "}[mode]
     extra = (" with fp8 weights" if fp8_added else "") + (" and the text encoder on the CPU" if te_cpu else "")
+    if drop and not te_cpu and mode in ("single", "multi-gpu"):
+        extra += " with the text encoder off the GPU between prompts"
     return f"{earlier}{mode}{extra} fits ({used})"
 
 

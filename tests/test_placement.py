@@ -46,7 +46,7 @@ def test_release_sizes(release_sizes):
 
 @pytest.mark.parametrize("gpus, free_gib, mode, detail", [
     ((0,), 80, "single", None),
-    ((0,), 48, "model-offload", None),
+    ((0,), 48, "single", "text encoder off the GPU"),
     ((0,), 24, "block-swap", "blocks on GPU"),
     ((0,), 16, "block-swap", "text encoder on the CPU"),
     ((0, 1), 40, "multi-gpu", None),
