@@ -124,7 +124,8 @@ def measure(method: str, workdir: Path) -> dict:
         for param in model.parameters():  # read every weight once
             param.sum()
     peak = peak_rss_bytes()
-    return {"method": method, "seconds": seconds, "peak_above_imports": peak - before, "rss_after": rss_bytes() - before}
+    return {"method": method, "seconds": seconds, "peak_above_imports": peak - before,
+            "rss_after": rss_bytes() - before}
 
 
 def main() -> None:

@@ -58,7 +58,8 @@ def main() -> None:
                 rounds[name].append(median_ms(module, x, args.repeats))
     result = {name: sorted(v)[len(v) // 2] for name, v in rounds.items()}
     base = result["dense FFN"]
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    machine = platform.processor() or platform.machine()
+    print(f"# {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"# {args.tokens} tokens, hidden {args.hidden}, ffn {ffn}, {args.experts} experts, fp32, no grad")
     for name, ms in result.items():
         print(f"{name:38s} {ms:9.2f} ms   {ms / base:5.2f}x dense")

@@ -9,22 +9,14 @@ CUDA machine; see BENCHMARKS.md for what was and was not measured.)
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
 import torch
 
 from tagmoe_core.demo import demo_image
 from tagmoe_core.devices import GIB, DeviceSpec
 from tagmoe_core.loading import load_pipeline
-from tagmoe_core.model import build_tagmoe_transformer
-from tagmoe_core.moe import MoESpec
-from tagmoe_core.placement import Placement, apply_placement, choose_placement, component_sizes, need_for
+from tagmoe_core.placement import Placement, apply_placement, choose_placement, need_for, release_sizes
 from tagmoe_core.tiny import ensure_tiny_bundle
 
-RELEASE = {"attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "in_channels": 64, "joint_attention_dim": 3584,
-           "num_attention_heads": 24, "num_layers": 60, "out_channels": 16, "patch_size": 2}
 CPU = DeviceSpec("cpu")
 MODES = {
     "single": Placement("single", CPU),
@@ -53,19 +45,11 @@ def correctness() -> None:
 
 
 def release_estimates() -> None:
-    from transformers import Qwen2_5_VLConfig
-
-    base = Path(tempfile.mkdtemp())
-    Qwen2_5_VLConfig(text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-                     vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                        out_hidden_size=3584)).save_pretrained(base / "text_encoder")
-    (base / "vae").mkdir()
-    (base / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLQwenImage"}))
-    meta = build_tagmoe_transformer(RELEASE, MoESpec(), device="meta", dtype=torch.bfloat16)
-    bf16, fp8 = component_sizes(meta, base, torch.bfloat16), component_sizes(meta, base, torch.bfloat16, True)
+    bf16 = release_sizes()
+    fp8 = bf16.fp8()
     print(f"\nrelease weights (bf16): transformer {bf16.transformer / GIB:.1f} GiB, text encoder "
-          f"{bf16.text_encoder / GIB:.1f} GiB, VAE {bf16.vae / GIB:.2f} GiB; fp8 transformer {fp8.transformer / GIB:.1f} GiB")
+          f"{bf16.text_encoder / GIB:.1f} GiB, VAE {bf16.vae / GIB:.2f} GiB; "
+          f"fp8 transformer {fp8.transformer / GIB:.1f} GiB")
     one = DeviceSpec("cuda", (0,))
     print("\n| estimate at 1024x1024 edit (bf16) | GPU memory |\n| --- | ---: |")
     for label, mode, sizes, extra in (("single", "single", bf16, {}),
@@ -81,9 +65,9 @@ def release_estimates() -> None:
     print(f"| multi-gpu over 2 x 40 GB | {two[0] / GIB:.1f} + {two[1] / GIB:.1f} GiB |")
     print("\n| GPU free memory | 'auto' chooses |\n| --- | --- |")
     for gib in (80, 48, 24, 16, 12):
-        placed = choose_placement("auto", bf16, one, {0: gib * GIB}, fp8_sizes=fp8)
+        placed = choose_placement("auto", bf16, one, {0: gib * GIB})
         print(f"| {gib} GB | {placed.describe()} |")
-    placed = choose_placement("auto", bf16, DeviceSpec("cuda", (0, 1)), {0: 40 * GIB, 1: 40 * GIB}, fp8_sizes=fp8)
+    placed = choose_placement("auto", bf16, DeviceSpec("cuda", (0, 1)), {0: 40 * GIB, 1: 40 * GIB})
     print(f"| 2 x 40 GB | {placed.describe()} |")
 
 

@@ -232,6 +232,13 @@ def send_text(node_id: str | None, text: str) -> None:
         log.debug("send_progress_text failed: %s", exc)
 
 
+def execution_device() -> torch.device:
+    """ComfyUI's compute device (its --cpu and GPU choice), else the first GPU or the CPU."""
+    if HAVE_COMFY:
+        return _mm.get_torch_device()
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def intermediate_device() -> torch.device:
     return _mm.intermediate_device() if HAVE_COMFY else torch.device("cpu")
 

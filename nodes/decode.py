@@ -36,19 +36,19 @@ class TagMoEDecode:
     def decode(self, model, latent, keep_original_size=False, original_image=None):
         pipe = model.require()
         samples = latent_to_batch(latent)
-        with model.lock:
-            images = torch.cat([pipe.decode(samples[i:i + 1]) for i in range(samples.shape[0])])
-        if not keep_original_size:
+        sizes = None
+        if keep_original_size:  # checked before decoding: a refusal should not cost a decode
+            if original_image is not None:
+                sizes = [(original_image.shape[2], original_image.shape[1])] * samples.shape[0]
+            else:
+                sizes = latent.get(ORIGINAL_SIZE_KEY)
+                if not sizes or len(sizes) != samples.shape[0] or any(s is None for s in sizes):
+                    raise InputError("keep_original_size needs the original image: connect it to original_image "
+                                     "(this latent does not carry the input's size)")
+            if len({tuple(s) for s in sizes}) > 1:
+                raise InputError("the images of this batch had different original sizes; decode them separately")
+        images = torch.cat([pipe.decode(samples[i:i + 1]) for i in range(samples.shape[0])])
+        if sizes is None:
             return (images,)
-        if original_image is not None:
-            sizes = [(original_image.shape[2], original_image.shape[1])] * images.shape[0]
-        else:
-            sizes = latent.get(ORIGINAL_SIZE_KEY)
-            if not sizes or len(sizes) != images.shape[0] or any(s is None for s in sizes):
-                raise InputError("keep_original_size needs the original image: connect it to original_image "
-                                 "(this latent does not carry the input's size)")
-        pils = pipe.to_pil(images)
-        if len({tuple(s) for s in sizes}) > 1:
-            raise InputError("the images of this batch had different original sizes; decode them separately")
-        resized = [im.resize(tuple(size), Image.LANCZOS) for im, size in zip(pils, sizes)]
+        resized = [im.resize(tuple(size), Image.LANCZOS) for im, size in zip(pipe.to_pil(images), sizes)]
         return (pil_to_image_batch(resized).to(bridge.intermediate_device()),)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 
+from ..tagmoe_core.devices import DTYPES
 from ..tagmoe_core.errors import TagMoEError
 from ..tagmoe_core.moe import BACKENDS, effective_backend, moe_layers
 from ..tagmoe_core.placement import MODES as PLACEMENTS
@@ -16,7 +15,6 @@ from . import comfy_bridge as bridge
 
 log = logging.getLogger("tagmoe")
 
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NO_BASE = "(no Qwen-Image folder in models/diffusers)"
 NO_WEIGHTS = "(no TAG-MoE weights in models/tagmoe)"
 
@@ -28,7 +26,6 @@ class TagMoEModel:
     pipe: object | None
     info: str
     key: tuple = ()
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def require(self):
         if self.pipe is None:
@@ -73,7 +70,8 @@ class TagMoEModelLoader:
                                                         "folder with the weights or a *.index.json and its shards"}),
                 "device": ("STRING", {"default": "auto", "tooltip": "'auto' (first GPU, else CPU), 'cpu', 'cuda:0', "
                                                                     "or '0,1' to split the transformer across GPUs"}),
-                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bf16 on GPUs, fp32 on the CPU"}),
+                "dtype": (list(DTYPES), {"default": "auto", "tooltip": (
+                    "auto: bf16 on GPUs, fp32 on the CPU. fp16 tends to overflow in Qwen-Image (black images)")}),
                 "moe_backend": (list(BACKENDS), {"default": "auto", "tooltip": "auto: MegaBlocks kernels on CUDA when "
                                                                                "installed, else plain PyTorch"}),
             },
@@ -85,8 +83,8 @@ class TagMoEModelLoader:
                     "block-swap: transformer blocks stream from host memory")}),
                 "fp8_weights": ("BOOLEAN", {"default": False, "tooltip": "store the transformer's weights (MoE experts "
                                                                          "included) in float8, compute in bf16"}),
-                "drop_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "keep the text encoder in host memory "
-                                                                              "between prompts (its output is cached)"}),
+                "drop_text_encoder": ("BOOLEAN", {"default": False, "tooltip": (
+                    "keep the text encoder in host memory between prompts (its output is cached)")}),
                 "blocks_on_gpu": ("INT", {"default": -1, "min": -1, "max": 200, "tooltip": "block-swap: transformer "
                                                                                           "blocks kept on the GPU "
                                                                                           "(-1 = as many as fit)"}),
@@ -95,6 +93,14 @@ class TagMoEModelLoader:
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+
+    @classmethod
+    def IS_CHANGED(cls, base_model, tagmoe_weights, device="auto", dtype="auto", moe_backend="auto", **options):
+        # ComfyUI re-runs a node only when this changes: while our model for these inputs is loaded
+        # the same value; once it was released (another model loaded since), NaN forces a reload.
+        alive = any(handle.pipe is not None and handle.key[:5] == _paths_key(base_model, tagmoe_weights, device, dtype,
+                                                                              moe_backend) for handle in _loaded)
+        return "loaded" if alive else float("nan")
 
     @classmethod
     def VALIDATE_INPUTS(cls, base_model, tagmoe_weights):
@@ -120,22 +126,30 @@ class TagMoEModelLoader:
         from ..tagmoe_core.loading import load_pipeline  # heavy (diffusers, transformers): not at ComfyUI start
 
         caps = parse_gib_caps(gpu_memory_gib, device)
-        key = (str(base), str(weights), device, dtype, moe_backend, placement, fp8_weights, drop_text_encoder,
-               blocks_on_gpu, gpu_memory_gib)
+        key = _paths_key(base_model, tagmoe_weights, device, dtype, moe_backend) + (
+            placement, fp8_weights, drop_text_encoder, blocks_on_gpu, gpu_memory_gib)
         for handle in _loaded:
             if handle.key == key and handle.pipe is not None:
                 return self._result(handle)
         def make_room() -> None:  # only once every check passed: a bad file keeps the current model
             _release_all()
-            bridge.free_vram_for_external_model()
             bridge.send_text(unique_id, "loading TAG-MoE...")
 
+        reclaimable: dict[int, int] = {}  # the model make_room() will release counts as free memory
+        for handle in _loaded:
+            if handle.pipe is not None:
+                for module in (handle.pipe.transformer, handle.pipe.text_encoder, handle.pipe.vae):
+                    for param in module.parameters():
+                        if param.is_cuda:
+                            reclaimable[param.device.index] = reclaimable.get(param.device.index, 0) + \
+                                param.numel() * param.element_size()
+        bridge.free_vram_for_external_model()  # ComfyUI's own models reload on demand: free them first
         progress = bridge.Progress(100, unique_id)
         pipe = load_pipeline(base, weights, device=device, dtype=DTYPES[dtype], backend=moe_backend,
                              placement=placement, fp8=fp8_weights, drop_text_encoder=drop_text_encoder,
                              blocks_on_gpu=None if blocks_on_gpu < 0 else blocks_on_gpu, gpu_memory_caps=caps,
                              progress=lambda done, total: progress.update(int(100 * done / max(total, 1))),
-                             before_load=make_room)
+                             before_load=make_room, reclaimable_bytes=reclaimable)
         handle = TagMoEModel(pipe, placement_text(pipe), key)
         _loaded.append(handle)
         log.info("TAG-MoE loaded:\n%s", handle.info)
@@ -144,6 +158,15 @@ class TagMoEModelLoader:
     @staticmethod
     def _result(handle: TagMoEModel):
         return {"ui": {"text": [handle.info]}, "result": (handle, handle.info)}
+
+
+def _paths_key(base_model, tagmoe_weights, device, dtype, moe_backend) -> tuple:
+    try:
+        paths = (str(bridge.resolve_model("diffusers", base_model)),
+                 str(bridge.resolve_model("tagmoe", tagmoe_weights)))
+    except FileNotFoundError:
+        paths = (base_model, tagmoe_weights)
+    return paths + (device, dtype, moe_backend)
 
 
 def parse_gib_caps(text: str, device: str) -> dict[int, int] | None:
@@ -168,7 +191,7 @@ def parse_gib_caps(text: str, device: str) -> dict[int, int] | None:
 
 def placement_text(pipe) -> str:
     report = pipe.load_report
-    backend = {effective_backend(layer) for layer in moe_layers(pipe.transformer)} or {"-"}
+    backend = {effective_backend(layer, pipe.device, pipe.dtype) for layer in moe_layers(pipe.transformer)} or {"-"}
     placement = pipe.placement
     streamed = placement.mode in ("model-offload", "block-swap")
     text_encoder = (f"host memory, visits {pipe.device}" if "text_encoder" in pipe.offloaded

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from ..tagmoe_core.errors import InputError
+from . import comfy_bridge as bridge
 from .conversions import image_batch_to_pil
 
 BACKENDS = ["TAG-MoE text encoder", "local VLM folder", "OpenAI-compatible endpoint"]
@@ -56,29 +61,28 @@ class TagMoEPromptRefine:
                unique_id=None):
         from ..tagmoe_core.refine import LocalVLM, OpenAIChatVLM, TextEncoderVLM, refine_instruction
 
-        lock = None
+        visit = contextlib.nullcontext()
         if backend == BACKENDS[0]:
             if model is None:
                 raise InputError("the 'TAG-MoE text encoder' backend needs the model: connect TAG-MoE Model Loader")
             pipe = model.require()
-            vlm, lock = TextEncoderVLM(pipe.text_encoder, pipe.tokenizer, pipe.vlm_image_processor), model.lock
+            visit = pipe.using("text_encoder")  # brings an offloaded encoder to the GPU for the chat
+            vlm = TextEncoderVLM(pipe.text_encoder, pipe.tokenizer, pipe.vlm_image_processor)
         elif backend == BACKENDS[1]:
             if not vlm_folder.strip():
                 raise InputError("set vlm_folder to a local vision-language model folder")
             if vlm_folder not in _local_vlms:
                 _local_vlms.clear()
-                _local_vlms[vlm_folder] = LocalVLM(vlm_folder)
+                device = bridge.execution_device()
+                _local_vlms[vlm_folder] = LocalVLM(vlm_folder, device=device,
+                                                   dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
             vlm = _local_vlms[vlm_folder]
         else:
             if not endpoint_model.strip():
                 raise InputError("set endpoint_model to the model name the endpoint serves")
             vlm = OpenAIChatVLM(endpoint_url, endpoint_model, api_key_env, timeout, retries)
         picture = image_batch_to_pil(image)[0]
-        if lock is not None:
-            with lock:
-                result = refine_instruction(vlm, instruction, picture, seed=seed, temperature=temperature,
-                                            max_new_tokens=max_new_tokens)
-        else:
+        with visit:
             result = refine_instruction(vlm, instruction, picture, seed=seed, temperature=temperature,
                                         max_new_tokens=max_new_tokens)
         tags = result.tags.tags

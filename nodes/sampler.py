@@ -89,7 +89,7 @@ class TagMoESampler:
         for index, picture in enumerate(pictures):
             region = None
             if masks is not None:
-                target = pipe.target_size(picture, size["width"], size["height"])
+                target = pipe.target_size(picture, size["width"], size["height"], init)  # as sample() will
                 box = mask_box(masks[min(index, masks.shape[0] - 1)], picture.size)
                 region = region_from_pixel_box(box, picture.size, target)
 
@@ -98,11 +98,10 @@ class TagMoESampler:
 
             run_recorder = RoutingRecorder() if record_routing and index == 0 else None
             recorder = recorder or run_recorder
-            with model.lock:
-                out = pipe.sample(conditioning, picture, steps=steps, cfg=cfg, seed=seed, num_images=num_images,
-                                  region=region, callback=on_step, init_latents=init, denoise_strength=denoise,
-                                  before_pass=lambda step, name: bridge.check_interrupt(), recorder=run_recorder,
-                                  tags=tags, tag_guidance=tag_guidance, **size)
+            out = pipe.sample(conditioning, picture, steps=steps, cfg=cfg, seed=seed, num_images=num_images,
+                              region=region, callback=on_step, init_latents=init, denoise_strength=denoise,
+                              before_pass=lambda step, name: bridge.check_interrupt(), recorder=run_recorder,
+                              tags=tags, tag_guidance=tag_guidance, **size)
             outputs.append(out.latents)
             original_sizes += [out.original_size] * out.latents.shape[0]
         samples = torch.cat(outputs).to(bridge.intermediate_device())

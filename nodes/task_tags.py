@@ -44,8 +44,7 @@ class TagMoETaskTags:
         warnings: list[str] = []
         if mode == "manual":
             try:
-                extra = [t for t in (p.strip() for p in tags.replace(";", ",").split(",")) if t]
-                result = TaskTags.from_names([scope] + extra)
+                result = TaskTags.from_text(f"{scope}, {tags}")
             except TagError as exc:
                 raise InputError(f"task tags: {exc}") from exc
         else:
@@ -62,9 +61,9 @@ class TagMoETaskTags:
 
                 pipe = model.require()
                 picture = image_batch_to_pil(image)[0] if image is not None and edits_an_image else None
-                with model.lock:
-                    tagged = tag_with_vlm(TextEncoderVLM(pipe.text_encoder, pipe.tokenizer, pipe.vlm_image_processor),
-                                          instruction, picture)
+                with pipe.using("text_encoder") as text_encoder:
+                    tagged = tag_with_vlm(TextEncoderVLM(text_encoder, pipe.tokenizer, pipe.vlm_image_processor),
+                                          instruction, picture, has_image=edits_an_image)
                 result, warnings = tagged.tags, tagged.warnings
         text = result.to_text()
         ui = [text] + [f"warning: {w}" for w in warnings]

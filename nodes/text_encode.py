@@ -32,5 +32,4 @@ class TagMoETextEncode:
     def encode(self, model, prompt, negative_prompt="", image=None):
         pipe = model.require()
         picture = image_batch_to_pil(image)[0] if image is not None else None
-        with model.lock:
-            return (pipe.encode(prompt, negative_prompt, picture),)
+        return (pipe.encode(prompt, negative_prompt, picture),)

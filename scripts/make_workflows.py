@@ -23,7 +23,8 @@ T2I_PROMPT = "A cat holding a sign that says hello world, studio photo"
 REGION_PROMPT = "Replace the object in the painted region with a bouquet of sunflowers"
 BASE = "Qwen-Image"
 WEIGHTS = "TAG-MoE/"
-COLORS = {"STRING": (140, 200, 140), "TAGMOE_TAGS": (0, 188, 212), "TAGMOE_ROUTING": (244, 143, 177), "IMAGE": (100, 181, 246), "MASK": (129, 199, 132), "LATENT": (255, 158, 193), "VAE": (255, 112, 67),
+COLORS = {"STRING": (140, 200, 140), "TAGMOE_TAGS": (0, 188, 212), "TAGMOE_ROUTING": (244, 143, 177),
+          "IMAGE": (100, 181, 246), "MASK": (129, 199, 132), "LATENT": (255, 158, 193), "VAE": (255, 112, 67),
           "TAGMOE_MODEL": (179, 157, 219), "TAGMOE_CONDITIONING": (255, 213, 79), "INT": (160, 160, 160)}
 
 
@@ -219,7 +220,8 @@ def task_intent() -> Graph:
     out = save_image(g, (1880, 80), "TAG-MoE/intent")
     routing = g.add("TagMoERoutingMap", (1580, 420), ["all", "all"],
                     inputs=[("model", "TAGMOE_MODEL", False), ("routing", "TAGMOE_ROUTING", False),
-                            ("image", "IMAGE", True), ("condition_image", "IMAGE", True), ("tags", "TAGMOE_TAGS", True)],
+                            ("image", "IMAGE", True), ("condition_image", "IMAGE", True),
+                            ("tags", "TAGMOE_TAGS", True)],
                     outputs=[("maps", "IMAGE"), ("report", "STRING")], size=(300, 200))
     maps = g.add("PreviewImage", (1880, 420), [], inputs=[("images", "IMAGE", False)], size=(420, 300))
     note(g, (40, 700), "**Task intent**: the VLM (here TAG-MoE's own text encoder) rewrites the instruction while "

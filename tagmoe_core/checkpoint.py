@@ -38,7 +38,6 @@ class WeightFiles:
 
     files: list[Path]
     index: Path | None = None
-    origin: str = ""
 
     @property
     def root(self) -> Path:
@@ -57,12 +56,13 @@ def resolve_weight_files(source: str | os.PathLike, weight_name: str | None = DE
     path = Path(os.path.expanduser(str(source)))
     if path.is_file():
         if path.name.endswith(".index.json"):
-            return _from_index(path, str(source))
+            return _from_index(path)
         _check_suffix(path)
-        return WeightFiles([path], origin=str(source))
+        return WeightFiles([path])
     if path.is_dir():
-        return _from_folder(path, weight_name, subfolder, str(source))
-    if _REPO_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
+        return _from_folder(path, weight_name, subfolder)
+    looks_local = path.parent != Path(".") and path.parent.is_dir()  # "models/TAG-MoE" with ./models present
+    if _REPO_ID.match(str(source)) and not str(source).startswith((".", "/", "~")) and not looks_local:
         return _from_hub(str(source), weight_name, subfolder, revision, local_files_only, cache_dir)
     raise CheckpointNotFoundError(f"'{source}' does not exist (expected a weights file, a folder or a "
                                   "Hugging Face repo id such as YUXU915/TAG-MoE)")
@@ -82,7 +82,7 @@ def _index_candidates(weight_name: str | None) -> list[str]:
     return names
 
 
-def _from_folder(folder: Path, weight_name: str | None, subfolder: str | None, origin: str) -> WeightFiles:
+def _from_folder(folder: Path, weight_name: str | None, subfolder: str | None) -> WeightFiles:
     dirs = [folder] + ([folder / subfolder] if subfolder and (folder / subfolder).is_dir() else [])
     tried: list[str] = []
     for d in dirs:
@@ -90,18 +90,18 @@ def _from_folder(folder: Path, weight_name: str | None, subfolder: str | None, o
             candidate = d / weight_name
             tried.append(str(candidate))
             if candidate.is_file():
-                return WeightFiles([candidate], origin=origin)
+                return WeightFiles([candidate])
     for name in _index_candidates(weight_name):
         for d in dirs:
             candidate = d / name
             tried.append(str(candidate))
             if candidate.is_file():
-                return _from_index(candidate, origin)
+                return _from_index(candidate)
     # Not a diffusers layout: accept a folder (or its subfolder) holding exactly one weights file.
     for d in reversed(dirs):
         found = sorted(p for p in d.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
         if len(found) == 1:
-            return WeightFiles(found, origin=origin)
+            return WeightFiles(found)
         if len(found) > 1:
             raise UnknownLayoutError(
                 f"'{d}' holds {len(found)} weight files ({', '.join(p.name for p in found[:6])}) but no "
@@ -110,11 +110,13 @@ def _from_folder(folder: Path, weight_name: str | None, subfolder: str | None, o
     raise UnknownLayoutError(f"no weights found in folder '{folder}'. Tried: {', '.join(tried)}")
 
 
-def _from_index(index: Path, origin: str) -> WeightFiles:
+def _from_index(index: Path) -> WeightFiles:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
+        if not weight_map:
+            raise ValueError("its weight_map is empty")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptCheckpointError(f"shard index '{index}' cannot be read: {exc}") from exc
     shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
@@ -124,7 +126,7 @@ def _from_index(index: Path, origin: str) -> WeightFiles:
                                       f"{', '.join(missing[:5])}")
     for shard in shards:
         _check_suffix(shard)
-    return WeightFiles(shards, index=index, origin=origin)
+    return WeightFiles(shards, index=index)
 
 
 def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, revision: str | None,
@@ -146,11 +148,11 @@ def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, revi
             errors.append(f"{name}: {type(exc).__name__}")
             continue
         if not name.endswith(".index.json"):
-            return WeightFiles([path], origin=repo_id)
+            return WeightFiles([path])
         shard_names = dict.fromkeys(json.loads(path.read_text())["weight_map"].values())
         for shard in shard_names:
             fetch(shard)
-        return _from_index(path, repo_id)
+        return _from_index(path)
     where = "the local Hugging Face cache" if local_files_only else "the Hugging Face hub"
     raise CheckpointNotFoundError(f"could not get weights of '{repo_id}' from {where} "
                                   f"(subfolder '{subfolder}'): {'; '.join(errors)}")
@@ -205,8 +207,11 @@ class CheckpointReader:
                 with safe_open(str(path), framework="pt", device="cpu") as handle:
                     for key in handle.keys():
                         meta = handle.get_slice(key)
+                        if meta.get_dtype() not in _SAFETENSORS_DTYPES:
+                            raise UnknownLayoutError(f"'{path}' stores '{key}' as {meta.get_dtype()}, a type these "
+                                                     "weights never use; it is not a TAG-MoE checkpoint")
                         yield key, TensorInfo(path, tuple(meta.get_shape()), _SAFETENSORS_DTYPES[meta.get_dtype()])
-            except (SafetensorError, OSError, KeyError) as exc:
+            except (SafetensorError, OSError) as exc:
                 raise CorruptCheckpointError(f"'{path}' is not a readable safetensors file ({exc}); the "
                                              "download may be incomplete - fetch it again") from exc
             return

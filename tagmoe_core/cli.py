@@ -13,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+from .devices import DTYPES
 from .errors import TagMoEError
+from .moe import BACKENDS
+from .placement import MODES
 
-DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -37,13 +39,14 @@ def _common(parser: argparse.ArgumentParser, edit: bool) -> None:
     src.add_argument("--tiny", action="store_true", help="use the embedded tiny model (built on first use)")
     run = parser.add_argument_group("run")
     _flag(run, "device", default="auto", help="'auto', 'cpu', '0', 'cuda:1', or '0,1' to split across GPUs")
-    _flag(run, "dtype", default="auto", choices=sorted(DTYPES), help="default: bf16 on GPUs, fp32 on the CPU")
-    _flag(run, "moe_backend", default="auto", choices=["auto", "torch", "megablocks"])
-    _flag(run, "placement", default="auto", choices=["auto", "single", "multi-gpu", "model-offload", "block-swap"],
+    _flag(run, "dtype", default="auto", choices=list(DTYPES), help="default: bf16 on GPUs, fp32 on the CPU")
+    _flag(run, "moe_backend", default="auto", choices=list(BACKENDS))
+    _flag(run, "placement", default="auto", choices=list(MODES),
           help="where the weights live (auto: the first that fits the free GPU memory)")
     _flag(run, "fp8", action="store_true", help="store the transformer's weights in float8, compute in bf16")
     _flag(run, "drop_text_encoder", action="store_true", help="keep the text encoder off the GPU between prompts")
-    _flag(run, "blocks_on_gpu", type=int, default=None, help="block-swap: blocks kept on the GPU (default: all that fit)")
+    _flag(run, "blocks_on_gpu", type=int, default=None,
+          help="block-swap: blocks kept on the GPU (default: all that fit)")
     _flag(run, "prompt", required=True, help="the instruction (edit) or description (generate)")
     _flag(run, "negative_prompt", default="", help="negative prompt (default: empty, encoded as ' ')")
     _flag(run, "width", type=int, default=None,
@@ -120,7 +123,6 @@ def _outputs(output: str, count: int) -> list[Path]:
 
 
 def run(args) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from .loading import load_pipeline
@@ -148,7 +150,7 @@ def run(args) -> int:
         else:
             image = _open_image(args.image)
     region_px = _parse_region(getattr(args, "region", None))
-    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
+    dtype = DTYPES[args.dtype]
 
     start = time.perf_counter()
     with tqdm(total=100, desc="loading", unit="%", leave=False) as bar:

@@ -15,6 +15,8 @@ from torch import nn
 from .errors import DeviceError
 
 GIB = 1024**3
+DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+                                         "fp32": torch.float32}
 RESERVE_BYTES = 2 * GIB  # the reference keeps 2 GiB free on every GPU
 MIN_BUDGET_BYTES = 4 * GIB  # and never plans less than 4 GiB for one
 
@@ -71,7 +73,8 @@ def parse_device_spec(spec: str | int | None) -> DeviceSpec | None:
                 "or a comma-separated list such as '0,1' to split the model across GPUs")
         ids.append(int(token))
     if len(set(ids)) != len(ids):
-        raise DeviceError(f"invalid device {spec!r}: GPU {sorted(i for i in ids if ids.count(i) > 1)[0]} is listed twice")
+        twice = sorted(i for i in ids if ids.count(i) > 1)[0]
+        raise DeviceError(f"invalid device {spec!r}: GPU {twice} is listed twice")
     return DeviceSpec("cuda", tuple(ids))
 
 

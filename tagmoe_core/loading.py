@@ -120,7 +120,8 @@ def infer_moe_layout(reader: CheckpointReader, num_layers: int, top_k: int = 1) 
             "checkpoint (e.g. YUXU915/TAG-MoE) as the TAG-MoE weights and the Qwen-Image folder as the base.")
     bad = [b for b in blocks if b >= num_layers]
     if bad:
-        raise ShapeMismatchError(f"transformer_blocks.{bad[0]}.img_mlp", (num_layers,), (bad[0] + 1,), reader.describe())
+        raise ShapeMismatchError(f"transformer_blocks.{bad[0]}.img_mlp", (num_layers,), (bad[0] + 1,),
+                                 reader.describe())
     router = reader.infos[f"transformer_blocks.{blocks[0]}.img_mlp.router.layer.weight"]
     num_experts = router.shape[0]
     w1 = reader.infos.get(f"transformer_blocks.{blocks[0]}.img_mlp.experts.mlp.w1")
@@ -370,6 +371,7 @@ def load_pipeline(
     strict: bool = True,
     progress: Progress | None = None,
     before_load: Callable[[], None] | None = None,
+    reclaimable_bytes: Mapping[int, int] | None = None,
 ):
     """A ready :class:`~tagmoe_core.pipeline.TagMoEPipeline` on the given devices.
 
@@ -379,7 +381,8 @@ def load_pipeline(
     the CPU; a mode that does not fit is refused with one that would. Several GPUs (``"0,1"``)
     with 'multi-gpu': the transformer split at whole blocks, the text encoder on the last GPU and
     the VAE on the first, like the reference. Every check that needs no weights runs first;
-    ``before_load`` is called once they passed, just before the first weight is read.
+    ``before_load`` is called once they passed, just before the first weight is read;
+    ``reclaimable_bytes`` (GPU id -> bytes) is memory it will free, counted as free when choosing.
     """
     from .pipeline import TagMoEPipeline
     from .placement import apply_placement, choose_placement, component_sizes
@@ -393,18 +396,16 @@ def load_pipeline(
         _component_path(base, component)
     free = None
     if devices.kind == "cuda":
-        free = {i: torch.cuda.mem_get_info(i)[0] for i in devices.ids}
+        free = {i: torch.cuda.mem_get_info(i)[0] + (reclaimable_bytes or {}).get(i, 0) for i in devices.ids}
         if gpu_memory_caps:
             free = {i: min(free[i], gpu_memory_caps.get(i, free[i]) + RESERVE_BYTES) for i in free}
-    sizes = component_sizes(plan.model, base, dtype, fp8)
-    chosen = choose_placement(placement, sizes, devices, free, fp8=fp8, drop_text_encoder=drop_text_encoder,
-                              blocks_on_gpu=blocks_on_gpu,
-                              fp8_sizes=None if fp8 else component_sizes(plan.model, base, dtype, True))
+    chosen = choose_placement(placement, component_sizes(plan.model, base, dtype), devices, free, fp8=fp8,
+                              drop_text_encoder=drop_text_encoder, blocks_on_gpu=blocks_on_gpu)
     target: Any = devices.primary
     if chosen.mode == "multi-gpu":
         target = plan_transformer_split(plan.model, gpu_budgets(devices.ids, free, caps=gpu_memory_caps), dtype)
     elif chosen.mode != "single" or chosen.fp8:
-        target = torch.device("cpu")
+        target = torch.device("cpu")  # streamed or cast to fp8 from host memory
     text_device = devices.last if chosen.mode in ("single", "multi-gpu") and not chosen.drop_text_encoder \
         else torch.device("cpu")
     if before_load is not None:
@@ -425,5 +426,4 @@ def load_pipeline(
     )
     apply_placement(pipe, chosen, devices.primary)
     pipe.load_report = report
-    pipe.devices = devices
     return pipe

@@ -67,8 +67,6 @@ def convert_to_tagmoe(transformer: QwenImageTransformer2DModel, spec: MoESpec = 
     transformer.router_head = RouterHead(spec.num_experts, **kw)
     if not isinstance(transformer.pos_embed, TagMoERope):
         transformer.pos_embed = TagMoERope.like(transformer.pos_embed)
-    transformer.tagmoe_spec = spec
-    transformer.tagmoe_blocks = indices
     return transformer
 
 

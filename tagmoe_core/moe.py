@@ -177,13 +177,13 @@ class TagMoEFeedForward(nn.Module):
     def _use_megablocks(self, x: torch.Tensor) -> bool:
         if self.backend == "torch":
             return False
-        if self.backend == "megablocks":
-            if not (x.is_cuda and megablocks_available()):
-                raise TagMoEError(
-                    "the MegaBlocks MoE backend needs CUDA and an importable megablocks package "
-                    "(pip install 'comfyui-tagmoe[megablocks]'); use backend 'torch' or 'auto'")
-            return True
-        return x.is_cuda and megablocks_available()
+        usable = x.is_cuda and x.dtype == torch.bfloat16 and megablocks_available()
+        if self.backend == "megablocks" and not usable:
+            raise TagMoEError(
+                "the MegaBlocks MoE backend needs CUDA, bfloat16 (its grouped GEMM kernels take nothing else) and "
+                f"an importable megablocks package (here: {x.device.type}, {str(x.dtype).removeprefix('torch.')}); "
+                "use backend 'torch' or 'auto'")
+        return usable
 
     def _megablocks_experts(self, x2d, scores, weights, experts) -> torch.Tensor:
         from .moe_megablocks import megablocks_experts_for, tie_parameters
@@ -212,7 +212,7 @@ def dropless_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, 
     token_of_pair = order // top_k if top_k > 1 else order
     xs = x.index_select(0, token_of_pair)
     if _grouped_mm_ok(xs, w1):  # CUDA: two grouped GEMMs, no host sync (w1 [E,H,F] covers H and F)
-        ys = grouped_matmul(activation(grouped_matmul(xs, w1, counts, "grouped")), w2, counts, "grouped")
+        ys = grouped_matmul(activation(grouped_matmul(xs, w1, counts)), w2, counts)
     else:
         ys = expert_loop(xs, w1, w2, counts, activation)
     ys = ys * weights.reshape(-1).index_select(0, order).unsqueeze(1).to(ys.dtype)
@@ -222,17 +222,10 @@ def dropless_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, 
     return out.index_add_(0, token_of_pair, ys)
 
 
-def grouped_matmul(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Rows of ``a`` grouped contiguously by expert (``counts`` [E]) times ``b[e]`` ([E, K, N])."""
-    if impl == "grouped" or (impl == "auto" and _grouped_mm_ok(a, b)):
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        return F.grouped_mm(a, b, offs=offs)
-    parts, start = [], 0
-    for expert, count in enumerate(counts.tolist()):  # one host sync, then one matmul per expert
-        if count:
-            parts.append(a[start:start + count] @ b[expert])
-            start += count
-    return torch.cat(parts) if parts else a.new_empty(0, b.shape[2])
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a`` grouped contiguously by expert (``counts`` [E]) times ``b[e]`` ([E, K, N]),
+    as one ``grouped_mm`` (no host sync)."""
+    return F.grouped_mm(a, b, offs=torch.cumsum(counts, 0, dtype=torch.int32))
 
 
 def expert_loop(xs: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
@@ -291,11 +284,11 @@ def moe_layers(model: nn.Module) -> list[TagMoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, TagMoEFeedForward)]
 
 
-def effective_backend(layer: TagMoEFeedForward) -> str:
-    """What ``auto`` means for this layer where its weights are now."""
+def effective_backend(layer: TagMoEFeedForward, device: torch.device, dtype: torch.dtype) -> str:
+    """What ``auto`` means for this layer when it runs on ``device`` in ``dtype``."""
     if layer.backend != "auto":
         return layer.backend
-    return "megablocks" if layer.experts.mlp.w1.is_cuda and megablocks_available() else "torch"
+    return "megablocks" if device.type == "cuda" and dtype == torch.bfloat16 and megablocks_available() else "torch"
 
 
 def set_backend(model: nn.Module, backend: Backend) -> None:

@@ -8,8 +8,6 @@ both backends always see the same weights.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -20,15 +18,13 @@ def megablocks_experts_for(layer: TagMoEFeedForward) -> nn.Module:
     from megablocks.layers.arguments import Arguments
     from megablocks.layers.dmoe import ParallelDroplessMLP
 
-    weight = layer.experts.mlp.w1
     args = Arguments(
         hidden_size=layer.hidden_size,
         ffn_hidden_size=layer.ffn_hidden_size,
         num_layers=1,
         bias=True,
         return_bias=True,
-        activation_fn=functools.partial(torch.nn.functional.gelu, approximate="tanh")
-        if layer.activation_name == "gelu_tanh" else layer.activation,
+        activation_fn=layer.activation,
         moe_num_experts=layer.num_experts,
         moe_top_k=layer.top_k,
         moe_loss_weight=0.0,
@@ -36,8 +32,8 @@ def megablocks_experts_for(layer: TagMoEFeedForward) -> nn.Module:
         mlp_impl="grouped",
         shared_expert=False,
         moe_expert_model_parallelism=False,
-        fp16=weight.dtype == torch.float16,
-        bf16=weight.dtype == torch.bfloat16,
+        fp16=False,
+        bf16=True,  # grouped_gemm's kernels take bf16 only; the layer checks before choosing MegaBlocks
         device=torch.device("meta"),
     )
     experts = ParallelDroplessMLP(args)

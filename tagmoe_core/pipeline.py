@@ -103,7 +103,8 @@ def check_size(name: str, value: int) -> int:
     return value
 
 
-def region_from_pixel_box(box: Sequence[float], image_size: tuple[int, int], target_size: tuple[int, int]) -> tuple[int, int, int, int]:
+def region_from_pixel_box(box: Sequence[float], image_size: tuple[int, int],
+                          target_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """A box (x1, y1, x2, y2; pixels of the image as given, x2/y2 exclusive) -> the inclusive
     patch box of the condition grid the image is encoded at (``target_size`` pixels)."""
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -131,6 +132,10 @@ class TagMoEPipeline:
         self._execution_device = execution_device
         self._dtype = dtype or transformer.dtype
         self.offloaded: set[str] = set()  # components kept in host memory that visit the GPU to run
+        # GPU-resident modules that step out while the text encoder visits (the transformer in
+        # "single" with the text encoder dropped, the resident blocks in block-swap).
+        self.evict_for_text_encoder: list[torch.nn.Module] = []
+        self._visits: dict[str, int] = {}
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -156,18 +161,30 @@ class TagMoEPipeline:
 
     @contextlib.contextmanager
     def using(self, name: str):
-        """Bring an offloaded component to the execution device for the ``with`` block."""
+        """Bring an offloaded component to the execution device for the ``with`` block (nested
+        uses move it once), making room first if the placement says so."""
         module = getattr(self, name)
-        if name not in self.offloaded:
-            yield module
+        if name not in self.offloaded or self._visits.get(name):
+            self._visits[name] = self._visits.get(name, 0) + 1
+            try:
+                yield module
+            finally:
+                self._visits[name] -= 1
             return
-        module.to(self.device)
+        evicted = self.evict_for_text_encoder if name == "text_encoder" else []
+        for other in evicted:
+            other.to("cpu")
+        self._visits[name] = 1
         try:
+            module.to(self.device)
             yield module
         finally:
+            self._visits[name] = 0
             module.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            for other in evicted:
+                other.to(self.device)
 
     @property
     def vlm_image_processor(self):
@@ -190,11 +207,17 @@ class TagMoEPipeline:
     def encode(self, prompt: str, negative_prompt: str | None = "", image: Image.Image | None = None) -> Conditioning:
         """Both prompts; ``image`` selects the image-aware variant (the reference's ``use_vlm``)."""
         negative = normalize_negative_prompt(negative_prompt)
-        return Conditioning(self.encode_prompt(prompt, image), self.encode_prompt(negative, image), prompt, negative)
+        with self.using("text_encoder"):  # one visit for both prompts
+            return Conditioning(self.encode_prompt(prompt, image), self.encode_prompt(negative, image), prompt,
+                                negative)
 
     # -- condition image ------------------------------------------------------------------------
-    def target_size(self, image: Image.Image | None, width: int | None, height: int | None) -> tuple[int, int]:
-        """Output size: given, else the condition's bucket (edit) or 1024 (text-to-image)."""
+    def target_size(self, image: Image.Image | None, width: int | None, height: int | None,
+                    init_latents: torch.Tensor | None = None) -> tuple[int, int]:
+        """Output size: given, else that of ``init_latents``, else the condition's bucket (edit)
+        or 1024 (text-to-image)."""
+        if init_latents is not None and (width is None or height is None):
+            height, width = init_latents.shape[-2] * 8, init_latents.shape[-1] * 8
         if image is not None:
             bucket = snap_to_bucket(image).size if (width is None or height is None) else None
             width = bucket[0] if width is None else width
@@ -205,7 +228,8 @@ class TagMoEPipeline:
 
     @torch.inference_mode()
     def prepare_condition(self, image: Image.Image, width: int, height: int,
-                          region: Sequence[int] | None = None, generator: torch.Generator | None = None) -> ConditionImage:
+                          region: Sequence[int] | None = None,
+                          generator: torch.Generator | None = None) -> ConditionImage:
         """Snap to the nearest preferred bucket (RGBA on white, Lanczos), resize to the target
         size, VAE-encode (a posterior sample drawn from ``generator``), normalise and pack.
         ``region`` (x1, y1, x2, y2; inclusive patch units) keeps only that box of tokens."""
@@ -252,9 +276,7 @@ class TagMoEPipeline:
             raise InputError(f"cfg must not be negative, got {cfg}")
         if region is not None and image is None:
             raise InputError("a region edit needs a condition image")
-        if init_latents is not None and (width is None or height is None):
-            height, width = init_latents.shape[-2] * 8, init_latents.shape[-1] * 8
-        width, height = self.target_size(image, width, height)
+        width, height = self.target_size(image, width, height, init_latents)
         seed = resolve_seed(seed)
         device, dtype = self.device, self.dtype
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -290,7 +312,7 @@ class TagMoEPipeline:
                     grid = ((shape.box[3] - shape.box[1] + 1, shape.box[2] - shape.box[0] + 1)
                             if isinstance(shape, RegionShape) else shape[1:])
                 recorder.set_layout(latents.shape[1], (height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN), grid)
-            g_star = stack.enter_context(guided_routing(self.transformer, tags, tag_guidance))
+            g_star = stack.enter_context(guided_routing(self.transformer, tags, tag_guidance, device, dtype))
             transformer = stack.enter_context(self.using("transformer"))
             out = denoise(transformer, scheduler, timesteps, inputs, float(cfg), height, width,
                           self.vae.config, callback, before)

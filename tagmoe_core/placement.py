@@ -61,38 +61,65 @@ class ComponentSizes:
         return self.transformer + self.text_encoder + self.vae
 
 
+    def fp8(self) -> "ComponentSizes":
+        """The same with the transformer blocks stored in float8 (one byte per weight)."""
+        return replace(self, transformer_blocks=[b // self.dtype_bytes for b in self.transformer_blocks])
+
+
 def _param_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in module.parameters()) * dtype.itemsize
 
 
-def component_sizes(transformer_meta: torch.nn.Module, base: str | os.PathLike, dtype: torch.dtype,
-                    fp8: bool = False) -> ComponentSizes:
+def component_sizes(transformer_meta: torch.nn.Module, base: str | os.PathLike, dtype: torch.dtype) -> ComponentSizes:
     """Sizes from a meta-device transformer and the base model's text-encoder and VAE configs."""
-    storage = FP8 if fp8 else dtype
-    blocks = [_param_bytes(b, storage) for b in transformer_meta.transformer_blocks]
-    rest = _param_bytes(transformer_meta, dtype) - sum(_param_bytes(b, dtype) for b in transformer_meta.transformer_blocks)
-    return ComponentSizes(blocks, rest, _config_model_bytes(base, "text_encoder", dtype),
-                          _config_model_bytes(base, "vae", dtype), transformer_meta.inner_dim, dtype.itemsize)
+    root = Path(os.path.expanduser(str(base)))
+
+    def config(component: str) -> dict | None:  # None: a hub id not downloaded yet (the estimate then
+        path = root / component / "config.json"  # covers the transformer only)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    return _sizes(transformer_meta, config("text_encoder"), config("vae"), dtype)
 
 
-def _config_model_bytes(base, component: str, dtype: torch.dtype) -> int:
-    """Parameter bytes of a component, from its config alone (a meta-device model)."""
-    config_path = Path(os.path.expanduser(str(base))) / component / "config.json"
-    if not config_path.is_file():
-        return 0  # a hub id not downloaded yet: the estimate then covers the transformer only
+def _sizes(transformer_meta, text_encoder_config: dict | None, vae_config: dict | None,
+           dtype: torch.dtype) -> ComponentSizes:
     from accelerate import init_empty_weights
 
-    config = json.loads(config_path.read_text())
+    blocks = [_param_bytes(b, dtype) for b in transformer_meta.transformer_blocks]
+    text_encoder = vae = 0
     with init_empty_weights():
-        if component == "vae":
+        if text_encoder_config is not None:
+            from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+            config = Qwen2_5_VLConfig(**{k: v for k, v in text_encoder_config.items() if not k.startswith("_")})
+            text_encoder = _param_bytes(Qwen2_5_VLForConditionalGeneration._from_config(config), dtype)
+        if vae_config is not None:
             from diffusers import AutoencoderKLQwenImage
 
-            model = AutoencoderKLQwenImage.from_config(config)
-        else:
-            from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+            vae = _param_bytes(AutoencoderKLQwenImage.from_config(vae_config), dtype)
+    return ComponentSizes(blocks, _param_bytes(transformer_meta, dtype) - sum(blocks), text_encoder, vae,
+                          transformer_meta.inner_dim, dtype.itemsize)
 
-            model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(config_path.parent))
-    return _param_bytes(model, dtype)
+
+# The release's shapes: Qwen-Image's transformer (+ TAG-MoE), Qwen2.5-VL-7B-Instruct, Qwen-Image's VAE.
+RELEASE_TRANSFORMER = {"attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "in_channels": 64,
+                       "joint_attention_dim": 3584, "num_attention_heads": 24, "num_layers": 60, "out_channels": 16,
+                       "patch_size": 2}
+RELEASE_TEXT_ENCODER = {
+    "text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                    "num_key_value_heads": 4, "vocab_size": 152064},
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "out_hidden_size": 3584},
+}
+
+
+def release_sizes(dtype: torch.dtype = torch.bfloat16) -> ComponentSizes:
+    """Component sizes of the TAG-MoE release (for estimates without the files at hand)."""
+    from .model import build_tagmoe_transformer
+    from .moe import MoESpec
+
+    meta = build_tagmoe_transformer(RELEASE_TRANSFORMER, MoESpec(), device="meta", dtype=dtype)
+    return _sizes(meta, RELEASE_TEXT_ENCODER, {}, dtype)
 
 
 def activation_bytes(sizes: ComponentSizes, width: int, height: int, edit: bool = True) -> int:
@@ -135,33 +162,36 @@ class Placement:
 def need_for(mode: str, sizes: ComponentSizes, devices: DeviceSpec, *, width: int = 1024, height: int = 1024,
              edit: bool = True, drop_text_encoder: bool = False, blocks_on_gpu: int | None = None,
              budgets: dict[int, int] | None = None, text_encoder_on_cpu: bool = False) -> dict[int, int] | None:
-    """Bytes each GPU needs in ``mode`` (None: the mode does not apply, e.g. one GPU for multi-gpu)."""
+    """Peak bytes each GPU needs in ``mode`` (None: the mode does not apply, e.g. one GPU for
+    multi-gpu), over the three phases of a run: text encoding, denoising, decoding.
+
+    The VAE (small) always stays on the GPU. A text encoder that visits the GPU (dropped, or in
+    the offload modes) pushes the transformer's resident part out while it is there, so its
+    phase needs only the encoder and the VAE.
+    """
     act = activation_bytes(sizes, width, height, edit)
-    vae = sizes.vae + vae_work_bytes(width, height)
-    text = sizes.text_encoder + activation_bytes(replace(sizes, hidden_size=3584), 0, 0, False)
-    if text_encoder_on_cpu:
-        sizes, text, drop_text_encoder = replace(sizes, text_encoder=0), 0, True
+    decode = vae_work_bytes(width, height)
+    visiting_text = 0 if text_encoder_on_cpu else \
+        sizes.text_encoder + activation_bytes(replace(sizes, hidden_size=3584), 0, 0, False)
     first, last = devices.ids[0], devices.ids[-1]
     if mode == "single":
-        if drop_text_encoder:
-            return {first: max(text, sizes.transformer + sizes.vae + max(act, vae_work_bytes(width, height)))}
-        return {first: sizes.total + max(act, vae_work_bytes(width, height))}
-    # In the offload modes the VAE (small) stays on the GPU; the rest visits it in turn.
+        if text_encoder_on_cpu or drop_text_encoder:
+            return {first: sizes.vae + max(visiting_text, sizes.transformer + max(act, decode))}
+        return {first: sizes.total + max(act, decode)}
     if mode == "model-offload":
-        return {first: sizes.vae + max(text, sizes.transformer + act, vae_work_bytes(width, height))}
+        return {first: sizes.vae + max(visiting_text, sizes.transformer + act, decode)}
     if mode == "block-swap":
-        resident = blocks_on_gpu or 0
-        largest = max(sizes.transformer_blocks)
-        streaming = sizes.transformer_rest + sum(sizes.transformer_blocks[:resident]) + 2 * largest + act
-        return {first: sizes.vae + max(text, streaming, vae_work_bytes(width, height))}
+        resident = sizes.transformer_rest + sum(sizes.transformer_blocks[:blocks_on_gpu or 0])
+        streaming = resident + 2 * max(sizes.transformer_blocks) + act
+        return {first: sizes.vae + max(visiting_text, streaming, resident + decode)}
     if mode == "multi-gpu":
         if len(devices.ids) < 2:
             return None
         # Whole blocks in order, moving on to the next GPU when one is full (as accelerate does);
-        # without budgets, an even split by count.
+        # without budgets, an even split by count. The text encoder stays on the last GPU.
         need = {i: act for i in devices.ids}
-        need[first] += sizes.transformer_rest + vae
-        if not drop_text_encoder:
+        need[first] += sizes.transformer_rest + sizes.vae + decode
+        if not text_encoder_on_cpu:
             need[last] += sizes.text_encoder
         gpu, count = 0, len(sizes.transformer_blocks)
         for index, block in enumerate(sizes.transformer_blocks):
@@ -182,12 +212,14 @@ def _fits(need: dict[int, int] | None, budgets: dict[int, int]) -> bool:
 def choose_placement(mode: str, sizes: ComponentSizes, devices: DeviceSpec, free_bytes: dict[int, int] | None = None,
                      *, fp8: bool = False, drop_text_encoder: bool = False, blocks_on_gpu: int | None = None,
                      width: int = 1024, height: int = 1024, edit: bool = True,
-                     reserve: int = RESERVE_BYTES, fp8_sizes: ComponentSizes | None = None) -> Placement:
+                     reserve: int = RESERVE_BYTES) -> Placement:
     """Check ``mode`` against each GPU's free memory (minus ``reserve``), or pick one for 'auto'.
 
-    ``sizes`` are in the run dtype (fp8 storage when ``fp8``). ``fp8_sizes``, when given and
-    ``fp8`` is off, lets 'auto' fall back to fp8 storage and lets refusals suggest it. Raises
-    :class:`PlacementError` naming a placement that would fit when the asked one does not.
+    ``sizes`` are in the run dtype. 'auto' prefers, in order: multi-gpu when several GPUs are
+    given; single; single with the text encoder leaving the GPU between prompts; model-offload;
+    block-swap with as many resident blocks as fit (or ``blocks_on_gpu``); the same with fp8
+    storage; then with the text encoder on the CPU. Raises :class:`PlacementError` naming a
+    placement that would fit when the asked one does not.
     """
     if mode not in MODES:
         raise PlacementError(f"unknown placement mode {mode!r}; choose from {', '.join(MODES)}")
@@ -196,62 +228,75 @@ def choose_placement(mode: str, sizes: ComponentSizes, devices: DeviceSpec, free
             raise PlacementError(f"'{mode}' moves weights between host and GPU; on '{devices}' everything "
                                  "already lives in one memory: use 'single' (or 'auto')")
         return Placement("single", devices, fp8, drop_text_encoder, reason=f"{devices}: one memory for everything")
+    if mode == "multi-gpu" and (fp8 or drop_text_encoder):
+        raise PlacementError("multi-gpu keeps the text encoder on the last GPU and is not combined with fp8 weights "
+                             "or drop_text_encoder; use those with single, model-offload or block-swap")
     if free_bytes is None:
         free_bytes = {i: torch.cuda.mem_get_info(i)[0] for i in devices.ids}
     budgets = {i: max(0, free_bytes[i] - reserve) for i in devices.ids}
-    kw = {"width": width, "height": height, "edit": edit, "drop_text_encoder": drop_text_encoder, "budgets": budgets}
 
-    def need(name: str, s: ComponentSizes, n: int | None, te_cpu: bool = False,
-             drop: bool = drop_text_encoder) -> dict[int, int] | None:
-        return need_for(name, s, devices, blocks_on_gpu=n or 0, text_encoder_on_cpu=te_cpu,
-                        **(kw | {"drop_text_encoder": drop}))
+    def need(name, s: ComponentSizes, n: int | None, te_cpu: bool, drop: bool) -> dict[int, int] | None:
+        return need_for(name, s, devices, width=width, height=height, edit=edit, drop_text_encoder=drop,
+                        blocks_on_gpu=n, budgets=budgets, text_encoder_on_cpu=te_cpu)
 
-    def most_resident(s: ComponentSizes, te_cpu: bool) -> int | None:
+    def resident(s: ComponentSizes, te_cpu: bool) -> int | None:
+        if blocks_on_gpu is not None:
+            return blocks_on_gpu if _fits(need("block-swap", s, blocks_on_gpu, te_cpu, True), budgets) else None
         return next((n for n in range(len(s.transformer_blocks), -1, -1)
-                     if _fits(need("block-swap", s, n, te_cpu), budgets)), None)
+                     if _fits(need("block-swap", s, n, te_cpu, True), budgets)), None)
 
-    def fitting_options():
-        """(mode, blocks_on_gpu, fp8, text encoder on CPU, drop text encoder, need) that fit, most
-        preferred first: least data movement (the text encoder leaving the GPU between prompts
-        before anything else), then fp8 storage, then the text encoder on the CPU."""
-        variants = [(sizes, fp8)] + ([(fp8_sizes, True)] if fp8_sizes is not None and not fp8 else [])
-        drops = (drop_text_encoder,) if drop_text_encoder else (False, True)
-        for te_cpu in (False, True):
-            for s, use_fp8 in variants:
-                for name, drop in [("single", d) for d in drops] + [("multi-gpu", d) for d in drops] + \
-                        [("model-offload", True), ("block-swap", True)]:
-                    n = most_resident(s, te_cpu) if name == "block-swap" else None
-                    if name == "block-swap" and n is None:
-                        continue
-                    required = need(name, s, n, te_cpu, drop)
-                    if _fits(required, budgets):
-                        yield name, n, use_fp8, te_cpu, drop, required
+    def candidates():
+        """(mode, blocks_on_gpu, fp8, text encoder on CPU, drop text encoder), most preferred first."""
+        if len(devices.ids) > 1:
+            yield "multi-gpu", None, fp8, False, False
+        for s_fp8 in ((fp8,) if fp8 else (False, True)):
+            s = sizes.fp8() if s_fp8 else sizes
+            for te_cpu in (False, True):
+                for name, drop in (("single", drop_text_encoder), ("single", True), ("model-offload", True)):
+                    yield name, None, s_fp8, te_cpu, drop or te_cpu  # repeats are skipped below
+                yield "block-swap", resident(s, te_cpu), s_fp8, te_cpu, True
+
+    def fitting():
+        seen = set()
+        for name, n, use_fp8, te_cpu, drop in candidates():
+            if (name, n, use_fp8, te_cpu, drop) in seen or (name == "block-swap" and n is None):
+                continue
+            seen.add((name, n, use_fp8, te_cpu, drop))
+            if name == "multi-gpu" and use_fp8:
+                continue
+            required = need(name, sizes.fp8() if use_fp8 else sizes, n, te_cpu, drop)
+            if _fits(required, budgets):
+                yield Placement(name, devices, use_fp8, drop, n, required,
+                                _why(name, required, budgets, use_fp8 and not fp8, te_cpu, drop), te_cpu)
 
     if mode == "auto":
-        for name, n, use_fp8, te_cpu, drop, required in fitting_options():
-            return Placement(name, devices, use_fp8, drop or te_cpu, n, required,
-                             _why(name, required, budgets, use_fp8 and not fp8, te_cpu, drop), te_cpu)
+        for placement in fitting():
+            return placement
         raise PlacementError(
             f"TAG-MoE does not fit on {devices}: even streaming every transformer block needs more than the "
             f"{max(budgets.values()) / GIB:.1f} GiB usable ({reserve / GIB:.0f} GiB kept free). Free GPU memory, "
             "use 'cpu', or add GPUs.")
-    n = blocks_on_gpu if mode != "block-swap" or blocks_on_gpu is not None else most_resident(sizes, False)
-    required = need(mode, sizes, n)
+    chosen = sizes.fp8() if fp8 else sizes
+    n = (blocks_on_gpu if blocks_on_gpu is not None else resident(chosen, False)) if mode == "block-swap" else None
+    required = need(mode, chosen, n, False, drop_text_encoder or mode != "single")
     if required is None:
         raise PlacementError(f"'{mode}' needs at least two GPUs (device '0,1', ...); got {devices}")
     if _fits(required, budgets):
-        return Placement(mode, devices, fp8, drop_text_encoder, n, required, reason="as asked")
+        return Placement(mode, devices, fp8, drop_text_encoder or mode in ("model-offload", "block-swap"), n,
+                         required, reason="as asked")
     short = ", ".join(f"cuda:{i} needs ~{required[i] / GIB:.1f} GiB but {budgets[i] / GIB:.1f} GiB is usable"
                       for i in required if required[i] > budgets[i])
-    for name, alt_n, use_fp8, te_cpu, drop, other in fitting_options():
-        if (name, use_fp8, te_cpu, drop) == (mode, fp8, False, drop_text_encoder):
+    for other in fitting():
+        if other.mode == mode and other.fp8 == fp8 and not other.text_encoder_on_cpu and \
+                other.drop_text_encoder == drop_text_encoder:
             continue
-        extra = (f" with blocks_on_gpu={alt_n}" if name == "block-swap" else "") + \
-            (" and fp8 weights" if use_fp8 and not fp8 else "") + \
-            (" and the text encoder on the CPU" if te_cpu else "") + \
-            (" with drop_text_encoder" if drop and not drop_text_encoder and name in ("single", "multi-gpu") else "")
-        raise PlacementError(f"'{mode}' does not fit ({short}); '{name}'{extra} would "
-                             f"(~{max(other.values()) / GIB:.1f} GiB)")
+        extra = (f" with blocks_on_gpu={other.blocks_on_gpu}" if other.mode == "block-swap" else "") + \
+            (" and fp8 weights" if other.fp8 and not fp8 else "") + \
+            (" and the text encoder on the CPU" if other.text_encoder_on_cpu else "") + \
+            (" with drop_text_encoder" if other.drop_text_encoder and other.mode == "single"
+             and not other.text_encoder_on_cpu and not drop_text_encoder else "")
+        raise PlacementError(f"'{mode}' does not fit ({short}); '{other.mode}'{extra} would "
+                             f"(~{max(other.need.values()) / GIB:.1f} GiB)")
     raise PlacementError(f"'{mode}' does not fit ({short}), and no other placement would either")
 
 
@@ -301,11 +346,11 @@ def enable_block_swap(transformer: torch.nn.Module, device: torch.device, blocks
 
 def apply_placement(pipe, placement: Placement, device: torch.device) -> None:
     """Put loaded components where ``placement`` says, ``device`` being the execution device
-    (modes are plain moves and hooks, so they also run, trivially, with ``device`` = cpu)."""
+    (modes are plain moves and hooks, so they also run, trivially, with ``device`` = cpu).
+    Multi-gpu components are placed by the loader (accelerate's dispatch)."""
     mode = placement.mode
     if placement.fp8:
-        if mode != "multi-gpu":
-            pipe.transformer.to("cpu")  # cast in host memory: the GPU never holds the full-width copy
+        pipe.transformer.to("cpu")  # cast in host memory: the GPU never holds the full-width copy
         enable_fp8_storage(pipe.transformer, pipe.dtype)
     if mode == "single":
         pipe.transformer.to(device)
@@ -317,9 +362,13 @@ def apply_placement(pipe, placement: Placement, device: torch.device) -> None:
         enable_block_swap(pipe.transformer, device, placement.blocks_on_gpu or 0)
     if placement.text_encoder_on_cpu:
         pipe.text_encoder.to("cpu")
-    elif mode in ("model-offload", "block-swap") or placement.drop_text_encoder:
+    elif mode != "multi-gpu" and (placement.drop_text_encoder or mode != "single"):
         pipe.text_encoder.to("cpu")
         pipe.offloaded.add("text_encoder")
+        if mode == "single":
+            pipe.evict_for_text_encoder = [pipe.transformer]
+        elif mode == "block-swap":
+            pipe.evict_for_text_encoder = list(pipe.transformer.transformer_blocks[:placement.blocks_on_gpu or 0])
     pipe.vae.to(device)
     pipe._execution_device = device
     pipe.placement = placement

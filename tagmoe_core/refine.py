@@ -104,12 +104,13 @@ def refine_instruction(backend: VLMBackend, instruction: str, image: Image.Image
 
 
 def tag_with_vlm(backend: VLMBackend, instruction: str, image: Image.Image | None, *, seed: int = 0,
-                 max_new_tokens: int = 160) -> TagResult:
-    """Task tags from the VLM (with the tier definitions); the rules where its answer fails."""
+                 max_new_tokens: int = 160, has_image: bool | None = None) -> TagResult:
+    """Task tags from the VLM (with the tier definitions); the rules where its answer fails.
+    ``has_image`` (default: whether ``image`` is given) says whether the task edits an image."""
+    has_image = image is not None if has_image is None else has_image
     answer = backend.chat("You are a precise annotator. Answer in JSON only.",
-                          vlm_tagging_prompt(instruction, has_image=image is not None), image, max_new_tokens, seed,
-                          0.0)
-    return tags_from_vlm_answer(answer, instruction, has_image=image is not None)
+                          vlm_tagging_prompt(instruction, has_image=has_image), image, max_new_tokens, seed, 0.0)
+    return tags_from_vlm_answer(answer, instruction, has_image=has_image)
 
 
 # -- backends ----------------------------------------------------------------------------------------------

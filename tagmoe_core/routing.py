@@ -224,8 +224,10 @@ def optimal_gate_distribution(transformer, tags: TaskTags, steps: int = 100, lr:
 
 
 @contextlib.contextmanager
-def tag_guidance(transformer, tags: TaskTags, strength: float):
-    """Add ``strength * log(g*)`` to every MoE router's logits inside the ``with`` block.
+def tag_guidance(transformer, tags: TaskTags, strength: float, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+    """Add ``strength * log(g*)`` to every MoE router's logits inside the ``with`` block
+    (``device``/``dtype``: where and how the routers compute, so the bias is not copied per call).
 
     Yields g* (or None when ``strength`` is 0, which leaves the model untouched)."""
     if not strength:
@@ -234,7 +236,7 @@ def tag_guidance(transformer, tags: TaskTags, strength: float):
     if tags is None:
         raise TagMoEError("tag guidance needs task tags (connect a TAG-MoE Task Tags node)")
     g_star = optimal_gate_distribution(transformer, tags)
-    bias = float(strength) * torch.log(g_star.clamp_min(1e-6))
+    bias = (float(strength) * torch.log(g_star.clamp_min(1e-6))).to(device=device, dtype=dtype)
     layers = moe_layers(transformer)
     for layer in layers:
         layer.logit_bias = bias

@@ -76,6 +76,8 @@ def parse_selection(text: str, available: list[int], what: str) -> list[int] | N
             chosen += list(range(int(span[1]), int(span[2]) + 1)) if span else [int(part)]
         except ValueError as exc:
             raise InputError(f"{what} must be 'all', numbers or ranges such as '50-59, 55'; got {text!r}") from exc
+    if not chosen:
+        raise InputError(f"{what} {text!r} selects nothing (write ranges low-high, e.g. '1-3')")
     chosen = [available[c] if -len(available) <= c < 0 else c for c in chosen]  # -1 = the last recorded
     missing = [c for c in chosen if c not in available]
     if missing:

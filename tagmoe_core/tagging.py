@@ -37,31 +37,39 @@ GENERATE = _words(r"generate", r"create", r"draw", r"paint", r"design", r"make (
                   r"render (?:a|an)", r"a (?:photo|picture|poster|portrait|image) of", r"show (?:this|the same)")
 REFERENCE_SUBJECT = _words(r"(?:this|the same|same) (?:person|man|woman|girl|boy|child|dog|cat|pet|character|"
                            r"product|logo|object|subject|toy|car|bag|shoe|model|face)", r"the subject",
-                           r"this (?:one|item)", r"him|her")
+                           r"this (?:one|item)")
 NEW_SCENE = _words(r"on (?:a|the) (?:beach|street|mountain|moon|table|mug|shirt|t-shirt|poster|billboard|stage)",
                    r"in (?:a|an|the) (?:forest|city|kitchen|office|park|cafe|desert|garden|studio|room|snow|space)",
                    r"at (?:a|the) (?:beach|park|party|concert|station)", r"new scene", r"different scene",
                    r"printed on", r"as a (?:sticker|poster|figurine|plush)")
 VIEWPOINT = _words(r"view(?:point)?", r"angle", r"perspective", r"rotate the (?:camera|view|scene)",
                    r"from (?:the )?(?:side|back|behind|above|below|top|front|left|right)", r"zoom(?:ed)? (?:in|out)",
-                   r"close-?up", r"bird'?s-?eye", r"wide shot", r"turn the camera", r"camera")
+                   r"close-?up", r"bird'?s-?eye", r"wide shot", r"(?:turn|rotate|move|tilt|pan) the camera",
+                   r"camera (?:angle|view|position)")
 POSE = _words(r"pose", r"posture", r"raise[sd]?", r"raising", r"wav(?:e|es|ing)", r"sit(?:ting)?(?: down)?",
               r"stand(?:ing)?(?: up)?", r"kneel(?:ing)?", r"jump(?:ing)?", r"arms?", r"hands?", r"crossed", r"lying",
               r"running", r"walking", r"danc(?:e|ing)", r"lean(?:ing)?", r"bend(?:ing)?", r"gesture", r"hung",
               r"turn (?:his|her|its|their) head", r"look(?:ing)? (?:up|down|left|right|at the camera)")
 BACKGROUND = _words(r"background", r"backdrop", r"scenery", r"surroundings", r"sky", r"setting")
-LIGHT = _words(r"light(?:ing|s)?", r"lit", r"shadows?", r"sunset", r"sunrise", r"night(?:time)?", r"dusk", r"dawn",
-               r"golden hour", r"brighter", r"darker", r"dim(?:mer)?", r"glow(?:ing)?", r"neon", r"candlelight",
-               r"backlit", r"daytime", r"day time", r"twilight", r"moonlight", r"exposure", r"brightness")
+LIGHT = _words(r"lighting", r"lights", r"lit", r"shadows?", r"sunset", r"sunrise", r"night(?:time)?", r"dusk", r"dawn",
+               r"golden hour", r"glow(?:ing)?", r"neon", r"candlelight", r"backlit", r"daytime", r"day time",
+               r"twilight", r"moonlight", r"exposure", r"brightness", r"(?:sun|day|moon|warm|cold|soft|hard) ?light")
+# "brighter", "darker", "dim" are about light when said of the whole scene, else about an object's colour.
+LIGHT_WEAK = _words(r"brighter", r"darker", r"dim(?:mer)?", r"light")
+SCENE = _words(r"image", r"photo", r"picture", r"scene", r"room", r"it", r"everything", r"sky")
 WEATHER = _words(r"weather", r"sunny", r"rain(?:y|ing)?", r"snow(?:y|ing)?", r"fog(?:gy)?", r"misty", r"stormy",
                  r"cloudy", r"overcast", r"winter", r"summer", r"autumn", r"spring", r"season")
 GLOBAL = _words(r"(?:the )?whole (?:image|picture|photo|scene)", r"entire (?:image|picture|photo|scene)",
                 r"overall", r"everything", r"colou?r tone")
-OBJECT = _words(r"add(?:s|ed|ing)?", r"remove[sd]?", r"removing", r"delete", r"erase", r"get rid of", r"take away",
+OBJECT = _words(r"add(?:s|ed|ing)?", r"draw", r"remove[sd]?", r"removing", r"delete", r"erase", r"get rid of",
+                r"take away",
                 r"insert", r"put", r"place", r"replace[sd]?", r"swap", r"wear(?:s|ing)?", r"hold(?:s|ing)?",
                 r"carry(?:ing)?", r"without the", r"include", r"there (?:is|are)")
+COLOUR_WORDS = r"(?:red|blue|green|yellow|black|white|pink|purple|orange|brown|gold(?:en)?|silver|gr[ae]y|beige|" \
+               r"turquoise)\b"
 ATTRIBUTE = _words(r"colou?rs?", r"red", r"blue", r"green", r"yellow", r"black", r"white", r"pink", r"purple",
                    r"orange", r"brown", r"golden", r"gold", r"silver", r"gr[ae]y", r"beige", r"turquoise",
+                   r"brighter", r"darker", r"lighter",
                    r"wooden", r"metal(?:lic)?", r"glass", r"leather", r"marble", r"velvet", r"denim", r"silk",
                    r"bigger", r"smaller", r"larger", r"taller", r"shorter", r"longer", r"thicker", r"thinner",
                    r"older", r"younger", r"smil(?:e|es|ing)", r"sad", r"angry", r"happy", r"texture", r"material",
@@ -91,7 +99,8 @@ class TagResult:
 
 
 def _clauses(text: str) -> list[str]:
-    parts = re.split(r"[;.]|,\s*(?:and\s+)?|\s+and\s+(?=(?:" + "|".join(_EDIT_VERBS) + r")\b)|\s+then\s+", text)
+    verbs = "|".join(_EDIT_VERBS + ("keep", "preserve", "maintain", "retain", "leave", "don't", "do not"))
+    parts = re.split(r"[;.]|,\s*(?:and\s+)?|\s+(?:and|but|while)\s+(?=(?:" + verbs + r")\b)|\s+then\s+", text)
     return [p.strip() for p in parts if p and p.strip()]
 
 
@@ -111,7 +120,8 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
     if not has_image:
         return TaskTags("image generation")
     keeps = _explicit_keeps(text)
-    edit_text = KEEP.split(text)[0] if keeps else text  # what comes after "keep ..." is not an edit
+    # Clauses that say what to keep are not edits ("keep the background, change the sky to red").
+    edit_text = ", ".join(c for c in _clauses(text) if not KEEP.search(c)) if keeps else text
     edit_text = edit_text or text
 
     def types_in(t: str) -> set[str]:
@@ -122,7 +132,9 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
             found.add("pose editing")
         if BACKGROUND.search(t) and not KEEP.search(t):
             found.add("background editing")
-        if LIGHT.search(t) or WEATHER.search(t):
+        colourless = re.sub(r"\b(?:light|dark|pale|bright|deep)(?:er)? (?=" + COLOUR_WORDS + r")", "", t)
+        if LIGHT.search(colourless) or WEATHER.search(colourless) or \
+                (LIGHT_WEAK.search(colourless) and SCENE.search(colourless)):
             found.add("illumination editing")
         verbs = {m.group(0).split()[0] for m in OBJECT.finditer(t)}
         placing = {"put", "place", "replace", "replaced", "replaces", "swap"}
@@ -130,7 +142,8 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
                 and not ("illumination editing" in found and verbs <= {"add", "adds", "added", "adding"}):
             found.add("object editing")  # but "put her in front of a new background", "add sunset light" are not
         swapped = re.search(r"\b(?:replace[sd]?|swap)\b.*\bwith\b", t)  # "replace the cat with a golden retriever"
-        if ATTRIBUTE.search(t) and "style transfer" not in found and not swapped:
+        described = LIGHT_WEAK.sub("", t) if "illumination editing" in found else t  # "make the room darker"
+        if ATTRIBUTE.search(described) and "style transfer" not in found and not swapped:
             found.add("attribute editing")
         if not found and re.search(r"\b(?:change|turn|make)\b.*\b(?:into|to|a|an)\b", t):
             found.add("object editing")  # "turn the cat into a dog": an object becomes another

@@ -78,3 +78,7 @@ def run_node(node_cls, **inputs):
         result, ui = out, {}
     assert isinstance(result, tuple) and len(result) == len(node_cls.RETURN_TYPES)
     return result, ui
+
+
+# The pack's own TagMoEError (the copy of tagmoe_core its relative imports load), for pytest.raises.
+PACK_ERROR = load_pack().tagmoe_core.errors.TagMoEError

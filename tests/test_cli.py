@@ -49,7 +49,8 @@ def test_region_flag(tiny_bundle, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["edit", "--prompt", "x", "--output", "o.png"], "--pretrained_model_path"),
     (["edit", "--tiny", "--prompt", "x", "--image", "missing.png", "--output", "o.png"], "does not exist"),
-    (["edit", "--tiny", "--prompt", "x", "--width", "33", "--output", "o.png"], "--width must be a positive multiple of 16"),
+    (["edit", "--tiny", "--prompt", "x", "--width", "33", "--output", "o.png"],
+     "--width must be a positive multiple of 16"),
     (["edit", "--tiny", "--prompt", "x", "--steps", "0", "--output", "o.png"], "at least 1"),
     (["edit", "--tiny", "--prompt", "x", "--region", "1,2,3", "--output", "o.png"], "four numbers"),
     (["edit", "--tiny", "--prompt", "x", "--device", "7", "--output", "o.png"], "CUDA"),

@@ -242,3 +242,19 @@ def test_hub_repo_id_offline_is_a_clear_error(tiny_bundle, tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointNotFoundError, match="local Hugging Face cache"):
         load_tagmoe_transformer("YUXU915/TAG-MoE", tiny_bundle.base, local_files_only=True)
+
+
+def test_more_bad_files(tiny_bundle, tmp_path, monkeypatch):
+    empty_index = tmp_path / "e" / "diffusion_pytorch_model.safetensors.index.json"
+    empty_index.parent.mkdir()
+    empty_index.write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(CorruptCheckpointError, match="weight_map is empty"):
+        load_tagmoe_transformer(empty_index, tiny_bundle.base)
+    save_file({"a": torch.zeros(2, dtype=torch.uint16)}, tmp_path / "u16.safetensors")
+    with pytest.raises(UnknownLayoutError, match="U16"):
+        load_tagmoe_transformer(tmp_path / "u16.safetensors", tiny_bundle.base)
+    # a mistyped relative path under an existing local folder is not taken for a hub repo id
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="'models/TAG-MoE' does not exist"):
+        load_tagmoe_transformer("models/TAG-MoE", tiny_bundle.base)

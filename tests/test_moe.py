@@ -112,15 +112,18 @@ def test_trained_bias_is_never_added():
     torch.testing.assert_close(before, after)
 
 
-def test_grouped_matmul_implementations_agree():
+def test_grouped_matmul_and_the_expert_loop_agree():
+    from tagmoe_core.moe import expert_loop
+
     counts = torch.tensor([3, 0, 5, 2])
     a = torch.randn(10, 16)
     b = torch.randn(4, 16, 8)
-    loop = grouped_matmul(a, b, counts, impl="loop")
-    grouped = grouped_matmul(a, b, counts, impl="grouped")
     explicit = torch.cat([a[:3] @ b[0], a[3:8] @ b[2], a[8:] @ b[3]])
-    torch.testing.assert_close(loop, explicit)
-    torch.testing.assert_close(grouped, explicit, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped_matmul(a, b, counts), explicit, rtol=1e-5, atol=1e-5)
+    w2 = torch.randn(4, 8, 16)
+    want = torch.cat([F.gelu(a[:3] @ b[0]) @ w2[0], F.gelu(a[3:8] @ b[2]) @ w2[2], F.gelu(a[8:] @ b[3]) @ w2[3]])
+    torch.testing.assert_close(expert_loop(a, b, w2, counts, F.gelu), want, rtol=1e-5, atol=1e-5)
+    assert expert_loop(a[:0], b, w2, torch.zeros(4, dtype=torch.long), F.gelu).shape == (0, 16)
 
 
 def test_dropless_moe_computes_each_routed_pair_once():
@@ -182,7 +185,7 @@ def test_logit_bias_steers_routing():
 def test_backend_choices_and_clear_errors():
     layer = make_layer()
     set_backend(layer, "megablocks")
-    with pytest.raises(TagMoEError, match="MegaBlocks"):
+    with pytest.raises(TagMoEError, match="needs CUDA, bfloat16"):
         layer(torch.randn(2, H))  # no CUDA here, or no megablocks: a clear message, not an ImportError
     set_backend(layer, "auto")
     layer(torch.randn(2, H))  # auto falls back to the torch backend on the CPU
@@ -215,3 +218,15 @@ def test_megablocks_backend_matches_torch_backend_on_gpu():
         set_backend(layer, "megablocks")
         out = layer(x)
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_cuda_grouped_path_matches_the_per_token_reference(top_k):
+    layer = make_layer(top_k=top_k)
+    x = torch.randn(300, H)
+    with torch.no_grad():
+        want = per_token_reference(layer, x)
+        got = layer.to("cuda")(x.cuda()).cpu()  # grouped_mm on CUDA (H=16, F=24: aligned in fp32)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from node_harness import REPO, load_pack, run_node
+from node_harness import PACK_ERROR, REPO, load_pack, run_node
 
 PROMPT = "Change the cloak to red color"
 
@@ -93,7 +92,7 @@ def test_loader_errors(nodes, models_dir, pack):
 def test_wrong_weights_file_is_a_clear_error_and_keeps_the_loaded_model(nodes, models_dir, pack, model, cond):
     errors = pack.nodes.loader.TagMoEError.__module__
     loader = nodes["TagMoEModelLoader"]
-    with pytest.raises(Exception, match="no MoE expert weights found") as info:
+    with pytest.raises(PACK_ERROR, match="no MoE expert weights found") as info:
         run_node(loader, base_model="Qwen-Image-tiny", tagmoe_weights="qwen_image_dense.safetensors", device="cpu")
     assert type(info.value).__module__ == errors
     assert model.pipe is not None  # checked before the loaded model was let go
@@ -112,8 +111,14 @@ def test_loading_another_model_releases_the_previous_one(nodes, models_dir, tiny
     (second, _), _ = run_node(loader, base_model="Qwen-Image-tiny", tagmoe_weights="single-file.safetensors",
                               device="cpu")
     assert second is not first and first.pipe is None and second.pipe is not None
-    with pytest.raises(Exception, match="run the TAG-MoE Model Loader again"):
+    with pytest.raises(PACK_ERROR, match="run the TAG-MoE Model Loader again"):
         first.require()
+    # ComfyUI re-runs the loader with the first inputs: IS_CHANGED says so now that it was released
+    first_inputs = {"base_model": "Qwen-Image-tiny", "tagmoe_weights": "TAG-MoE-tiny/", "device": "cpu"}
+    second_inputs = first_inputs | {"tagmoe_weights": "single-file.safetensors"}
+    changed = loader.IS_CHANGED(**first_inputs)
+    assert changed != changed  # NaN: never equal to the cached value, so ComfyUI executes again
+    assert loader.IS_CHANGED(**second_inputs) == "loaded"
 
 
 def test_text_to_image_edit_and_decode(nodes, model, cond):
@@ -181,13 +186,13 @@ def test_mask_region_edit(nodes, model, cond):
 def test_sampler_bad_inputs(nodes, model, cond, kwargs, message):
     inputs = {"model": model, "conditioning": cond, "seed": 0, "steps": 1, "cfg": 4.0, "width": 32, "height": 32,
               "image": comfy_image()} | kwargs
-    with pytest.raises(Exception, match=message) as info:
+    with pytest.raises(PACK_ERROR, match=message) as info:
         run_node(nodes["TagMoESampler"], **inputs)
     assert "TagMoEError" in [c.__name__ for c in type(info.value).__mro__]  # a message, not a crash
 
 
 def test_mask_without_image(nodes, model, cond):
-    with pytest.raises(Exception, match="a mask needs an image"):
+    with pytest.raises(PACK_ERROR, match="a mask needs an image"):
         nodes["TagMoESampler"]().sample(model, cond, 0, 1, 4.0, 32, 32, mask=torch.ones(1, 32, 32))
 
 
@@ -235,7 +240,7 @@ def test_text_encode_with_image(nodes, model):
 
 def test_unloaded_model_is_a_clear_error(pack):
     handle = pack.nodes.loader.TagMoEModel(None, "gone")
-    with pytest.raises(Exception, match="run the TAG-MoE Model Loader again"):
+    with pytest.raises(PACK_ERROR, match="run the TAG-MoE Model Loader again"):
         handle.require()
 
 
@@ -249,7 +254,7 @@ def test_pack_loads_under_any_folder_name(tmp_path):
 
 def test_loader_placement_options(nodes, models_dir, pack):
     loader = nodes["TagMoEModelLoader"]
-    with pytest.raises(Exception, match="use 'single'"):
+    with pytest.raises(PACK_ERROR, match="use 'single'"):
         run_node(loader, base_model="Qwen-Image-tiny", tagmoe_weights="TAG-MoE-tiny/", device="cpu",
                  placement="block-swap")
     (fp8, info), _ = run_node(loader, base_model="Qwen-Image-tiny", tagmoe_weights="TAG-MoE-tiny/", device="cpu",
@@ -259,7 +264,7 @@ def test_loader_placement_options(nodes, models_dir, pack):
     assert parse("", "0") is None and parse("20", "0,1") == {0: 20 * 2**30, 1: 20 * 2**30}
     assert parse("10, 30.5", "cuda:0,cuda:2") == {0: 10 * 2**30, 2: int(30.5 * 2**30)}
     for bad in ("lots", "1,2,3", "-4"):
-        with pytest.raises(Exception, match="gpu_memory_gib"):
+        with pytest.raises(PACK_ERROR, match="gpu_memory_gib"):
             parse(bad, "0,1")
 
 

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from node_harness import load_pack, run_node
+from node_harness import PACK_ERROR, load_pack, run_node
 
 PROMPT = "Change the cloak to red color"
 
@@ -43,10 +43,10 @@ def test_task_tags_manual(nodes):
                                 tags="attribute editing, identity preservation")
     assert text == "local editing, attribute editing, identity preservation" and tags.ids == [0, 7, 14]
     assert ui["tags"][0]["scope"] == "local editing"
-    with pytest.raises(Exception, match="excludes 'attribute editing'"):
+    with pytest.raises(PACK_ERROR, match="excludes 'attribute editing'"):
         run_node(nodes["TagMoETaskTags"], mode="manual", scope="global editing",
                  tags="style transfer, attribute editing")
-    with pytest.raises(Exception, match="unknown task tag"):
+    with pytest.raises(PACK_ERROR, match="unknown task tag"):
         run_node(nodes["TagMoETaskTags"], mode="manual", scope="local editing", tags="colour editing")
 
 
@@ -62,9 +62,9 @@ def test_task_tags_auto(nodes, model):
     (vlm_tags, _), ui = run_node(nodes["TagMoETaskTags"], mode="auto (VLM)", scope="local editing", tags="",
                                  instruction=PROMPT, model=model, image=image())
     assert vlm_tags == tags and "warning" in ui["text"][0]
-    with pytest.raises(Exception, match="needs an instruction"):
+    with pytest.raises(PACK_ERROR, match="needs an instruction"):
         run_node(nodes["TagMoETaskTags"], mode="auto (rules)", scope="local editing", tags="")
-    with pytest.raises(Exception, match="needs the TAG-MoE model"):
+    with pytest.raises(PACK_ERROR, match="needs the TAG-MoE model"):
         run_node(nodes["TagMoETaskTags"], mode="auto (VLM)", scope="local editing", tags="", instruction=PROMPT)
 
 
@@ -75,7 +75,7 @@ def test_prompt_refine_with_the_text_encoder(nodes, model):
     (again, _, _), _ = run_node(nodes["TagMoEPromptRefine"], **inputs)
     assert isinstance(first, str) and first == again and ui["text"][0].startswith(first)
     assert tags.to_text() == tags_text
-    with pytest.raises(Exception, match="needs the model"):
+    with pytest.raises(PACK_ERROR, match="needs the model"):
         run_node(nodes["TagMoEPromptRefine"], **(inputs | {"model": None}))
 
 
@@ -123,9 +123,9 @@ def test_guided_sampling_and_routing_map(nodes, model):
                                   image=image(48, 64), condition_image=image(), tags=tags)
     assert maps.shape[0] == 1 and maps.shape[-1] == 3 and maps.shape[2] == 5 * 256
     assert "alignment" in report and ui["text"] == [report]
-    with pytest.raises(Exception, match="turn on record_routing"):
+    with pytest.raises(PACK_ERROR, match="turn on record_routing"):
         run_node(nodes["TagMoERoutingMap"], model=model, routing=None)
-    with pytest.raises(Exception, match="were not recorded"):
+    with pytest.raises(PACK_ERROR, match="were not recorded"):
         run_node(nodes["TagMoERoutingMap"], model=model, routing=routing, layers="50-59")
-    with pytest.raises(Exception, match="tag_guidance needs tags"):
+    with pytest.raises(PACK_ERROR, match="tag_guidance needs tags"):
         run_node(nodes["TagMoESampler"], **base, tag_guidance=1.0)

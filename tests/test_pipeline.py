@@ -38,7 +38,8 @@ def test_random_seed_is_returned_and_reproduces(tiny_pipe, photo):
 
 def test_the_prompt_and_the_image_matter(tiny_pipe, photo):
     base = tiny_pipe.edit(photo, PROMPT, width=32, height=32, steps=2, seed=1).latents
-    other_prompt = tiny_pipe.edit(photo, "Make the person wear sunglasses", width=32, height=32, steps=2, seed=1).latents
+    other_prompt = tiny_pipe.edit(photo, "Make the person wear sunglasses", width=32, height=32, steps=2,
+                                  seed=1).latents
     other_image = tiny_pipe.edit(photo.transpose(Image.FLIP_LEFT_RIGHT), PROMPT, width=32, height=32, steps=2,
                                  seed=1).latents
     assert not torch.allclose(base, other_prompt) and not torch.allclose(base, other_image)

@@ -3,41 +3,27 @@ the tiny model (on the CPU the moves are trivial, but every hook and code path r
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from tagmoe_core.devices import GIB, DeviceSpec
 from tagmoe_core.loading import load_pipeline
-from tagmoe_core.model import build_tagmoe_transformer
-from tagmoe_core.moe import MoESpec, moe_layers
+from tagmoe_core.moe import moe_layers
 from tagmoe_core.placement import (FP8, Placement, PlacementError, apply_placement, choose_placement,
-                                   component_sizes, need_for)
-from test_model import QWEN_IMAGE_CONFIG
+                                   component_sizes, need_for, release_sizes)
 
 PROMPT = "Change the cloak to red color"
 ONE, TWO = DeviceSpec("cuda", (0,)), DeviceSpec("cuda", (0, 1))
 
 
 @pytest.fixture(scope="module")
-def release_sizes(tmp_path_factory):
+def release():
     """Component sizes of the real release (60 blocks, Qwen2.5-VL-7B, Qwen-Image VAE), from configs."""
-    from transformers import Qwen2_5_VLConfig
-
-    base = tmp_path_factory.mktemp("qwen-image-configs")
-    Qwen2_5_VLConfig(text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-                     vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                        out_hidden_size=3584)).save_pretrained(base / "text_encoder")
-    (base / "vae").mkdir()
-    (base / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLQwenImage"}))
-    meta = build_tagmoe_transformer(QWEN_IMAGE_CONFIG, MoESpec(), device="meta", dtype=torch.bfloat16)
-    return component_sizes(meta, base, torch.bfloat16), component_sizes(meta, base, torch.bfloat16, fp8=True)
+    return release_sizes()
 
 
-def test_release_sizes(release_sizes):
-    bf16, fp8 = release_sizes
+def test_release_sizes(release):
+    bf16, fp8 = release, release.fp8()
     assert 42.0 < bf16.transformer / GIB < 42.6 and 15.2 < bf16.text_encoder / GIB < 15.6  # 22.7B and 8.3B
     assert 0.2 < bf16.vae / GIB < 0.3
     assert bf16.transformer_blocks[59] > 1.6 * bf16.transformer_blocks[0]  # MoE blocks hold 4 experts
@@ -47,45 +33,61 @@ def test_release_sizes(release_sizes):
 @pytest.mark.parametrize("gpus, free_gib, mode, detail", [
     ((0,), 80, "single", None),
     ((0,), 48, "single", "text encoder off the GPU"),
-    ((0,), 24, "block-swap", "blocks on GPU"),
+    ((0,), 24, "block-swap", "29 blocks on GPU"),
     ((0,), 16, "block-swap", "text encoder on the CPU"),
     ((0, 1), 40, "multi-gpu", None),
+    ((0, 1), 48, "multi-gpu", None),  # several GPUs given: split, even where one would do with offloading
 ])
-def test_auto_choice(release_sizes, gpus, free_gib, mode, detail):
-    bf16, fp8 = release_sizes
-    placed = choose_placement("auto", bf16, DeviceSpec("cuda", gpus), {i: free_gib * GIB for i in gpus},
-                              fp8_sizes=fp8)
+def test_auto_choice(release, gpus, free_gib, mode, detail):
+    placed = choose_placement("auto", release, DeviceSpec("cuda", gpus), {i: free_gib * GIB for i in gpus})
     assert placed.mode == mode and placed.reason and all(v <= (free_gib - 2) * GIB for v in placed.need.values())
     if detail:
         assert detail in placed.describe()
 
 
-def test_auto_prefers_more_resident_blocks_with_more_memory(release_sizes):
-    bf16, _ = release_sizes
-    resident = [choose_placement("auto", bf16, ONE, {0: gib * GIB}).blocks_on_gpu for gib in (22, 24, 28, 32)]
+def test_estimates_cover_what_is_on_the_gpu_in_every_phase(release):
+    """The peak is at least the resident part plus whatever visits: the text encoder pushes the
+    resident transformer out while it visits, so encode needs encoder + VAE, and denoising needs
+    the resident part + streamed blocks + activations (the review found the text phase missing)."""
+    s = release
+    vae, te = s.vae, s.text_encoder
+    single_drop = need_for("single", s, ONE, drop_text_encoder=True)[0]
+    assert single_drop >= vae + s.transformer and single_drop >= vae + te
+    assert need_for("single", s, ONE)[0] >= s.total
+    for n in (0, 30, 60):
+        swap = need_for("block-swap", s, ONE, blocks_on_gpu=n)[0]
+        resident = s.transformer_rest + sum(s.transformer_blocks[:n])
+        assert swap >= vae + te and swap >= vae + resident + 2 * max(s.transformer_blocks)
+    offload = need_for("model-offload", s, ONE)[0]
+    assert offload >= vae + te and offload >= vae + s.transformer
+
+
+def test_auto_prefers_more_resident_blocks_with_more_memory(release):
+    resident = [choose_placement("auto", release, ONE, {0: gib * GIB}).blocks_on_gpu for gib in (22, 24, 28, 32)]
     assert resident == sorted(resident) and resident[0] < resident[-1]
-    needs = [need_for("block-swap", bf16, ONE, blocks_on_gpu=n)[0] for n in (0, 10, 30, 60)]
+    needs = [need_for("block-swap", release, ONE, blocks_on_gpu=n)[0] for n in (0, 10, 30, 60)]
     assert needs == sorted(needs)
+    assert choose_placement("auto", release, ONE, {0: 32 * GIB}, blocks_on_gpu=5).blocks_on_gpu == 5
 
 
-def test_refusals_name_a_mode_that_fits(release_sizes):
-    bf16, fp8 = release_sizes
+def test_refusals_name_a_mode_that_fits(release):
     with pytest.raises(PlacementError, match=r"'single' does not fit \(cuda:0 needs ~59.\d GiB but 22.0 GiB is "
                                              r"usable\); 'block-swap' with blocks_on_gpu=\d+ would"):
-        choose_placement("single", bf16, ONE, {0: 24 * GIB}, fp8_sizes=fp8)
+        choose_placement("single", release, ONE, {0: 24 * GIB})
     with pytest.raises(PlacementError, match="'model-offload' does not fit .* would"):
-        choose_placement("model-offload", bf16, ONE, {0: 24 * GIB}, fp8_sizes=fp8)
+        choose_placement("model-offload", release, ONE, {0: 24 * GIB})
     with pytest.raises(PlacementError, match="needs at least two GPUs"):
-        choose_placement("multi-gpu", bf16, ONE, {0: 80 * GIB})
+        choose_placement("multi-gpu", release, ONE, {0: 80 * GIB})
+    with pytest.raises(PlacementError, match="not combined with fp8"):
+        choose_placement("multi-gpu", release, TWO, {0: 80 * GIB, 1: 80 * GIB}, fp8=True)
     with pytest.raises(PlacementError, match="does not fit on cuda:0"):
-        choose_placement("auto", bf16, ONE, {0: 4 * GIB})
+        choose_placement("auto", release, ONE, {0: 4 * GIB})
     with pytest.raises(PlacementError, match="use 'single'"):
-        choose_placement("block-swap", bf16, DeviceSpec("cpu"))
+        choose_placement("block-swap", release, DeviceSpec("cpu"))
     with pytest.raises(PlacementError, match="unknown placement mode"):
-        choose_placement("half", bf16, ONE, {0: 80 * GIB})
-    assert choose_placement("single", bf16, ONE, {0: 80 * GIB}).reason == "as asked"
-    fp8_single = choose_placement("single", fp8, ONE, {0: 48 * GIB}, fp8=True)
-    assert fp8_single.need[0] < 48 * GIB
+        choose_placement("half", release, ONE, {0: 80 * GIB})
+    assert choose_placement("single", release, ONE, {0: 80 * GIB}).reason == "as asked"
+    assert choose_placement("single", release, ONE, {0: 48 * GIB}, fp8=True).need[0] < 46 * GIB
 
 
 def test_estimates_match_the_loaded_tiny_model(tiny_bundle, tiny_pipe):
@@ -93,6 +95,7 @@ def test_estimates_match_the_loaded_tiny_model(tiny_bundle, tiny_pipe):
 
     plan = plan_tagmoe_load(tiny_bundle.tagmoe, tiny_bundle.base)
     sizes = component_sizes(plan.model, tiny_bundle.base, torch.float32)
+    assert sizes.fp8().transformer_blocks == [b // 4 for b in sizes.transformer_blocks]
 
     def measured(module):
         return sum(p.numel() * p.element_size() for p in module.parameters())
@@ -122,8 +125,28 @@ CPU = DeviceSpec("cpu")
 def test_every_mode_gives_the_single_device_image(tiny_bundle, tiny_pipe, photo, placement):
     want = tiny_pipe.edit(photo, PROMPT, width=64, height=48, steps=2, seed=3).latents
     pipe = _placed(tiny_bundle, placement)
-    got = pipe.edit(photo, PROMPT, width=64, height=48, steps=2, seed=3).latents
+    visits = []
+    original = type(pipe.text_encoder).to
+
+    def spy(module, *args, **kwargs):
+        visits.append((type(module).__name__, str(args[0]) if args else str(kwargs.get("device"))))
+        return original(module, *args, **kwargs)
+
+    type(pipe.text_encoder).to = spy
+    try:
+        got = pipe.edit(photo, PROMPT, width=64, height=48, steps=2, seed=3).latents
+    finally:
+        type(pipe.text_encoder).to = original
     assert torch.equal(got, want)
+    expected = {"model-offload": {"text_encoder", "transformer"}, "block-swap": {"text_encoder"},
+                "single": {"text_encoder"} if placement.drop_text_encoder and not placement.text_encoder_on_cpu
+                else set()}[placement.mode]
+    assert pipe.offloaded == expected
+    if "text_encoder" in expected:  # one visit for both prompts: in, then out
+        assert visits == [("Qwen2_5_VLForConditionalGeneration", "cpu"),
+                          ("Qwen2_5_VLForConditionalGeneration", "cpu")]
+    if placement.mode == "single" and placement.drop_text_encoder and not placement.text_encoder_on_cpu:
+        assert pipe.evict_for_text_encoder == [pipe.transformer]
     if placement.mode == "block-swap":
         from diffusers.hooks import HookRegistry
 

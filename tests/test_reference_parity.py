@@ -99,7 +99,8 @@ def test_latent_normalisation_formula():
         latents_std = list(np.linspace(0.5, 3, 16))
 
     x = torch.randn(1, 16, 1, 2, 2)
-    want = (x - torch.tensor(Cfg.latents_mean).view(1, 16, 1, 1, 1)) / torch.tensor(Cfg.latents_std).view(1, 16, 1, 1, 1)
+    mean = torch.tensor(Cfg.latents_mean).view(1, 16, 1, 1, 1)
+    want = (x - mean) / torch.tensor(Cfg.latents_std).view(1, 16, 1, 1, 1)
     torch.testing.assert_close(normalize(x, Cfg), want.float())
     torch.testing.assert_close(denormalize(normalize(x, Cfg), Cfg), x)
 

@@ -43,7 +43,8 @@ def test_text_and_json_round_trips_and_spelling():
     assert tags.to_text() == "local editing, attribute editing, identity preservation, style preservation"
     assert TaskTags.from_text(tags.to_text()) == tags
     assert TaskTags.from_json(tags.to_json()) == tags
-    assert TaskTags.from_dict({"scope": ["local editing"], "types": "attribute editing"}).types == ("attribute editing",)
+    from_dict = TaskTags.from_dict({"scope": ["local editing"], "types": "attribute editing"})
+    assert from_dict.types == ("attribute editing",)
     with pytest.raises(TagError, match="exactly one scope"):
         TaskTags.from_text("local editing, global editing")
     with pytest.raises(TagError, match="exactly one scope"):
@@ -97,6 +98,17 @@ TABLE = [
      LOCAL_KEEP + ("face preservation",)),
     ("Replace the background with a library and keep the person's identity", "local editing",
      ["background editing"], ("identity preservation", "style preservation")),
+    # cases a review found misread: pronouns are not a reference subject, "camera" alone is not a
+    # viewpoint, "light blue" / "darker" on an object are colours, a leading keep clause is not the edit
+    ("Paint her nails red", "local editing", ["attribute editing"], LOCAL_KEEP),
+    ("Draw a mustache on him", "local editing", ["object editing"], LOCAL_KEEP),
+    ("Make the person look at the camera", "local editing", ["pose editing"], LOCAL_KEEP),
+    ("Remove the camera from the table", "local editing", ["object editing"], LOCAL_KEEP),
+    ("Change the car to light blue", "local editing", ["attribute editing"], LOCAL_KEEP),
+    ("Make the shirt darker", "local editing", ["attribute editing"], LOCAL_KEEP),
+    ("Make the room darker", "global editing", ["illumination editing"], GLOBAL_KEEP),
+    ("Keep the face unchanged and make the hair curly", "local editing", ["attribute editing"],
+     LOCAL_KEEP + ("face preservation",)),
 ]
 
 
