@@ -112,60 +112,45 @@ SETUP = ("**Models**: put the Qwen-Image diffusers folder in `models/diffusers/Q
          "loader. The release needs about 60 GB of GPU memory; `device` `0,1` splits it over two GPUs.")
 
 
-def instruction_edit() -> Graph:
-    g = Graph("tagmoe_instruction_edit")
+def _chain(name: str, prompt: str, prefix: str, note_text: str, *, image: bool = True, mask: bool = False,
+           negative: str = "", size: int = 0, note_size=(340, 200)) -> Graph:
+    """Loader -> Text Encode -> Sampler (-> from an image, with its mask) -> Decode -> Save."""
+    g = Graph(name)
     m = loader(g, (40, 80))
-    img = load_image(g, (40, 420))
-    t = text_encode(g, (420, 80), EDIT_PROMPT)
-    s = sampler(g, (820, 80))
-    d = decode(g, (1180, 80), keep=True)
-    out = save_image(g, (1480, 80), "TAG-MoE/edit")
-    note(g, (420, 360), SETUP + "\n\nWidth/height 0: the input's preferred Qwen-Image bucket; keep_original_size "
-                                "resizes the result back to the input's size.")
-    g.link(m, "model", t, "model")
-    g.link(m, "model", s, "model")
-    g.link(m, "model", d, "model")
-    g.link(t, "conditioning", s, "conditioning")
-    g.link(img, "IMAGE", s, "image")
-    g.link(s, "latent", d, "latent")
-    g.link(d, "image", out, "images")
+    t = text_encode(g, (420, 80), prompt, negative)
+    s = sampler(g, (820, 80), width=size, height=size)
+    d = decode(g, (1180, 80), keep=image)
+    out = save_image(g, (1480, 80), prefix)
+    note(g, (420, 360) if image else (40, 420), note_text, size=note_size)
+    links = [(m, "model", t, "model"), (m, "model", s, "model"), (m, "model", d, "model"),
+             (t, "conditioning", s, "conditioning"), (s, "latent", d, "latent"), (d, "image", out, "images")]
+    if image:
+        img = load_image(g, (40, 420))
+        links.append((img, "IMAGE", s, "image"))
+        if mask:
+            links.append((img, "MASK", s, "mask"))
+    for a, out_name, b, in_name in links:
+        g.link(a, out_name, b, in_name)
     return g
+
+
+def instruction_edit() -> Graph:
+    return _chain("tagmoe_instruction_edit", EDIT_PROMPT, "TAG-MoE/edit",
+                  SETUP + "\n\nWidth/height 0: the input's preferred Qwen-Image bucket; keep_original_size resizes "
+                          "the result back to the input's size.")
 
 
 def text_to_image() -> Graph:
-    g = Graph("tagmoe_text_to_image")
-    m = loader(g, (40, 80))
-    t = text_encode(g, (420, 80), T2I_PROMPT, "blurry, low quality")
-    s = sampler(g, (820, 80), width=1024, height=1024)
-    d = decode(g, (1180, 80))
-    out = save_image(g, (1480, 80), "TAG-MoE/t2i")
-    note(g, (40, 320), SETUP + "\n\nNo image on the sampler: TAG-MoE makes a new picture (the 'image "
-                               "generation' task).")
-    g.link(m, "model", t, "model")
-    g.link(m, "model", s, "model")
-    g.link(m, "model", d, "model")
-    g.link(t, "conditioning", s, "conditioning")
-    g.link(s, "latent", d, "latent")
-    g.link(d, "image", out, "images")
-    return g
+    return _chain("tagmoe_text_to_image", T2I_PROMPT, "TAG-MoE/t2i",
+                  SETUP + "\n\nNo image on the sampler: TAG-MoE makes a new picture (the 'image generation' task).",
+                  image=False, negative="blurry, low quality", size=1024)
 
 
 def region_edit() -> Graph:
-    g = Graph("tagmoe_region_edit")
-    m = loader(g, (40, 80))
-    img = load_image(g, (40, 420))
-    t = text_encode(g, (420, 80), REGION_PROMPT)
-    s = sampler(g, (820, 80))
-    d = decode(g, (1180, 80), keep=True)
-    out = save_image(g, (1480, 80), "TAG-MoE/region")
-    note(g, (420, 360), "**Paint the region**: right-click the image, *Open in MaskEditor*, paint where the edit "
-                        "goes and save. The mask's bounding box selects which part of the input conditions the "
-                        "edit (the reference's cond_bbox).\n\n" + SETUP, size=(340, 260))
-    for a, out_name, b, in_name in ((m, "model", t, "model"), (m, "model", s, "model"), (m, "model", d, "model"),
-                                    (t, "conditioning", s, "conditioning"), (img, "IMAGE", s, "image"),
-                                    (img, "MASK", s, "mask"), (s, "latent", d, "latent"), (d, "image", out, "images")):
-        g.link(a, out_name, b, in_name)
-    return g
+    return _chain("tagmoe_region_edit", REGION_PROMPT, "TAG-MoE/region",
+                  "**Paint the region**: right-click the image, *Open in MaskEditor*, paint where the edit goes and "
+                  "save. The mask's bounding box selects which part of the input conditions the edit (the "
+                  "reference's cond_bbox).\n\n" + SETUP, mask=True, note_size=(340, 260))
 
 
 def native_latent_chain() -> Graph:
