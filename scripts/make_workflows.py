@@ -198,7 +198,7 @@ def task_intent() -> Graph:
                                                 "identity preservation, background preservation, style preservation",
                                                 True],
                  inputs=[("instruction", "STRING", True), ("model", "TAGMOE_MODEL", True), ("image", "IMAGE", True)],
-                 outputs=[("tags", "TAGMOE_TAGS"), ("tags_text", "STRING")], size=(340, 300))
+                 outputs=[("tags", "TAGMOE_TAGS"), ("tags_text", "STRING")], size=(340, 420))
     t = text_encode(g, (820, 80), EDIT_PROMPT, prompt_input=True)
     s = sampler(g, (1220, 80), guidance=1.0, record=True)
     d = decode(g, (1580, 80))
@@ -226,12 +226,15 @@ def task_intent() -> Graph:
     return g
 
 
-def thumbnail(graph: dict, path: Path, scale: float = 0.4) -> None:
-    """A drawing of the graph: nodes as titled boxes, links as curves coloured by type."""
+def thumbnail(graph: dict, path: Path, size: tuple[int, int] = (640, 480)) -> None:
+    """A drawing of the graph, fitted to a 4:3 card: nodes as titled boxes, links as curves."""
     xs = [n["pos"][0] for n in graph["nodes"]] + [n["pos"][0] + n["size"][0] for n in graph["nodes"]]
-    ys = [n["pos"][1] for n in graph["nodes"]] + [n["pos"][1] + n["size"][1] for n in graph["nodes"]]
-    x0, y0 = min(xs) - 30, min(ys) - 50
-    width, height = int((max(xs) - x0 + 30) * scale), int((max(ys) - y0 + 30) * scale)
+    ys = [n["pos"][1] - 20 for n in graph["nodes"]] + [n["pos"][1] + n["size"][1] for n in graph["nodes"]]
+    span_x, span_y = max(xs) - min(xs), max(ys) - min(ys)
+    scale = min((size[0] - 24) / span_x, (size[1] - 24) / span_y)
+    x0 = min(xs) - (size[0] / scale - span_x) / 2
+    y0 = min(ys) - (size[1] / scale - span_y) / 2
+    width, height = size
     image = Image.new("RGB", (width, height), (32, 33, 36))
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()

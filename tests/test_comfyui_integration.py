@@ -211,3 +211,43 @@ def test_pack_loads_serves_its_extension_and_lists_its_workflows(server):
     assert thumb.ok and thumb.content[:3] == b"\xff\xd8\xff"
     info = requests.get(f"{server['url']}/object_info/TagMoESampler", timeout=10).json()["TagMoESampler"]
     assert info["category"] == "TAG-MoE" and info["output"] == ["LATENT", "INT", "TAGMOE_ROUTING"]
+
+
+def test_tag_picker_in_the_real_frontend(server):
+    """ComfyUI's own frontend in headless Chromium: the picker is on the Task Tags node, follows the
+    annotation rules, writes the node's tags text, and the node is tall enough to show it."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs Chromium (Debian package 'chromium')")
+    workflow = json.loads((REPO / "workflows" / "tagmoe_task_intent.json").read_text())
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(e.stack or str(e)))
+            page.goto(server["url"], wait_until="networkidle", timeout=120_000)
+            page.wait_for_function("() => window.app && window.app.graph", timeout=60_000)
+            page.wait_for_timeout(1000)
+            page.keyboard.press("Escape")  # the first-run template browser
+            page.evaluate("wf => window.app.loadGraphData(wf)", workflow)
+            page.wait_for_timeout(1500)
+            state = page.evaluate("""() => {
+                const n = window.app.graph._nodes.find(n => n.type === 'TagMoETaskTags');
+                const c = window.app.canvas; c.ds.scale = 1; c.ds.offset = [-n.pos[0] + 60, -n.pos[1] + 60];
+                c.setDirty(true, true);
+                return {widgets: n.widgets.map(w => w.name), size: n.size, min: n.computeSize()}; }""")
+            assert "tag_picker" in state["widgets"] and state["size"][1] >= state["min"][1]
+            page.wait_for_timeout(500)
+            page.get_by_label("attribute editing").check()
+            page.get_by_label("style transfer").check()
+            tags = page.evaluate("() => window.app.graph._nodes.find(n => n.type === 'TagMoETaskTags')"
+                                 ".widgets.find(w => w.name === 'tags').value")
+            assert "style transfer" in tags and "attribute editing" not in tags
+            assert not page.get_by_label("attribute editing").is_checked()
+            assert not [e for e in errors if "tagmoe" in e.lower()], errors
+        finally:
+            browser.close()

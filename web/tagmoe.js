@@ -35,6 +35,13 @@ function showInfo(node, text) {
   app.graph?.setDirtyCanvas(true, true);
 }
 
+const PICKER_HEIGHT = 170; // two fieldsets of up to six checkbox rows
+
+function fitNode(node) {
+  const size = node.computeSize();
+  node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
+}
+
 function parseTags(text) {
   return new Set((text || "").split(/[,;]/).map((t) => t.trim().toLowerCase()).filter(Boolean));
 }
@@ -87,7 +94,10 @@ function addTagPicker(node) {
       box.disabled = generation && TIERS["edit types"].includes(name);
     }
   }
-  node.addDOMWidget("tag_picker", "tagmoe_picker", root, { serialize: false, hideOnZoom: true });
+  node.addDOMWidget("tag_picker", "tagmoe_picker", root, {
+    serialize: false, hideOnZoom: true, getMinHeight: () => PICKER_HEIGHT, getMaxHeight: () => PICKER_HEIGHT,
+  });
+  fitNode(node);
   for (const widget of [tagsWidget, scopeWidget]) {
     const callback = widget.callback;
     widget.callback = function () {
@@ -114,6 +124,12 @@ app.registerExtension({
       nodeType.prototype.onNodeCreated = function () {
         const result = onNodeCreated?.apply(this, arguments);
         addTagPicker(this);
+        return result;
+      };
+      const onConfigure = nodeType.prototype.onConfigure;
+      nodeType.prototype.onConfigure = function () {
+        const result = onConfigure?.apply(this, arguments);
+        fitNode(this); // a saved size from before the picker would cut it off
         return result;
       };
     }
