@@ -19,7 +19,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .buckets import snap_to_bucket
+from .buckets import nearest_bucket, snap_to_bucket
 from .errors import InputError
 from .latents import PIXELS_PER_TOKEN, denormalize, normalize, pack, unpack
 from .rope import RegionShape
@@ -219,7 +219,7 @@ class TagMoEPipeline:
         if init_latents is not None and (width is None or height is None):
             height, width = init_latents.shape[-2] * 8, init_latents.shape[-1] * 8
         if image is not None:
-            bucket = snap_to_bucket(image).size if (width is None or height is None) else None
+            bucket = nearest_bucket(*image.size) if (width is None or height is None) else None
             width = bucket[0] if width is None else width
             height = bucket[1] if height is None else height
         width = DEFAULT_SIZE if width is None else width
