@@ -29,12 +29,18 @@ from .errors import TagMoEError
 
 MODES = ("auto", "single", "multi-gpu", "model-offload", "block-swap")
 FP8 = torch.float8_e4m3fn
-# Activation memory of one transformer pass, per token, in units of hidden_size x dtype bytes:
-# the attention and MLP intermediates of the widest block (QKV, attention output, the 4x MLP
-# hidden and its activation, the MoE's gathered copies) with headroom. Not calibrated on a GPU yet.
+# Activation memory of one transformer pass, per token, in units of inner dim x dtype bytes.
+# Measured with bench/bench_memory.py (every tensor the operators allocate, release block shapes):
+# 15.1 with the CPU's expert loop and 16.0 with the CUDA path's grouped GEMMs in fp32, and 6% more
+# in bf16 (the RoPE and RMSNorm steps compute in fp32), so ~17 on a GPU. 24 leaves ~40% for the
+# CUDA caching allocator's rounding and fragmentation and for kernel workspaces, which a tensor
+# count does not see; a GPU measurement (bench/bench_gpu.py) is still to confirm it.
 ACTIVATION_FACTOR = 24
 TEXT_TOKENS = 256  # a long prompt with the template
-VAE_BYTES_PER_PIXEL = 640  # decoder working set at full resolution (bf16), conservative
+# The VAE decoder's working set, in elements per output pixel. Measured: 1731 (Qwen-Image's VAE,
+# 128x128 to 512x512, linear in pixels: the causal 3D convolutions pad and cache whole feature
+# maps). 2304 adds a third for convolution workspaces; ComfyUI budgets 7000 for this VAE.
+VAE_ELEMENTS_PER_PIXEL = 2304
 
 
 class PlacementError(TagMoEError):
@@ -128,8 +134,9 @@ def activation_bytes(sizes: ComponentSizes, width: int, height: int, edit: bool 
     return tokens * sizes.hidden_size * sizes.dtype_bytes * ACTIVATION_FACTOR
 
 
-def vae_work_bytes(width: int, height: int) -> int:
-    return width * height * VAE_BYTES_PER_PIXEL
+def vae_work_bytes(width: int, height: int, dtype_bytes: int = 2) -> int:
+    """One VAE decode at ``width`` x ``height`` in a dtype of ``dtype_bytes``."""
+    return width * height * VAE_ELEMENTS_PER_PIXEL * dtype_bytes
 
 
 @dataclass
@@ -170,7 +177,7 @@ def need_for(mode: str, sizes: ComponentSizes, devices: DeviceSpec, *, width: in
     phase needs only the encoder and the VAE.
     """
     act = activation_bytes(sizes, width, height, edit)
-    decode = vae_work_bytes(width, height)
+    decode = vae_work_bytes(width, height, sizes.dtype_bytes)
     visiting_text = 0 if text_encoder_on_cpu else \
         sizes.text_encoder + activation_bytes(replace(sizes, hidden_size=3584), 0, 0, False)
     first, last = devices.ids[0], devices.ids[-1]
