@@ -10,6 +10,9 @@ from . import comfy_bridge as bridge
 from .conversions import ORIGINAL_SIZE_KEY, latent_to_batch, pil_to_image_batch
 
 
+TILED = {"auto": None, "always": True, "never": False}
+
+
 class TagMoEDecode:
     DESCRIPTION = "Decodes Qwen-Image latents to images with the VAE of the loaded TAG-MoE model."
     CATEGORY = "TAG-MoE"
@@ -30,10 +33,15 @@ class TagMoEDecode:
             "optional": {
                 "original_image": ("IMAGE", {"tooltip": "the size to restore with keep_original_size (default: "
                                                         "the size the sampler recorded)"}),
+                "tiled": (list(TILED), {"default": "auto", "tooltip": "decode in overlapping 256 px tiles (a "
+                                                                      "fraction of the memory). auto: whole, and in "
+                                                                      "tiles if the GPU runs out of memory"}),
             },
         }
 
-    def decode(self, model, latent, keep_original_size=False, original_image=None):
+    def decode(self, model, latent, keep_original_size=False, original_image=None, tiled="auto"):
+        if tiled not in TILED:
+            raise InputError(f"tiled must be one of {', '.join(TILED)}, got {tiled!r}")
         pipe = model.require()
         samples = latent_to_batch(latent)
         sizes = None
@@ -47,7 +55,7 @@ class TagMoEDecode:
                                      "(this latent does not carry the input's size)")
             if len({tuple(s) for s in sizes}) > 1:
                 raise InputError("the images of this batch had different original sizes; decode them separately")
-        images = torch.cat([pipe.decode(samples[i:i + 1]) for i in range(samples.shape[0])])
+        images = torch.cat([pipe.decode(samples[i:i + 1], TILED[tiled]) for i in range(samples.shape[0])])
         if sizes is None:
             return (images,)
         resized = [im.resize(tuple(size), Image.LANCZOS) for im, size in zip(pipe.to_pil(images), sizes)]

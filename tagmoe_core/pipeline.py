@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .buckets import nearest_bucket, snap_to_bucket
-from .errors import InputError
+from .errors import DeviceError, InputError
 from .latents import PIXELS_PER_TOKEN, denormalize, normalize, pack, unpack
 from .rope import RegionShape
 from .routing import RoutingRecorder
@@ -332,16 +332,38 @@ class TagMoEPipeline:
 
     # -- pixels ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents [B, 16, 1, h, w] -> images [B, H, W, 3] float32 in 0..1 (on the CPU)."""
+    def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+        """VAE latents [B, 16, 1, h, w] -> images [B, H, W, 3] float32 in 0..1 (on the CPU).
+
+        ``tiled``: decode in overlapping tiles (a fraction of the memory, seams blended); None
+        decodes whole and falls back to tiles when the GPU runs out of memory, so a finished
+        sampling run is not lost to its last step.
+        """
         if latents.ndim == 4:
             latents = latents[:, :, None]
         vae_device = next(self.vae.parameters()).device
-        out = self.vae.decode(latents.to(vae_device, self.vae.dtype), return_dict=False)[0][:, :, 0].float()
+        z = latents.to(vae_device, self.vae.dtype)
+        try:
+            out = self._vae_decode(z, bool(tiled))
+        except torch.OutOfMemoryError as error:
+            if tiled is not None:
+                raise DeviceError(f"out of GPU memory decoding {z.shape[-1] * 8}x{z.shape[-2] * 8}"
+                                 f"{' in tiles' if tiled else ''}: free memory (another model?) or decode "
+                                 "smaller images") from error
+            log.warning("out of GPU memory decoding %dx%d whole; decoding it in tiles instead",
+                        z.shape[-1] * 8, z.shape[-2] * 8)
+            torch.cuda.empty_cache()
+            return self.decode(latents, tiled=True)
+        out = out[:, :, 0].float()
         if not torch.isfinite(out).all():
             log.warning("the decoded image has NaN/inf values (numeric overflow?); they are shown as black")
             out = torch.nan_to_num(out, nan=-1.0, posinf=1.0, neginf=-1.0)
         return (out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+    def _vae_decode(self, z: torch.Tensor, tiled: bool) -> torch.Tensor:
+        if tiled:  # diffusers' tiles: 256 px, stride 192, blended
+            return self.vae.tiled_decode(z, return_dict=False)[0]
+        return self.vae.decode(z, return_dict=False)[0]
 
     @staticmethod
     def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -283,3 +283,14 @@ STABLE_REQUIRED = {
 
 def test_required_inputs_are_a_stable_contract(nodes):
     assert {name: set(cls.INPUT_TYPES()["required"]) for name, cls in nodes.items()} == STABLE_REQUIRED
+
+
+def test_decode_in_tiles(nodes, model):
+    decode = nodes["TagMoEDecode"]
+    torch.manual_seed(0)
+    latent = {"samples": torch.randn(1, 16, 1, 36, 36)}
+    (whole,), _ = run_node(decode, model=model, latent=latent)
+    (tiled,), _ = run_node(decode, model=model, latent=latent, tiled="always")
+    assert tiled.shape == whole.shape == (1, 288, 288, 3) and not torch.equal(tiled, whole)
+    with pytest.raises(PACK_ERROR, match="tiled must be one of auto, always, never"):  # an API prompt
+        decode().decode(model, latent, tiled="sometimes")  # that skipped ComfyUI's validation

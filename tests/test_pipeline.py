@@ -187,3 +187,33 @@ def test_bad_images_and_prompts(tiny_pipe, photo):
         tiny_pipe.encode_prompt(None)
     with pytest.raises(InputError, match="region edit needs"):
         tiny_pipe.sample(tiny_pipe.encode(PROMPT), None, width=32, height=32, steps=1, region=(0, 0, 1, 1))
+
+
+def test_tiled_decode_matches_the_whole_decode(tiny_pipe):
+    torch.manual_seed(0)
+    latents = torch.randn(1, 16, 1, 48, 40)  # 320x384: several 256 px tiles
+    whole, tiled = tiny_pipe.decode(latents), tiny_pipe.decode(latents, tiled=True)
+    assert tiled.shape == whole.shape == (1, 384, 320, 3)
+    assert not torch.equal(tiled, whole)  # really tiled (blended seams)...
+    assert (tiled - whole).abs().mean() < 0.02  # ...and the same picture
+
+
+def test_decode_falls_back_to_tiles_when_the_gpu_runs_out_of_memory(tiny_pipe, monkeypatch, caplog):
+    """A whole decode that runs out of GPU memory is done again in tiles instead of losing the
+    sampled latents. (No GPU here: the VAE's whole-image decode raises CUDA's error; the tiled
+    decode that follows is the real one.)"""
+    from tagmoe_core.errors import DeviceError
+
+    torch.manual_seed(0)
+    latents = torch.randn(1, 16, 1, 40, 40)
+    expected = tiny_pipe.decode(latents, tiled=True)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.50 GiB")
+
+    monkeypatch.setattr(tiny_pipe.vae, "decode", out_of_memory)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(tiny_pipe.decode(latents), expected)
+    assert "decoding it in tiles instead" in caplog.text
+    with pytest.raises(DeviceError, match="out of GPU memory decoding 320x320: free memory"):
+        tiny_pipe.decode(latents, tiled=False)
