@@ -66,6 +66,18 @@ def test_pack_exports_and_categories(pack, nodes):
                 assert len(entry) > 1 and entry[1].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
 
 
+def test_pack_root_imports_as_a_plain_module():
+    """pytest imports the repository's __init__.py as a top-level module when the checkout's
+    folder name is not an identifier ("comfyui-tagmoe"); a relative import there failed every
+    test at setup (found by CI in a clean clone)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("__init__", REPO / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.NODE_CLASS_MAPPINGS == {} and module.WEB_DIRECTORY == "./web"
+
+
 def test_loader_lists_models_and_reports_placement(nodes, models_dir, model):
     spec = nodes["TagMoEModelLoader"].INPUT_TYPES()["required"]
     assert spec["base_model"][0] == ["Qwen-Image-tiny"]
