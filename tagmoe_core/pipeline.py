@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import secrets
 from collections.abc import Callable, Sequence
@@ -343,16 +344,25 @@ class TagMoEPipeline:
             latents = latents[:, :, None]
         vae_device = next(self.vae.parameters()).device
         z = latents.to(vae_device, self.vae.dtype)
+        width, height = z.shape[-1] * 8, z.shape[-2] * 8
+        out = None
         try:
             out = self._vae_decode(z, bool(tiled))
         except torch.OutOfMemoryError as error:
             if tiled is not None:
-                raise DeviceError(f"out of GPU memory decoding {z.shape[-1] * 8}x{z.shape[-2] * 8}"
-                                 f"{' in tiles' if tiled else ''}: free memory (another model?) or decode "
-                                 "smaller images") from error
-            log.warning("out of GPU memory decoding %dx%d whole; decoding it in tiles instead",
-                        z.shape[-1] * 8, z.shape[-2] * 8)
-            torch.cuda.empty_cache()
+                raise DeviceError(f"out of GPU memory decoding {width}x{height}{' in tiles' if tiled else ''}: free "
+                                  "memory (another model?), decode smaller images"
+                                  f"{'' if tiled else ', or decode in tiles (tiled: auto or always)'}") from error
+            log.warning("out of GPU memory decoding %dx%d whole; decoding it in tiles instead", width, height)
+        finally:
+            # A decode that failed partway leaves the causal convolutions' feature cache behind.
+            self.vae.clear_cache()
+        if out is None:
+            # Retried here, not in the except block: the exception's traceback keeps the failed
+            # decode's activations alive until the block is left.
+            gc.collect()
+            if z.device.type == "cuda":
+                torch.cuda.empty_cache()
             return self.decode(latents, tiled=True)
         out = out[:, :, 0].float()
         if not torch.isfinite(out).all():

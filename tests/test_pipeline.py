@@ -215,5 +215,19 @@ def test_decode_falls_back_to_tiles_when_the_gpu_runs_out_of_memory(tiny_pipe, m
     with caplog.at_level("WARNING"):
         assert torch.equal(tiny_pipe.decode(latents), expected)
     assert "decoding it in tiles instead" in caplog.text
-    with pytest.raises(DeviceError, match="out of GPU memory decoding 320x320: free memory"):
+    with pytest.raises(DeviceError, match="out of GPU memory decoding 320x320: free memory.*decode in tiles"):
         tiny_pipe.decode(latents, tiled=False)
+
+
+def test_a_failed_decode_leaves_no_feature_cache_behind(tiny_pipe, monkeypatch):
+    """The VAE's causal convolutions cache feature maps while decoding; a decode that ran out of
+    memory partway left them held (the review found 21 maps; GBs on the real VAE)."""
+    from tagmoe_core.errors import DeviceError
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(tiny_pipe.vae.decoder.conv_out, "forward", out_of_memory)
+    with pytest.raises(DeviceError):
+        tiny_pipe.decode(torch.randn(1, 16, 1, 8, 8), tiled=False)
+    assert not any(f is not None for f in tiny_pipe.vae._feat_map)
