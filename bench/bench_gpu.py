@@ -131,22 +131,26 @@ def sizes_of(pipe) -> ComponentSizes:
 
 # -- one mode -------------------------------------------------------------------------------------------------------
 class Phase:
-    """Wall time and peak allocated GPU memory of a ``with`` block."""
+    """Wall time, and peak allocated and reserved memory on each GPU of ``ids``, of a ``with`` block
+    (reserved adds the caching allocator's slack and fragmentation: what runs out first)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds, self.peak = device, 0.0, None
+    def __init__(self, ids: tuple[int, ...]) -> None:
+        self.ids, self.seconds = ids, 0.0
+        self.allocated: dict[int, int] = {}
+        self.reserved: dict[int, int] = {}
 
     def __enter__(self) -> "Phase":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+        for i in self.ids:
+            torch.cuda.synchronize(i)
+            torch.cuda.reset_peak_memory_stats(i)
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
+        for i in self.ids:
+            torch.cuda.synchronize(i)
+            self.allocated[i] = torch.cuda.max_memory_allocated(i)
+            self.reserved[i] = torch.cuda.max_memory_reserved(i)
         self.seconds = time.perf_counter() - self.start
 
 
@@ -158,57 +162,66 @@ def run_mode(name: str, args) -> dict[str, Any]:
     gpus = torch.cuda.device_count() if device.type == "cuda" else 1
     if options["mode"] == "multi-gpu" and gpus < 2:
         return {"mode": name, "skipped": "needs two GPUs or more"}
-    devices = DeviceSpec(device.type, tuple(range(gpus)) if options["mode"] == "multi-gpu" else (device.index or 0,)) \
-        if device.type == "cuda" else DeviceSpec("cpu")
+    cuda = device.type == "cuda"
+    devices = DeviceSpec("cuda", tuple(range(gpus)) if options["mode"] == "multi-gpu" else (device.index or 0,))
+    ids = devices.ids if cuda else ()  # measured GPUs (none on the CPU; estimates are still for a GPU)
     text_device = devices.last if options["mode"] == "multi-gpu" else device
     pipe = build_pipeline(args.tiny, device, dtype, text_device)
     if options.get("blocks_on_gpu"):
         options["blocks_on_gpu"] = min(options["blocks_on_gpu"], len(pipe.transformer.transformer_blocks))
     sizes = sizes_of(pipe)
     placement = Placement(devices=devices, **options)
-    if options["mode"] == "multi-gpu":
+    budgets = None
+    if options["mode"] == "multi-gpu":  # as the loader splits: whole blocks, in order, within free memory
         from accelerate import dispatch_model
 
-        free = {i: torch.cuda.mem_get_info(i)[0] for i in devices.ids}
-        free[devices.ids[0]] += sizes.transformer  # the transformer was materialised on the first GPU
-        free[devices.last.index] -= sizes.text_encoder
-        pipe.transformer = dispatch_model(pipe.transformer, plan_transformer_split(
-            pipe.transformer, gpu_budgets(devices.ids, free), dtype))
-    with Phase(device) as place:
+        free = {i: torch.cuda.mem_get_info(i)[0] for i in devices.ids}  # the text encoder is already in place
+        free[devices.ids[0]] += sizes.transformer  # materialised on the first GPU, about to be split
+        if args.gpu_cap_gib:
+            free = {i: min(f, int(args.gpu_cap_gib * GIB)) for i, f in free.items()}
+        budgets = gpu_budgets(devices.ids, free)
+        pipe.transformer = dispatch_model(pipe.transformer, plan_transformer_split(pipe.transformer, budgets, dtype))
+    with Phase(ids) as place:
         apply_placement(pipe, placement, device)
-    estimate = need_for(options["mode"], sizes.fp8() if options.get("fp8") else sizes,
-                        devices if device.type == "cuda" else DeviceSpec("cuda", (0,)),  # on the CPU: what a GPU would
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()  # what moved off the GPU must not count as reserved below
+    estimate = need_for(options["mode"], sizes.fp8() if options.get("fp8") else sizes, devices,
                         width=args.size, height=args.size, drop_text_encoder=options.get("drop_text_encoder", False),
-                        blocks_on_gpu=options.get("blocks_on_gpu"),
+                        blocks_on_gpu=options.get("blocks_on_gpu"), budgets=budgets,
                         text_encoder_on_cpu=options.get("text_encoder_on_cpu", False))
     image = demo_image(args.size, args.size)
-    with Phase(device) as encode:
+    with Phase(ids) as encode:
         conditioning = pipe.encode(PROMPT, "")
     step_ends: list[float] = []
 
     def on_step(info) -> None:
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
         step_ends.append(time.perf_counter())
 
-    with Phase(device) as sample:
+    with Phase(ids) as sample:
         out = pipe.sample(conditioning, image, width=args.size, height=args.size, steps=args.steps, cfg=4.0,
                           seed=0, callback=on_step)
-    with Phase(device) as decode:
-        pipe.decode(out.latents)
+    with Phase(ids) as decode:
+        pipe.decode(out.latents, tiled=False)  # the whole decode the estimate budgets (an OOM shows as a failure)
     steps = [b - a for a, b in zip([sample.start] + step_ends, step_ends)][1:]  # the first one warms up
-    peaks = [p.peak for p in (encode, sample, decode)]
-    measured = max(peaks) if device.type == "cuda" else None
-    first = devices.ids[0] if device.type == "cuda" else 0
-    return {
+    phases = {"encode": encode, "denoise": sample, "decode": decode}
+    row: dict[str, Any] = {
         "mode": name, "placement": placement.describe(), "size": args.size, "steps": args.steps,
+        "device": torch.cuda.get_device_name(device) if cuda else platform.machine(),
         "s_per_step": statistics.median(steps) if steps else sample.seconds,
         "placement_s": place.seconds, "encode_s": encode.seconds, "decode_s": decode.seconds,
-        "peak_gib": {phase: None if p is None else round(p / GIB, 2)
-                     for phase, p in zip(("encode", "denoise", "decode"), peaks)},
-        "estimate_gib": round(estimate[first] / GIB, 2) if estimate else None,
-        "measured_over_estimate": round(measured / estimate[first], 3) if measured and estimate else None,
+        "estimate_gib": {str(i): round(b / GIB, 2) for i, b in estimate.items()},  # str keys: JSON
     }
+    for i in ids:
+        allocated = {k: p.allocated[i] for k, p in phases.items()}
+        reserved = max(p.reserved[i] for p in phases.values())
+        row[f"cuda:{i}"] = {"allocated_gib": {k: round(v / GIB, 2) for k, v in allocated.items()},
+                            "reserved_gib": round(reserved / GIB, 2),
+                            "allocated_over_estimate": round(max(allocated.values()) / estimate[i], 3),
+                            "reserved_over_estimate": round(reserved / estimate[i], 3)}
+    return row
 
 
 # -- transformer passes: MoE vs dense, torch vs MegaBlocks ---------------------------------------------------------
@@ -282,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per round (median)")
     parser.add_argument("--tiny", action="store_true", help="toy shapes: a smoke run of the script")
     parser.add_argument("--in-process", action="store_true", help="run the modes in this process")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per mode")
+    parser.add_argument("--gpu-cap-gib", type=float, help="multi-gpu: cap each GPU's budget to force a split")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
@@ -298,26 +313,37 @@ def mode_rows(args, argv: list[str]) -> list[dict[str, Any]]:
             gc.collect()
             continue
         child = [a for a in argv if a != "--in-process"]
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), *child, "--one", name],
-                              capture_output=True, text=True)
+        try:
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), *child, "--one", name],
+                                  capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"mode": name, "failed": f"no result within {args.timeout} s"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         rows.append(json.loads(lines[-1]) if done.returncode == 0 and lines else
-                    {"mode": name, "failed": (done.stderr.strip().splitlines() or ["no output"])[-1]})
+                    {"mode": name, "failed": f"exit status {done.returncode}: {last}"})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def print_tables(rows: list[dict[str, Any]]) -> None:
-    print("\n| mode | s/step | peak encode / denoise / decode (GiB) | estimate (GiB) | measured / estimate |"
-          "\n| --- | ---: | ---: | ---: | ---: |")
+    print("\n| mode | s/step | GPU | peak allocated encode / denoise / decode (GiB) | peak reserved (GiB) | "
+          "estimate (GiB) | allocated / estimate | reserved / estimate |"
+          "\n| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         if "s_per_step" not in row:
-            if "mode" in row:
-                print(f"| {row['mode']} | {row.get('skipped') or 'failed: ' + row.get('failed', '')} | | | |")
+            print(f"| {row['mode']} | {row.get('skipped') or 'failed: ' + row.get('failed', '')} | | | | | | |")
             continue
-        peaks = " / ".join("n/a" if v is None else f"{v:.1f}" for v in row["peak_gib"].values())
-        print(f"| {row['placement']} | {row['s_per_step']:.2f} | {peaks} | {row['estimate_gib']} | "
-              f"{row['measured_over_estimate']} |")
+        gpus = [k for k in row if k.startswith("cuda:")] or [None]
+        for gpu in gpus:
+            m = row.get(gpu) or {}
+            peaks = " / ".join(f"{v:.1f}" for v in m["allocated_gib"].values()) if m else "n/a"
+            index = gpu.split(":")[1] if gpu else next(iter(row["estimate_gib"]))
+            print(f"| {row['placement']} | {row['s_per_step']:.2f} | {gpu or 'none'} | {peaks} | "
+                  f"{m.get('reserved_gib', 'n/a')} | {row['estimate_gib'][index]} | "
+                  f"{m.get('allocated_over_estimate', 'n/a')} | {m.get('reserved_over_estimate', 'n/a')} |")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -326,8 +352,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.one:
         print(json.dumps(run_mode(args.one, args)))
         return []
-    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.machine()
-    print(f"# {gpu}, torch {torch.__version__}, {args.dtype}, {args.size}x{args.size} edit, CFG 4, "
+    # The device's name comes with each row: asking CUDA here would hold a context on the GPU.
+    print(f"# torch {torch.__version__}, {args.device}, {args.dtype}, {args.size}x{args.size} edit, CFG 4, "
           f"{'tiny' if args.tiny else 'release'} shapes")
     if args.passes:
         rows = compare_passes(args)

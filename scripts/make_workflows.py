@@ -90,8 +90,9 @@ def sampler(g, pos, width=0, height=0, seed=1234, steps=30, cfg=4.0, denoise=1.0
 
 
 def decode(g, pos, keep=False):
-    return g.add("TagMoEDecode", pos, [keep, "auto"], inputs=[("model", "TAGMOE_MODEL", False), ("latent", "LATENT", False),
-                                                     ("original_image", "IMAGE", True)],
+    return g.add("TagMoEDecode", pos, [keep, "auto"],
+                 inputs=[("model", "TAGMOE_MODEL", False), ("latent", "LATENT", False),
+                         ("original_image", "IMAGE", True)],
                  outputs=[("image", "IMAGE")], size=(260, 130))
 
 
