@@ -34,10 +34,12 @@ from typing import Any
 import torch
 
 from tagmoe_core.devices import GIB, DeviceSpec, gpu_budgets, plan_transformer_split
+from tagmoe_core.loading import _assign
 from tagmoe_core.model import build_tagmoe_transformer
 from tagmoe_core.moe import MoESpec, megablocks_available, set_backend
 from tagmoe_core.placement import (RELEASE_TEXT_ENCODER, RELEASE_TRANSFORMER, ComponentSizes, Placement,
-                                   apply_placement, need_for)
+                                   _param_bytes, apply_placement, need_for)
+from tagmoe_core.tiny import TRANSFORMER_CONFIG as TINY_TRANSFORMER_CONFIG
 
 MODES: dict[str, dict[str, Any]] = {
     "single": {"mode": "single"},
@@ -51,9 +53,6 @@ MODES: dict[str, dict[str, Any]] = {
     "multi-gpu": {"mode": "multi-gpu"},
 }
 PROMPT = "Change the cloak to red color"
-TINY_TRANSFORMER = {"attention_head_dim": 16, "axes_dims_rope": [4, 6, 6], "in_channels": 64,
-                    "joint_attention_dim": 32, "num_attention_heads": 2, "num_layers": 4, "out_channels": 16,
-                    "patch_size": 2}
 TINY_TEXT_ENCODER = {"text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                      "num_attention_heads": 2, "num_key_value_heads": 1},
                      "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
@@ -74,8 +73,7 @@ def _randomise(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
             value.fill_(1.0 if "norm" in name else 0.0)
         else:
             value.normal_(0.0, 0.02, generator=generator)
-        module_name, _, attr = name.rpartition(".")
-        model.get_submodule(module_name)._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        _assign(model, name, value, device, dtype)
     return model
 
 
@@ -115,14 +113,14 @@ def build_pipeline(tiny: bool, device: torch.device, dtype: torch.dtype, text_de
     with torch.device(text_device or device):  # initialised where it will run (a 7B model in seconds)
         text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype).eval()
         vae = AutoencoderKLQwenImage(**(TINY_VAE if tiny else {})).to(dtype).eval()
-    transformer = build_transformer(TINY_TRANSFORMER if tiny else RELEASE_TRANSFORMER, device, dtype)
+    transformer = build_transformer(TINY_TRANSFORMER_CONFIG if tiny else RELEASE_TRANSFORMER, device, dtype)
     return TagMoEPipeline(transformer, vae, text_encoder, tokenizer,
                           FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), execution_device=device, dtype=dtype)
 
 
 def sizes_of(pipe) -> ComponentSizes:
     def nbytes(module) -> int:
-        return sum(p.numel() for p in module.parameters()) * pipe.dtype.itemsize
+        return _param_bytes(module, pipe.dtype)
 
     blocks = [nbytes(b) for b in pipe.transformer.transformer_blocks]
     return ComponentSizes(blocks, nbytes(pipe.transformer) - sum(blocks), nbytes(pipe.text_encoder),
@@ -252,7 +250,7 @@ def compare_passes(args) -> list[dict[str, Any]]:
     """Per-pass time of TAG-MoE (torch backend, and MegaBlocks where it runs) and of the dense
     Qwen-Image transformer, at the same size; per step with CFG is twice a pass."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    config = TINY_TRANSFORMER if args.tiny else RELEASE_TRANSFORMER
+    config = TINY_TRANSFORMER_CONFIG if args.tiny else RELEASE_TRANSFORMER
     inputs = pass_inputs(config, args.size, device, dtype)
     rows = []
     moe = build_transformer(config, device, dtype)
