@@ -33,12 +33,19 @@ from typing import Any
 
 import torch
 
-from tagmoe_core.devices import GIB, DeviceSpec, gpu_budgets, plan_transformer_split
-from tagmoe_core.loading import _assign
-from tagmoe_core.model import build_tagmoe_transformer
-from tagmoe_core.moe import MoESpec, megablocks_available, set_backend
-from tagmoe_core.placement import (RELEASE_TEXT_ENCODER, RELEASE_TRANSFORMER, ComponentSizes, Placement,
-                                   _param_bytes, apply_placement, need_for)
+from tagmoe_core.model.loading import _assign
+from tagmoe_core.model.moe import MoESpec, megablocks_available, set_backend
+from tagmoe_core.model.transformer import build_tagmoe_transformer
+from tagmoe_core.pipeline.placement import (
+    RELEASE_TEXT_ENCODER,
+    RELEASE_TRANSFORMER,
+    ComponentSizes,
+    Placement,
+    _param_bytes,
+    apply_placement,
+    need_for,
+)
+from tagmoe_core.runtime.devices import GIB, DeviceSpec, gpu_budgets, plan_transformer_split
 from tagmoe_core.tiny import TRANSFORMER_CONFIG as TINY_TRANSFORMER_CONFIG
 
 MODES: dict[str, dict[str, Any]] = {
@@ -95,7 +102,7 @@ def build_pipeline(tiny: bool, device: torch.device, dtype: torch.dtype, text_de
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from tagmoe_core.pipeline import TagMoEPipeline
+    from tagmoe_core.pipeline.pipeline import TagMoEPipeline
     from tagmoe_core.tiny import SCHEDULER_CONFIG, SPECIAL_TOKENS, train_tokenizer
 
     tokenizer = train_tokenizer()

@@ -6,7 +6,7 @@ loads the transformer in bf16 on the CPU and reads every weight once (so that me
 weights count as resident too); the process reports its peak resident set size above what it
 held after imports. Methods alternate, and medians over the runs are reported.
 
-* ``ours``: ``tagmoe_core.loading.load_tagmoe_transformer`` (meta device, tensors from the
+* ``ours``: ``tagmoe_core.model.loading.load_tagmoe_transformer`` (meta device, tensors from the
   safetensors memory map straight into place; the base weights are not read at all);
 * ``ours-fp32``: ours again, cast to float32 while loading (the CPU default): the peak is
   then relative to the fp32 model, twice the file;
@@ -55,8 +55,8 @@ def make(workdir: Path) -> None:
     import torch
     from huggingface_hub import save_torch_state_dict
 
-    from tagmoe_core.model import build_tagmoe_transformer
-    from tagmoe_core.moe import MoESpec
+    from tagmoe_core.model.moe import MoESpec
+    from tagmoe_core.model.transformer import build_tagmoe_transformer
 
     if (workdir / "DONE").is_file():
         return
@@ -84,7 +84,7 @@ def make(workdir: Path) -> None:
 def load_ours(workdir: Path, dtype: str = "bfloat16"):
     import torch
 
-    from tagmoe_core.loading import load_tagmoe_transformer
+    from tagmoe_core.model.loading import load_tagmoe_transformer
 
     model, _ = load_tagmoe_transformer(workdir / "tagmoe", workdir / "base", dtype=getattr(torch, dtype),
                                        device="cpu", backend="torch")
@@ -96,8 +96,8 @@ def load_reference(workdir: Path):
     from diffusers import QwenImageTransformer2DModel
     from safetensors.torch import load_file
 
-    from tagmoe_core.model import convert_to_tagmoe
-    from tagmoe_core.moe import MoESpec
+    from tagmoe_core.model.moe import MoESpec
+    from tagmoe_core.model.transformer import convert_to_tagmoe
 
     model = QwenImageTransformer2DModel.from_pretrained(workdir / "base" / "transformer", torch_dtype=torch.bfloat16)
     convert_to_tagmoe(model, MoESpec(num_moe_blocks=MOE_BLOCKS), backend="torch")  # allocated + initialised
@@ -109,11 +109,11 @@ def load_reference(workdir: Path):
 
 
 def measure(method: str, workdir: Path) -> dict:
-    import torch
-
-    from tagmoe_core.loading import load_tagmoe_transformer  # noqa: F401 - imports before the baseline
     import diffusers  # noqa: F401
     import safetensors.torch  # noqa: F401
+    import torch
+
+    from tagmoe_core.model.loading import load_tagmoe_transformer  # noqa: F401 - imports before the baseline
 
     before = rss_bytes()
     start = time.perf_counter()

@@ -5,7 +5,7 @@ The transformer is a slice of the release: Qwen-Image's block shapes (inner dim 
 of 128, MLP 12288, text dim 3584, RoPE axes 16/56/56) with two blocks, the second a 4-expert
 top-1 MoE block; activations do not add up over blocks (each block's are freed before the
 next), so two blocks peak like sixty. The VAE is Qwen-Image's at full size. Weights are random.
-Peaks are counted with ``tagmoe_core.memory.TensorMemoryTracker`` (every tensor an operator
+Peaks are counted with ``tagmoe_core.runtime.memory.TensorMemoryTracker`` (every tensor an operator
 allocates, until freed); on CUDA also with ``torch.cuda.max_memory_allocated``.
 
     python bench/bench_memory.py                          # CPU: fp32 (this CPU has no fast bf16)
@@ -24,11 +24,11 @@ import platform
 
 import torch
 
-from tagmoe_core import moe
-from tagmoe_core.memory import TensorMemoryTracker
-from tagmoe_core.model import build_tagmoe_transformer
-from tagmoe_core.moe import MoESpec
-from tagmoe_core.placement import RELEASE_TRANSFORMER, TEXT_TOKENS
+from tagmoe_core.model import moe
+from tagmoe_core.model.moe import MoESpec
+from tagmoe_core.model.transformer import build_tagmoe_transformer
+from tagmoe_core.pipeline.placement import RELEASE_TRANSFORMER, TEXT_TOKENS
+from tagmoe_core.runtime.memory import TensorMemoryTracker
 
 MIB = 2**20
 

@@ -18,7 +18,7 @@ import torch
 from diffusers.models.attention import FeedForward
 from torch.utils import benchmark
 
-from tagmoe_core.moe import MoESpec, TagMoEFeedForward
+from tagmoe_core.model.moe import MoESpec, TagMoEFeedForward
 
 
 def median_ms(fn, x, repeats: int) -> float:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from tagmoe_core.demo import demo_image
-from tagmoe_core.devices import GIB, DeviceSpec
-from tagmoe_core.loading import load_pipeline
-from tagmoe_core.placement import Placement, apply_placement, choose_placement, need_for, release_sizes
+from tagmoe_core.pipeline.builder import load_pipeline
+from tagmoe_core.pipeline.placement import Placement, apply_placement, choose_placement, need_for, release_sizes
+from tagmoe_core.runtime.devices import GIB, DeviceSpec
 from tagmoe_core.tiny import ensure_tiny_bundle
 
 CPU = DeviceSpec("cpu")

@@ -9,7 +9,6 @@ from ..tagmoe_core.errors import InputError
 from . import comfy_bridge as bridge
 from .conversions import ORIGINAL_SIZE_KEY, latent_to_batch, pil_to_image_batch
 
-
 TILED = {"auto": None, "always": True, "never": False}
 
 

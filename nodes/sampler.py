@@ -62,8 +62,8 @@ class TagMoESampler:
 
     def sample(self, model, conditioning, seed, steps, cfg, width=0, height=0, images_per_prompt=1, image=None,
                mask=None, latent=None, denoise=1.0, tags=None, tag_guidance=0.0, record_routing=False, unique_id=None):
-        from ..tagmoe_core.pipeline import region_from_pixel_box
-        from ..tagmoe_core.routing import RoutingRecorder
+        from ..tagmoe_core.intent.routing import RoutingRecorder
+        from ..tagmoe_core.pipeline.pipeline import region_from_pixel_box
 
         pipe = model.require()
         if (width == 0) != (height == 0):

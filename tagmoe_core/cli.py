@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from .devices import DTYPES
 from .errors import TagMoEError
-from .moe import BACKENDS
-from .placement import MODES
-
+from .model.moe import BACKENDS
+from .pipeline.placement import MODES
+from .runtime.devices import DTYPES
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -125,11 +124,9 @@ def _outputs(output: str, count: int) -> list[Path]:
 def run(args) -> int:
     from tqdm.auto import tqdm
 
-    from .loading import load_pipeline
-    from .pipeline import region_from_pixel_box
-
-    from .devices import resolve_devices
-    from .pipeline import check_size
+    from .pipeline.builder import load_pipeline
+    from .pipeline.pipeline import check_size, region_from_pixel_box
+    from .runtime.devices import resolve_devices
 
     # Check everything that can be checked before spending minutes loading the model.
     for name in ("width", "height"):

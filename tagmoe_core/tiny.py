@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .moe import MoESpec
+from .model.moe import MoESpec
 
 TINY_VERSION = 1
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -105,7 +105,7 @@ def train_tokenizer(vocab_size: int = 640):
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    from .chat_template import QWEN_VL_CHAT_TEMPLATE
+    from .intent.chat_template import QWEN_VL_CHAT_TEMPLATE
 
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
@@ -118,7 +118,7 @@ def train_tokenizer(vocab_size: int = 640):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     # The prompt template itself is in the corpus, so that, as with Qwen's tokenizer, every word
     # of its system prefix is one token (34 tokens in all, the reference's drop index).
-    from .text_encoding import PROMPT_TEMPLATE
+    from .pipeline.text_encoding import PROMPT_TEMPLATE
 
     bpe.train_from_iterator([_CORPUS, PROMPT_TEMPLATE.format(_CORPUS)] * 4, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
@@ -195,7 +195,7 @@ def _write_tagmoe(bundle: TinyBundle, seed: int) -> None:
     from diffusers import QwenImageTransformer2DModel
     from huggingface_hub import save_torch_state_dict
 
-    from .model import convert_to_tagmoe
+    from .model.transformer import convert_to_tagmoe
 
     base = QwenImageTransformer2DModel.from_pretrained(bundle.base / "transformer")
     generator = torch.Generator().manual_seed(seed + 3)

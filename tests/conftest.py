@@ -22,7 +22,7 @@ def tiny_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_bundle):
-    from tagmoe_core.loading import load_pipeline
+    from tagmoe_core.pipeline.builder import load_pipeline
 
     return load_pipeline(tiny_bundle.base, tiny_bundle.tagmoe, device="cpu")
 

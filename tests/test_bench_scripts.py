@@ -7,7 +7,6 @@ import importlib.util
 import math
 from pathlib import Path
 
-
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 

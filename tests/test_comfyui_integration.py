@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from node_harness import REPO
+from PIL import Image
 from workflow_api import ui_to_api
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -46,10 +45,9 @@ def _full_size_vae_bundle(tiny_bundle, root: Path) -> tuple[Path, Path]:
     """The tiny base with a full-size (random) Qwen-Image VAE, which ComfyUI's VAE loader can
     build (it fixes the architecture), plus the same weights in ComfyUI's key layout."""
     import torch
+    from comfy_vae_convert import diffusers_qwen_vae_to_comfy
     from diffusers import AutoencoderKLQwenImage
     from safetensors.torch import save_file
-
-    from comfy_vae_convert import diffusers_qwen_vae_to_comfy
 
     base = root / "Qwen-Image"
     shutil.copytree(tiny_bundle.base, base, ignore=shutil.ignore_patterns("vae"))

@@ -7,11 +7,18 @@ import json
 import pytest
 import torch
 
-from tagmoe_core.devices import (GIB, DeviceSpec, device_for_key, gpu_budgets, parse_device_spec,
-                                 plan_transformer_split, resolve_devices)
 from tagmoe_core.errors import DeviceError
-from tagmoe_core.model import build_tagmoe_transformer
-from tagmoe_core.moe import MoESpec
+from tagmoe_core.model.moe import MoESpec
+from tagmoe_core.model.transformer import build_tagmoe_transformer
+from tagmoe_core.runtime.devices import (
+    GIB,
+    DeviceSpec,
+    device_for_key,
+    gpu_budgets,
+    parse_device_spec,
+    plan_transformer_split,
+    resolve_devices,
+)
 
 
 @pytest.mark.parametrize("spec, kind, ids", [
@@ -84,7 +91,7 @@ def test_device_for_key_uses_the_longest_prefix():
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_multi_gpu_pipeline_runs(tiny_bundle, photo):
-    from tagmoe_core.loading import load_pipeline
+    from tagmoe_core.pipeline.builder import load_pipeline
 
     pipe = load_pipeline(tiny_bundle.base, tiny_bundle.tagmoe, device="0,1")
     out = pipe.edit(photo, "Change the cloak to red color", width=32, height=32, steps=2, seed=0)

@@ -10,11 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tagmoe_core.errors import (CheckpointNotFoundError, CorruptCheckpointError, MissingKeysError,
-                                NotATagMoECheckpointError, ShapeMismatchError, UnexpectedKeysError,
-                                UnknownLayoutError)
-from tagmoe_core.loading import load_tagmoe_transformer
-from tagmoe_core.moe import TagMoEFeedForward
+from tagmoe_core.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    MissingKeysError,
+    NotATagMoECheckpointError,
+    ShapeMismatchError,
+    UnexpectedKeysError,
+    UnknownLayoutError,
+)
+from tagmoe_core.model.loading import load_tagmoe_transformer
+from tagmoe_core.model.moe import TagMoEFeedForward
 
 
 def shard_files(folder: Path) -> list[Path]:

@@ -6,12 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tagmoe_core import moe
-from tagmoe_core.memory import TensorMemoryTracker
-from tagmoe_core.model import build_tagmoe_transformer
-from tagmoe_core.moe import MoESpec
-from tagmoe_core.placement import (RELEASE_TRANSFORMER, TEXT_TOKENS, ComponentSizes, activation_bytes,
-                                   vae_work_bytes)
+from tagmoe_core.model import moe
+from tagmoe_core.model.moe import MoESpec
+from tagmoe_core.model.transformer import build_tagmoe_transformer
+from tagmoe_core.pipeline.placement import (
+    RELEASE_TRANSFORMER,
+    TEXT_TOKENS,
+    ComponentSizes,
+    activation_bytes,
+    vae_work_bytes,
+)
+from tagmoe_core.runtime.memory import TensorMemoryTracker
 
 MB4 = 1000 * 1000 * 4  # a 1000 x 1000 fp32 tensor
 

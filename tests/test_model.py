@@ -6,9 +6,9 @@ import json
 
 import torch
 
-from tagmoe_core.model import RouterHead, build_tagmoe_transformer, moe_summary
-from tagmoe_core.moe import MoESpec, TagMoEFeedForward
-from tagmoe_core.rope import TagMoERope
+from tagmoe_core.model.moe import MoESpec, TagMoEFeedForward
+from tagmoe_core.model.rope import TagMoERope
+from tagmoe_core.model.transformer import RouterHead, build_tagmoe_transformer, moe_summary
 
 QWEN_IMAGE_CONFIG = {  # Qwen/Qwen-Image transformer/config.json
     "_class_name": "QwenImageTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],

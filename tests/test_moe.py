@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tagmoe_core.errors import TagMoEError
-from tagmoe_core.moe import MoESpec, TagMoEFeedForward, dropless_moe, grouped_matmul, set_backend
+from tagmoe_core.model.moe import MoESpec, TagMoEFeedForward, dropless_moe, grouped_matmul, set_backend
 
 H, FFN = 16, 24
 
@@ -113,7 +113,7 @@ def test_trained_bias_is_never_added():
 
 
 def test_grouped_matmul_and_the_expert_loop_agree():
-    from tagmoe_core.moe import expert_loop
+    from tagmoe_core.model.moe import expert_loop
 
     counts = torch.tensor([3, 0, 5, 2])
     a = torch.randn(10, 16)
@@ -205,7 +205,7 @@ def test_spec_validation(kwargs, message):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_megablocks_backend_matches_torch_backend_on_gpu():
-    from tagmoe_core.moe import megablocks_available
+    from tagmoe_core.model.moe import megablocks_available
 
     if not megablocks_available():
         pytest.skip("megablocks is not importable")

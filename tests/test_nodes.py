@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-
 from node_harness import PACK_ERROR, REPO, load_pack, run_node
 
 PROMPT = "Change the cloak to red color"

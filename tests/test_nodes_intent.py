@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-
 from node_harness import PACK_ERROR, load_pack, run_node
 
 PROMPT = "Change the cloak to red color"

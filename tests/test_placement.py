@@ -6,11 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tagmoe_core.devices import GIB, DeviceSpec
-from tagmoe_core.loading import load_pipeline
-from tagmoe_core.moe import moe_layers
-from tagmoe_core.placement import (FP8, Placement, PlacementError, apply_placement, choose_placement,
-                                   component_sizes, need_for, release_sizes)
+from tagmoe_core.model.moe import moe_layers
+from tagmoe_core.pipeline.builder import load_pipeline
+from tagmoe_core.pipeline.placement import (
+    FP8,
+    Placement,
+    PlacementError,
+    apply_placement,
+    choose_placement,
+    component_sizes,
+    need_for,
+    release_sizes,
+)
+from tagmoe_core.runtime.devices import GIB, DeviceSpec
 
 PROMPT = "Change the cloak to red color"
 ONE, TWO = DeviceSpec("cuda", (0,)), DeviceSpec("cuda", (0, 1))
@@ -93,7 +101,7 @@ def test_refusals_name_a_mode_that_fits(release):
 
 
 def test_estimates_match_the_loaded_tiny_model(tiny_bundle, tiny_pipe):
-    from tagmoe_core.loading import plan_tagmoe_load
+    from tagmoe_core.model.loading import plan_tagmoe_load
 
     plan = plan_tagmoe_load(tiny_bundle.tagmoe, tiny_bundle.base)
     sizes = component_sizes(plan.model, tiny_bundle.base, torch.float32)

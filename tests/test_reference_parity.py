@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tagmoe_core.buckets import PREFERRED_BUCKETS, nearest_bucket, snap_to_bucket, to_rgb
-from tagmoe_core.latents import denormalize, normalize, pack, unpack
-from tagmoe_core.rope import RegionShape, TagMoERope
-from tagmoe_core.sampling import make_schedule, true_cfg
-from tagmoe_core.text_encoding import PROMPT_TEMPLATE, template_prefix_length
+from tagmoe_core.images import to_rgb
+from tagmoe_core.model.rope import RegionShape, TagMoERope
+from tagmoe_core.pipeline.buckets import PREFERRED_BUCKETS, nearest_bucket, snap_to_bucket
+from tagmoe_core.pipeline.latents import denormalize, normalize, pack, unpack
+from tagmoe_core.pipeline.sampling import make_schedule, true_cfg
+from tagmoe_core.pipeline.text_encoding import PROMPT_TEMPLATE, template_prefix_length
 from tagmoe_core.tiny import SCHEDULER_CONFIG
 
 # The reference's PREFERRED_QWENIMAGE_RESOLUTIONS, (width, height), in its order.

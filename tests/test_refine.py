@@ -12,8 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tagmoe_core.errors import TagMoEError
-from tagmoe_core.refine import (LocalVLM, OpenAIChatVLM, TextEncoderVLM, clean_answer, refine_instruction,
-                                tag_with_vlm)
+from tagmoe_core.intent.refine import (
+    LocalVLM,
+    OpenAIChatVLM,
+    TextEncoderVLM,
+    clean_answer,
+    refine_instruction,
+    tag_with_vlm,
+)
 from tagmoe_core.taxonomy import TaskTags
 
 INSTRUCTION = "Change the cloak to red color"

@@ -7,10 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from tagmoe_core.errors import InputError, TagMoEError
-from tagmoe_core.moe import moe_layers
-from tagmoe_core.routing import (RoutingRecorder, analyse, optimal_gate_distribution, router_head_output,
-                                 semantic_embedding)
-from tagmoe_core.routing_maps import parse_selection, render_expert_maps
+from tagmoe_core.intent.routing import (
+    RoutingRecorder,
+    analyse,
+    optimal_gate_distribution,
+    router_head_output,
+    semantic_embedding,
+)
+from tagmoe_core.intent.routing_maps import parse_selection, render_expert_maps
+from tagmoe_core.model.moe import moe_layers
 from tagmoe_core.taxonomy import TAG_NAMES, TaskTags
 
 PROMPT = "Turn the photo into a watercolor painting"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tagmoe_core.tagging import extract_json_object, rule_tags, tags_from_vlm_answer, vlm_tagging_prompt
-from tagmoe_core.taxonomy import (NUM_TAGS, PRESERVATIONS, SCOPES, TAG_DEFINITIONS, TAG_IDS, TYPES, TagError,
-                                  TaskTags)
+from tagmoe_core.intent.tagging import extract_json_object, rule_tags, tags_from_vlm_answer, vlm_tagging_prompt
+from tagmoe_core.taxonomy import NUM_TAGS, PRESERVATIONS, SCOPES, TAG_DEFINITIONS, TAG_IDS, TYPES, TagError, TaskTags
 
 LOCAL_KEEP = ("identity preservation", "background preservation", "style preservation")
 GLOBAL_KEEP = ("structure preservation", "identity preservation")

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from node_harness import REPO, load_pack
 
 SCRIPTS = sorted((REPO / "web").glob("*.js"))

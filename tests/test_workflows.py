@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from comfy_native_nodes import FILE_COMBOS, FRONTEND_ONLY, NATIVE_NODES
 from node_harness import REPO, load_pack
 

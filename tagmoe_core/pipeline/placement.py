@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .devices import GIB, RESERVE_BYTES, DeviceSpec
-from .errors import TagMoEError
+from ..errors import TagMoEError
+from ..runtime.devices import GIB, RESERVE_BYTES, DeviceSpec
 
 MODES = ("auto", "single", "multi-gpu", "model-offload", "block-swap")
 FP8 = torch.float8_e4m3fn
@@ -121,8 +121,8 @@ RELEASE_TEXT_ENCODER = {
 
 def release_sizes(dtype: torch.dtype = torch.bfloat16) -> ComponentSizes:
     """Component sizes of the TAG-MoE release (for estimates without the files at hand)."""
-    from .model import build_tagmoe_transformer
-    from .moe import MoESpec
+    from ..model.moe import MoESpec
+    from ..model.transformer import build_tagmoe_transformer
 
     meta = build_tagmoe_transformer(RELEASE_TRANSFORMER, MoESpec(), device="meta", dtype=dtype)
     return _sizes(meta, RELEASE_TEXT_ENCODER, {}, dtype)
@@ -326,7 +326,7 @@ def enable_fp8_storage(transformer: torch.nn.Module, compute_dtype: torch.dtype)
     from diffusers.hooks import apply_layerwise_casting
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN, apply_layerwise_casting_hook
 
-    from .moe import TagMoEFeedForward, moe_layers
+    from ..model.moe import TagMoEFeedForward, moe_layers
 
     apply_layerwise_casting(transformer, storage_dtype=FP8, compute_dtype=compute_dtype,
                             skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + ("tag_embedding", "router_head"),

@@ -20,16 +20,17 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from ..errors import DeviceError, InputError
+from ..intent.routing import RoutingRecorder
+from ..intent.routing import tag_guidance as guided_routing
+from ..intent.vlm import default_vlm_image_processor
+from ..model.rope import RegionShape
+from ..runtime.devices import module_device
+from ..taxonomy import TaskTags
 from .buckets import nearest_bucket, snap_to_bucket
-from .errors import DeviceError, InputError
 from .latents import PIXELS_PER_TOKEN, denormalize, normalize, pack, unpack
-from .rope import RegionShape
-from .routing import RoutingRecorder
-from .routing import tag_guidance as guided_routing
 from .sampling import DenoiseInputs, StepCallback, denoise, make_schedule
-from .taxonomy import TaskTags
-from .text_encoding import (PromptEmbeds, _module_device, default_vlm_image_processor, encode_prompt_with_image,
-                            encode_prompts, normalize_negative_prompt)
+from .text_encoding import PromptEmbeds, encode_prompt_with_image, encode_prompts, normalize_negative_prompt
 
 log = logging.getLogger("tagmoe")
 
@@ -144,17 +145,9 @@ class TagMoEPipeline:
         self._vlm_image_processor = vlm_image_processor
         self.image_processor = VaeImageProcessor(vae_scale_factor=PIXELS_PER_TOKEN)
 
-    # -- construction ---------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, base, tagmoe, **kwargs) -> "TagMoEPipeline":
-        """See :func:`tagmoe_core.loading.load_pipeline`."""
-        from .loading import load_pipeline
-
-        return load_pipeline(base, tagmoe, **kwargs)
-
     @property
     def device(self) -> torch.device:
-        return self._execution_device or _module_device(self.transformer)
+        return self._execution_device or module_device(self.transformer)
 
     @property
     def dtype(self) -> torch.dtype:

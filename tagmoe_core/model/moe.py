@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import TagMoEError
+from ..errors import TagMoEError
 
 Backend = Literal["auto", "torch", "megablocks"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "megablocks")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
-from .errors import InputError
+from ..errors import InputError
 
 
 @dataclass(frozen=True)

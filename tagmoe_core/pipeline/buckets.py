@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from PIL import Image
 
+from ..images import to_rgb
+
 _TALL = ((512, 2048), (512, 1984), (512, 1920), (512, 1856), (512, 1792), (512, 1728), (512, 1664),
          (512, 1600), (512, 1536), (576, 1472), (640, 1408), (704, 1344), (768, 1280), (832, 1216),
          (896, 1152), (960, 1088))
@@ -20,15 +22,6 @@ def nearest_bucket(width: int, height: int) -> tuple[int, int]:
     ratio = width / height
     _, w, h = min((abs(ratio - w / h), w, h) for w, h in PREFERRED_BUCKETS)
     return w, h
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency composited on white (RGBA, LA and palette images alike)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def snap_to_bucket(image: Image.Image) -> Image.Image:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownLayoutError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownLayoutError
 
 DEFAULT_WEIGHT_NAME = "diffusion_pytorch_model.safetensors"
 DEFAULT_INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")

@@ -29,8 +29,8 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from .buckets import to_rgb
-from .errors import TagMoEError
+from ..errors import TagMoEError
+from ..images import to_rgb
 from .tagging import TagResult, tags_from_vlm_answer, vlm_tagging_prompt
 
 log = logging.getLogger("tagmoe")
@@ -120,7 +120,7 @@ class TextEncoderVLM:
     name = "text encoder"
 
     def __init__(self, model, tokenizer, image_processor=None):
-        from .text_encoding import default_vlm_image_processor
+        from .vlm import default_vlm_image_processor
 
         self.model, self.tokenizer = model, tokenizer
         self.image_processor = image_processor or default_vlm_image_processor()
@@ -128,8 +128,9 @@ class TextEncoderVLM:
     @torch.inference_mode()
     def chat(self, system: str, user: str, image: Image.Image | None, max_new_tokens: int, seed: int,
              temperature: float) -> str:
+        from ..runtime.devices import module_device
         from .chat_template import QWEN_VL_CHAT_TEMPLATE
-        from .text_encoding import _module_device, vlm_image, vlm_inputs
+        from .vlm import vlm_image, vlm_inputs
 
         content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": user}]
         messages = [{"role": "system", "content": [{"type": "text", "text": system}]},
@@ -137,7 +138,7 @@ class TextEncoderVLM:
         template = None if getattr(self.tokenizer, "chat_template", None) else QWEN_VL_CHAT_TEMPLATE
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                   chat_template=template)
-        device = _module_device(self.model)
+        device = module_device(self.model)
         if image is not None:
             inputs = vlm_inputs(self.tokenizer, self.image_processor, text, [vlm_image(image)], device=device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

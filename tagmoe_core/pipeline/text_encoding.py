@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .buckets import to_rgb
+from ..intent.chat_template import QWEN_VL_CHAT_TEMPLATE
+from ..intent.vlm import vlm_image, vlm_inputs
+from ..runtime.devices import module_device
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -53,15 +55,6 @@ def template_prefix_length(tokenizer) -> int:
     return len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
 
 
-def _module_device(module: torch.nn.Module) -> torch.device:
-    device_map = getattr(module, "hf_device_map", None)
-    if device_map:
-        for device in device_map.values():
-            if device not in ("cpu", "disk"):
-                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    return next(module.parameters()).device
-
-
 def _language_model(text_encoder: torch.nn.Module) -> torch.nn.Module:
     # Qwen2_5_VLForConditionalGeneration.model is the decoder without the LM head; its last
     # hidden state is the (final-normed) hidden_states[-1] the reference reads.
@@ -83,53 +76,11 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> PromptEmbeds:
     """Qwen-Image text embeddings of ``prompts`` (the reference's ``_get_qwen_prompt_embeds``)."""
     drop = template_prefix_length(tokenizer)
     texts = [PROMPT_TEMPLATE.format(p) for p in prompts]
-    device = _module_device(text_encoder)
+    device = module_device(text_encoder)
     tokens = tokenizer(texts, max_length=MAX_PROMPT_TOKENS + drop, padding=True, truncation=True,
                        return_tensors="pt").to(device)
     out = _language_model(text_encoder)(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
     return _split_and_pad(out.last_hidden_state, tokens.attention_mask, drop)
-
-
-VLM_MIN_PIXELS = 4 * 28 * 28  # qwen_vl_utils' limits, also Qwen2.5-VL's processor config
-VLM_MAX_PIXELS = 16384 * 28 * 28
-
-
-def vlm_image(image: Image.Image, factor: int = 28, min_pixels: int = VLM_MIN_PIXELS,
-              max_pixels: int = VLM_MAX_PIXELS) -> Image.Image:
-    """The image as ``qwen_vl_utils.process_vision_info`` hands it to the processor: RGB, resized
-    (bicubic) to the nearest size made of whole 28-pixel patches within the pixel limits."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    rgb = to_rgb(image)
-    height, width = smart_resize(rgb.height, rgb.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return rgb.resize((width, height), Image.BICUBIC)
-
-
-def default_vlm_image_processor():
-    """Qwen2.5-VL's image processor settings (the PIL implementation: no torchvision needed)."""
-    from transformers import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(size={"shortest_edge": VLM_MIN_PIXELS, "longest_edge": VLM_MAX_PIXELS})
-
-
-def vlm_inputs(tokenizer, image_processor, text: str, images: list[Image.Image], max_length: int | None = None,
-               device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """What ``Qwen2_5_VLProcessor`` makes of chat text and images: pixel patches, their grid,
-    and the text with each ``<|image_pad|>`` expanded to one token per merged patch."""
-    processed = image_processor(images=images, return_tensors="pt")
-    grids = processed["image_grid_thw"]
-    merge = image_processor.merge_size ** 2
-    parts = text.split("<|image_pad|>")
-    if len(parts) - 1 != len(images):
-        raise ValueError(f"{len(parts) - 1} image placeholders for {len(images)} images")
-    expanded = parts[0]
-    for grid, rest in zip(grids, parts[1:]):
-        expanded += "<|image_pad|>" * int(grid.prod() // merge) + rest
-    tokens = tokenizer([expanded], truncation=max_length is not None, max_length=max_length, padding=True,
-                       return_tensors="pt")
-    out = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
-           "pixel_values": processed["pixel_values"], "image_grid_thw": grids}
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
 @torch.inference_mode()
@@ -142,12 +93,10 @@ def encode_prompt_with_image(text_encoder, tokenizer, image_processor, prompt: s
         {"role": "system", "content": [{"type": "text", "text": PROMPT_TEMPLATE}]},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
     ]
-    from .chat_template import QWEN_VL_CHAT_TEMPLATE
-
     template = None if getattr(tokenizer, "chat_template", None) else QWEN_VL_CHAT_TEMPLATE
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, add_vision_id=True,
                                          chat_template=template)
-    device = _module_device(text_encoder)
+    device = module_device(text_encoder)
     inputs = vlm_inputs(tokenizer, image_processor, text, [vlm_image(image)],
                         max_length=MAX_PROMPT_TOKENS + drop + VLM_EXTRA_TOKENS, device=device)
     inputs["pixel_values"] = inputs["pixel_values"].to(text_encoder.dtype)

@@ -15,8 +15,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from .taxonomy import (PRESERVATIONS, SCOPES, TAG_DEFINITIONS, TYPES, TagError, TaskTags, Tier, canonical_tag,
-                       TAG_TIERS)
+from ..taxonomy import PRESERVATIONS, SCOPES, TAG_DEFINITIONS, TAG_TIERS, TYPES, TagError, TaskTags, Tier, canonical_tag
 
 log = logging.getLogger("tagmoe")
 

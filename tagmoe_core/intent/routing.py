@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import TagMoEError
-from .moe import TagMoEFeedForward, moe_layers
-from .taxonomy import TAG_NAMES, TaskTags
+from ..errors import TagMoEError
+from ..model.moe import TagMoEFeedForward, moe_layers
+from ..taxonomy import TAG_NAMES, TaskTags
 
 
 @dataclass

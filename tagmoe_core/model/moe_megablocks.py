@@ -1,4 +1,4 @@
-"""MegaBlocks expert kernels behind a :class:`~tagmoe_core.moe.TagMoEFeedForward`.
+"""MegaBlocks expert kernels behind a :class:`~tagmoe_core.model.moe.TagMoEFeedForward`.
 
 Only imported when MegaBlocks is importable (CUDA). The routing is computed by our layer (the
 same math as MegaBlocks' ``LearnedRouter`` in eval mode, plus the optional tag-guidance bias);
@@ -8,10 +8,13 @@ both backends always see the same weights.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from .moe import TagMoEFeedForward
+if TYPE_CHECKING:  # the layer imports this module; this one only needs its type
+    from .moe import TagMoEFeedForward
 
 
 def megablocks_experts_for(layer: TagMoEFeedForward) -> nn.Module:

@@ -16,9 +16,9 @@ from accelerate import init_empty_weights
 from diffusers import QwenImageTransformer2DModel
 from torch import nn
 
+from ..taxonomy import NUM_TAGS
 from .moe import Backend, MoESpec, TagMoEFeedForward, moe_layers
 from .rope import TagMoERope
-from .taxonomy import NUM_TAGS
 
 SEMANTIC_DIM = 512
 ROUTER_HEAD_HIDDEN = 256

@@ -64,7 +64,7 @@ def render_expert_maps(recording: RoutingRecording, layers=None, steps=None, tar
 
 def parse_selection(text: str, available: list[int], what: str) -> list[int] | None:
     """'all' (None), '50,55', '50-59' or '0-4, 29' -> indices, checked against ``available``."""
-    from .errors import InputError
+    from ..errors import InputError
 
     text = (text or "").strip().lower()
     if text in ("", "all", "*"):

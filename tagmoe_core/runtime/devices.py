@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import DeviceError
+from ..errors import DeviceError
 
 GIB = 1024**3
 DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -148,3 +148,12 @@ def device_for_key(key: str, device_map: Mapping[str, int | str | torch.device])
     if best is None:
         raise KeyError(key)
     return torch.device("cuda", best) if isinstance(best, int) else torch.device(best)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    device_map = getattr(module, "hf_device_map", None)
+    if device_map:
+        for device in device_map.values():
+            if device not in ("cpu", "disk"):
+                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return next(module.parameters()).device

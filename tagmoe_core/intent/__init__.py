@@ -1,0 +1,1 @@
+"""Task intent: task tags from rules or a VLM, instruction refinement, routing analysis and tag guidance."""

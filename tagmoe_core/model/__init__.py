@@ -1,0 +1,2 @@
+"""What TAG-MoE is and how its weights load: the MoE layer, the transformer, rotary positions,
+checkpoint files and the one-copy loader."""

@@ -1,0 +1,1 @@
+"""The machine: devices, their memory, and a tracker that measures what tensors cost."""

@@ -1,0 +1,88 @@
+"""The library's layout: imports go one way (no cycles), down the floors, and never into ComfyUI."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parent.parent / "tagmoe_core"
+# Each package may import only from the floors below it (top-level modules such as errors,
+# taxonomy and images are the ground floor; cli, tiny and demo sit on top and may use anything).
+FLOORS = {"runtime": 0, "model": 1, "intent": 2, "pipeline": 3}
+COMFY = ("comfy", "comfy_extras", "folder_paths", "server", "execution", "nodes", "latent_preview")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(CORE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """(modules of tagmoe_core this file imports, other top-level packages it imports)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    inner, outer = set(), set()
+    tree = ast.parse(path.read_text())
+    type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                 and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:  # annotations only: not an import at run time
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+                inner |= {c for c in candidates if _exists(c)}
+            elif node.module:
+                (inner if node.module.startswith("tagmoe_core") else outer).add(node.module)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                (inner if alias.name.startswith("tagmoe_core") else outer).add(alias.name)
+    return inner, {m.split(".")[0] for m in outer}
+
+
+def _exists(module: str) -> bool:
+    path = CORE.parent.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in CORE.rglob("*.py"):
+        inner, _ = _imports(path)
+        graph[_module_name(path)] = {m for m in inner if m != _module_name(path) and m != "tagmoe_core"}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_packages_import_only_downward():
+    def floor(module: str) -> int | None:
+        parts = module.split(".")
+        return FLOORS.get(parts[1]) if len(parts) > 2 else None
+
+    wrong = [f"{src} -> {dst}" for src, dsts in _graph().items() for dst in dsts
+             if floor(src) is not None and floor(dst) is not None and floor(dst) > floor(src)]
+    assert not wrong, wrong
+
+
+def test_the_core_never_imports_comfyui():
+    offenders = {_module_name(p): sorted(_imports(p)[1] & set(COMFY)) for p in CORE.rglob("*.py")}
+    assert not {k: v for k, v in offenders.items() if v}
