@@ -1,13 +1,13 @@
 """ComfyUI nodes for TAG-MoE: thin adapters from ComfyUI's types to ``tagmoe_core``."""
 
 from . import comfy_bridge
-from .decode import TagMoEDecode
-from .loader import TagMoEModelLoader
-from .prompt_refine import TagMoEPromptRefine
-from .routing_map import TagMoERoutingMap
-from .sampler import TagMoESampler
-from .task_tags import TagMoETaskTags
-from .text_encode import TagMoETextEncode
+from .diffusers.decode import TagMoEDecode
+from .diffusers.loader import TagMoEModelLoader
+from .diffusers.sampler import TagMoESampler
+from .diffusers.text_encode import TagMoETextEncode
+from .intent.prompt_refine import TagMoEPromptRefine
+from .intent.routing_map import TagMoERoutingMap
+from .intent.task_tags import TagMoETaskTags
 
 comfy_bridge.register_model_folder()
 

@@ -101,7 +101,7 @@ def test_loader_errors(nodes, models_dir, pack):
 
 
 def test_wrong_weights_file_is_a_clear_error_and_keeps_the_loaded_model(nodes, models_dir, pack, model, cond):
-    errors = pack.nodes.loader.TagMoEError.__module__
+    errors = pack.nodes.diffusers.loader.TagMoEError.__module__
     loader = nodes["TagMoEModelLoader"]
     with pytest.raises(PACK_ERROR, match="no MoE expert weights found") as info:
         run_node(loader, base_model="Qwen-Image-tiny", tagmoe_weights="qwen_image_dense.safetensors", device="cpu")
@@ -250,7 +250,7 @@ def test_text_encode_with_image(nodes, model):
 
 
 def test_unloaded_model_is_a_clear_error(pack):
-    handle = pack.nodes.loader.TagMoEModel(None, "gone")
+    handle = pack.nodes.diffusers.loader.TagMoEModel(None, "gone")
     with pytest.raises(PACK_ERROR, match="run the TAG-MoE Model Loader again"):
         handle.require()
 
@@ -271,7 +271,7 @@ def test_loader_placement_options(nodes, models_dir, pack):
     (fp8, info), _ = run_node(loader, base_model="Qwen-Image-tiny", tagmoe_weights="TAG-MoE-tiny/", device="cpu",
                               fp8_weights=True, drop_text_encoder=True)
     assert "fp8 weights" in info and "text encoder: host memory" in info
-    parse = pack.nodes.loader.parse_gib_caps
+    parse = pack.nodes.diffusers.loader.parse_gib_caps
     assert parse("", "0") is None and parse("20", "0,1") == {0: 20 * 2**30, 1: 20 * 2**30}
     assert parse("10, 30.5", "cuda:0,cuda:2") == {0: 10 * 2**30, 2: int(30.5 * 2**30)}
     for bad in ("lots", "1,2,3", "-4"):

@@ -6,11 +6,11 @@ import gc
 import logging
 from dataclasses import dataclass
 
-from ..tagmoe_core.errors import TagMoEError
-from ..tagmoe_core.model.moe import BACKENDS, effective_backend, moe_layers
-from ..tagmoe_core.pipeline.placement import MODES as PLACEMENTS
-from ..tagmoe_core.runtime.devices import DTYPES
-from . import comfy_bridge as bridge
+from ...tagmoe_core.errors import TagMoEError
+from ...tagmoe_core.model.moe import BACKENDS, effective_backend, moe_layers
+from ...tagmoe_core.pipeline.placement import MODES as PLACEMENTS
+from ...tagmoe_core.runtime.devices import DTYPES
+from .. import comfy_bridge as bridge
 
 log = logging.getLogger("tagmoe")
 
@@ -123,7 +123,7 @@ class TagMoEModelLoader:
         except FileNotFoundError as exc:
             raise TagMoEError(str(exc)) from exc
         # heavy (diffusers, transformers): imported here, not at ComfyUI start
-        from ..tagmoe_core.pipeline.builder import load_pipeline
+        from ...tagmoe_core.pipeline.builder import load_pipeline
 
         caps = parse_gib_caps(gpu_memory_gib, device)
         key = _paths_key(base_model, tagmoe_weights, device, dtype, moe_backend) + (
@@ -171,7 +171,7 @@ def _paths_key(base_model, tagmoe_weights, device, dtype, moe_backend) -> tuple:
 
 def parse_gib_caps(text: str, device: str) -> dict[int, int] | None:
     """'20' or '38,38' (GiB) -> {gpu id: bytes} for the GPUs of ``device`` in order."""
-    from ..tagmoe_core.runtime.devices import GIB, parse_device_spec
+    from ...tagmoe_core.runtime.devices import GIB, parse_device_spec
 
     if not str(text).strip():
         return None

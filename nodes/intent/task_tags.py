@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..tagmoe_core.errors import InputError
-from ..tagmoe_core.taxonomy import PRESERVATIONS, SCOPES, TYPES, TagError, TaskTags
-from .conversions import image_batch_to_pil
+from ...tagmoe_core.errors import InputError
+from ...tagmoe_core.taxonomy import PRESERVATIONS, SCOPES, TYPES, TagError, TaskTags
+from ..conversions import image_batch_to_pil
 
 MODES = ["manual", "auto (rules)", "auto (VLM)"]
 
@@ -51,13 +51,13 @@ class TagMoETaskTags:
             if not instruction or not str(instruction).strip():
                 raise InputError("auto tagging needs an instruction: connect a STRING to 'instruction'")
             if mode == "auto (rules)":
-                from ..tagmoe_core.intent.tagging import rule_tags
+                from ...tagmoe_core.intent.tagging import rule_tags
 
                 result = rule_tags(instruction, has_image=edits_an_image)
             else:
                 if model is None:
                     raise InputError("auto (VLM) needs the TAG-MoE model (its text encoder is the VLM)")
-                from ..tagmoe_core.intent.refine import TextEncoderVLM, tag_with_vlm
+                from ...tagmoe_core.intent.refine import TextEncoderVLM, tag_with_vlm
 
                 pipe = model.require()
                 picture = image_batch_to_pil(image)[0] if image is not None and edits_an_image else None

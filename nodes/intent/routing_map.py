@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..tagmoe_core.errors import InputError
-from .conversions import image_batch_to_pil, pil_to_image_batch
+from ...tagmoe_core.errors import InputError
+from ..conversions import image_batch_to_pil, pil_to_image_batch
 
 
 class TagMoERoutingMap:
@@ -36,8 +36,8 @@ class TagMoERoutingMap:
         }
 
     def render(self, model, routing, layers="all", steps="all", image=None, condition_image=None, tags=None):
-        from ..tagmoe_core.intent.routing import analyse
-        from ..tagmoe_core.intent.routing_maps import parse_selection, render_expert_maps
+        from ...tagmoe_core.intent.routing import analyse
+        from ...tagmoe_core.intent.routing_maps import parse_selection, render_expert_maps
 
         if routing is None or not getattr(routing, "records", None):
             raise InputError("no routing was recorded: turn on record_routing in the TAG-MoE Sampler")

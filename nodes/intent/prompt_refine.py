@@ -6,9 +6,9 @@ import contextlib
 
 import torch
 
-from ..tagmoe_core.errors import InputError
-from . import comfy_bridge as bridge
-from .conversions import image_batch_to_pil
+from ...tagmoe_core.errors import InputError
+from .. import comfy_bridge as bridge
+from ..conversions import image_batch_to_pil
 
 BACKENDS = ["TAG-MoE text encoder", "local VLM folder", "OpenAI-compatible endpoint"]
 _local_vlms: dict[str, object] = {}  # one local VLM kept loaded (by folder)
@@ -59,7 +59,7 @@ class TagMoEPromptRefine:
     def refine(self, image, instruction, backend, seed, temperature, max_new_tokens, model=None, vlm_folder="",
                endpoint_url="", endpoint_model="", api_key_env="OPENAI_API_KEY", timeout=60.0, retries=2,
                unique_id=None):
-        from ..tagmoe_core.intent.refine import LocalVLM, OpenAIChatVLM, TextEncoderVLM, refine_instruction
+        from ...tagmoe_core.intent.refine import LocalVLM, OpenAIChatVLM, TextEncoderVLM, refine_instruction
 
         visit = contextlib.nullcontext()
         if backend == BACKENDS[0]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from ..tagmoe_core.errors import InputError
-from . import comfy_bridge as bridge
-from .conversions import ORIGINAL_SIZE_KEY, latent_to_batch, pil_to_image_batch
+from ...tagmoe_core.errors import InputError
+from .. import comfy_bridge as bridge
+from ..conversions import ORIGINAL_SIZE_KEY, latent_to_batch, pil_to_image_batch
 
 TILED = {"auto": None, "always": True, "never": False}
 

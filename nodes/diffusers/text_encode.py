@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .conversions import image_batch_to_pil
+from ..conversions import image_batch_to_pil
 
 
 class TagMoETextEncode:

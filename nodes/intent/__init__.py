@@ -1,0 +1,1 @@
+"""Task intent: task tags, VLM instruction refinement, routing maps."""
