@@ -19,6 +19,7 @@ from diffusers.models.attention import FeedForward
 from torch.utils import benchmark
 
 from tagmoe_core.model.moe import MoESpec, TagMoEFeedForward
+from tagmoe_core.model.run_state import routing_run
 
 
 def median_ms(fn, x, repeats: int) -> float:
@@ -47,8 +48,13 @@ def main() -> None:
     skewed = TagMoEFeedForward(args.hidden, MoESpec(num_experts=args.experts, top_k=1, ffn_hidden_size=ffn),
                                backend="torch").eval()
     skewed.reset_parameters()
-    skewed.logit_bias = torch.tensor([30.0] + [0.0] * (args.experts - 1))  # every token to expert 0
-    variants["MoE top-1, all tokens to one expert"] = skewed
+    bias = torch.tensor([30.0] + [0.0] * (args.experts - 1))  # every token to expert 0
+
+    def all_to_one(x, layer=skewed):
+        with routing_run(logit_bias=bias):
+            return layer(x)
+
+    variants["MoE top-1, all tokens to one expert"] = all_to_one
     x = torch.randn(1, args.tokens, args.hidden)
 
     rounds: dict[str, list[float]] = {name: [] for name in variants}

@@ -8,7 +8,8 @@ import torch
 
 from tagmoe_core.model.moe import MoESpec, TagMoEFeedForward
 from tagmoe_core.model.rope import TagMoERope
-from tagmoe_core.model.transformer import RouterHead, build_tagmoe_transformer, moe_summary
+from tagmoe_core.model.tag_heads import RouterHead
+from tagmoe_core.model.transformer import build_tagmoe_transformer, moe_summary
 
 QWEN_IMAGE_CONFIG = {  # Qwen/Qwen-Image transformer/config.json
     "_class_name": "QwenImageTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],

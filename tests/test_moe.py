@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from tagmoe_core.errors import TagMoEError
 from tagmoe_core.model.moe import MoESpec, TagMoEFeedForward, dropless_moe, grouped_matmul, set_backend
+from tagmoe_core.model.run_state import routing_run
 
 H, FFN = 16, 24
 
@@ -156,16 +157,15 @@ def test_bf16_runs_and_stays_close_to_fp32():
     torch.testing.assert_close(out.float()[same], ref[same], rtol=0.05, atol=0.05)
 
 
-def test_observer_sees_scores_only_when_attached():
+def test_observer_sees_scores_only_inside_its_run():
     layer = make_layer()
     seen = []
     x = torch.randn(3, 7, H)
     with torch.no_grad():
         layer(x)
         assert seen == []
-        layer.observer = lambda lyr, scores, experts, weights, shape: seen.append((scores, experts, shape))
-        layer(x)
-        layer.observer = None
+        with routing_run(observer=lambda index, scores, experts, weights, shape: seen.append((scores, experts, shape))):
+            layer(x)
         layer(x)
     assert len(seen) == 1
     scores, experts, shape = seen[0]
@@ -175,11 +175,10 @@ def test_observer_sees_scores_only_when_attached():
 def test_logit_bias_steers_routing():
     layer = make_layer()
     x = torch.randn(50, H)
-    with torch.no_grad():
-        layer.logit_bias = torch.tensor([0.0, 0.0, 50.0, 0.0])
+    with torch.no_grad(), routing_run(logit_bias=torch.tensor([0.0, 0.0, 50.0, 0.0])):
         _, _, experts = layer.route(x)
-        layer.logit_bias = None
     assert torch.all(experts == 2)
+    assert not torch.all(layer.route(x)[2] == 2)  # the bias ended with its run
 
 
 def test_backend_choices_and_clear_errors():

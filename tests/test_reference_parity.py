@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from tagmoe_core.images import to_rgb
-from tagmoe_core.model.rope import RegionShape, TagMoERope
+from tagmoe_core.model.positions import RegionShape
+from tagmoe_core.model.rope import TagMoERope
 from tagmoe_core.pipeline.buckets import PREFERRED_BUCKETS, nearest_bucket, snap_to_bucket
 from tagmoe_core.pipeline.latents import denormalize, normalize, pack, unpack
 from tagmoe_core.pipeline.sampling import make_schedule, true_cfg

@@ -16,6 +16,7 @@ from tagmoe_core.intent.routing import (
 )
 from tagmoe_core.intent.routing_maps import parse_selection, render_expert_maps
 from tagmoe_core.model.moe import moe_layers
+from tagmoe_core.model.run_state import RoutingRun, current_routing
 from tagmoe_core.taxonomy import TAG_NAMES, TaskTags
 
 PROMPT = "Turn the photo into a watercolor painting"
@@ -39,7 +40,7 @@ def test_recording_shapes_and_layout(tiny_pipe, photo):
     assert first.scores.shape == (1, 24) and first.mean_scores.shape == (1, 4)
     torch.testing.assert_close(first.mean_scores.sum(-1), torch.ones(1))
     assert {r.pass_name for r in rec.records} == {"cond", "uncond"}
-    assert all(layer.observer is None for layer in moe_layers(tiny_pipe.transformer))  # detached afterwards
+    assert current_routing() == RoutingRun()  # detached afterwards
 
 
 def test_signature_is_the_mean_softmax_gate_score(tiny_pipe, photo):
@@ -120,7 +121,9 @@ def test_zero_guidance_is_the_release_behaviour_bit_for_bit(tiny_pipe, photo):
     assert torch.equal(plain.latents, zero.latents) and zero.g_star is None
     guided = tiny_pipe.sample(cond, photo, width=32, height=32, steps=2, seed=4, tags=STYLE, tag_guidance=1.0)
     assert not torch.equal(plain.latents, guided.latents)
-    assert all(layer.logit_bias is None for layer in moe_layers(tiny_pipe.transformer))
+    assert current_routing() == RoutingRun()
+    after = tiny_pipe.sample(cond, photo, width=32, height=32, steps=2, seed=4)
+    assert torch.equal(plain.latents, after.latents)  # nothing of the guided run is left behind
 
 
 def test_guidance_moves_the_signature_toward_g_star_monotonically(tiny_pipe, photo):
@@ -146,7 +149,7 @@ def test_guidance_bias_is_removed_after_a_cancelled_run(tiny_pipe, photo):
     with pytest.raises(RuntimeError):
         tiny_pipe.sample(tiny_pipe.encode(PROMPT), photo, width=32, height=32, steps=2, seed=0, tags=STYLE,
                          tag_guidance=2.0, recorder=RoutingRecorder(), before_pass=stop)
-    assert all(layer.logit_bias is None and layer.observer is None for layer in moe_layers(tiny_pipe.transformer))
+    assert current_routing() == RoutingRun()
 
 
 def test_guidance_without_tags_and_models_without_tag_modules(tiny_pipe, photo):
@@ -158,3 +161,42 @@ def test_guidance_without_tags_and_models_without_tag_modules(tiny_pipe, photo):
             optimal_gate_distribution(tiny_pipe.transformer, STYLE)
     finally:
         tiny_pipe.transformer.tagmoe_has_tag_modules = True
+
+
+def test_concurrent_runs_on_one_pipeline_keep_their_own_routing(tiny_pipe, photo):
+    """A guided, recorded run and a plain one in two threads at once give exactly what they give
+    one after the other: the bias and the recorder belong to their run, not to the shared layers."""
+    import threading
+
+    cond = tiny_pipe.encode(PROMPT)
+    kwargs = {"width": 32, "height": 32, "steps": 3, "seed": 5}
+
+    def guided():
+        recorder = RoutingRecorder()
+        out = tiny_pipe.sample(cond, photo, tags=STYLE, tag_guidance=3.0, recorder=recorder, **kwargs)
+        return out.latents, len(recorder.recording.records)
+
+    def plain():
+        return tiny_pipe.sample(cond, photo, **kwargs).latents
+
+    want_guided, want_plain = guided(), plain()
+    results: dict[str, list] = {"guided": [], "plain": []}
+    barrier = threading.Barrier(2)
+
+    def worker(name, fn):
+        barrier.wait()
+        for _ in range(3):
+            results[name].append(fn())
+
+    threads = [threading.Thread(target=worker, args=("guided", guided)),
+               threading.Thread(target=worker, args=("plain", plain))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results["guided"]) == len(results["plain"]) == 3
+    for latents, records in results["guided"]:
+        assert torch.equal(latents, want_guided[0]) and records == want_guided[1]
+    for latents in results["plain"]:
+        assert torch.equal(latents, want_plain)
+    assert not torch.equal(want_guided[0], want_plain)

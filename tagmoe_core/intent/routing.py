@@ -14,13 +14,16 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import TagMoEError
-from ..model.moe import TagMoEFeedForward, moe_layers
+from ..model.moe import TagMoEFeedForward
+from ..model.moe_linear import LinearExpertsMoE
+from ..model.run_state import routing_run
 from ..taxonomy import TAG_NAMES, TaskTags
 
 
@@ -82,18 +85,20 @@ class RoutingRecording:
 
 
 class RoutingRecorder:
-    """Attach to a transformer for a run: ``with recorder.attached(transformer): ...``.
+    """Records a run: ``with recorder.attached(): ...`` (the observer is set for that run only,
+    through :func:`~tagmoe_core.model.run_state.routing_run`, so other runs never feed it).
 
-    The sampler tells it which step and pass (conditional/unconditional) is running through
-    :meth:`before_pass`. Costs nothing when not attached (the layers' observer stays None).
+    The sampler tells it which step and pass runs through :meth:`before_pass`: one pass name, or
+    one per equal chunk of the batch when conditional and unconditional passes run batched (as
+    ComfyUI's samplers do).
     """
 
     def __init__(self) -> None:
         self.recording = RoutingRecording()
-        self.step, self.pass_name = 0, "cond"
+        self.step, self.passes = 0, ("cond",)
 
-    def before_pass(self, step: int, pass_name: str) -> None:
-        self.step, self.pass_name = step, pass_name
+    def before_pass(self, step: int, passes: str | Sequence[str]) -> None:
+        self.step, self.passes = step, (passes,) if isinstance(passes, str) else tuple(passes)
         self.recording.steps = max(self.recording.steps, step + 1)
 
     def set_layout(self, num_target: int, target_grid: tuple[int, int],
@@ -101,28 +106,26 @@ class RoutingRecorder:
         rec = self.recording
         rec.num_target, rec.target_grid, rec.condition_grid = num_target, target_grid, condition_grid
 
-    def __call__(self, layer: TagMoEFeedForward, scores: torch.Tensor, experts: torch.Tensor,
+    def __call__(self, layer_index: int, scores: torch.Tensor, experts: torch.Tensor,
                  weights: torch.Tensor, input_shape: torch.Size) -> None:
         batch, tokens = input_shape[0], input_shape[1]
         self.recording.num_experts = scores.shape[-1]
-        self.recording.records.append(LayerRouting(
-            self.step, self.pass_name, layer.layer_index,
-            experts[:, 0].reshape(batch, tokens).to(torch.uint8).cpu(),
-            weights[:, 0].reshape(batch, tokens).to(torch.float16).cpu(),
-            scores.float().reshape(batch, tokens, -1).mean(1).cpu()))
+        top = experts[:, 0].reshape(batch, tokens).to(torch.uint8).cpu()
+        score = weights[:, 0].reshape(batch, tokens).to(torch.float16).cpu()
+        mean = scores.float().reshape(batch, tokens, -1).mean(1).cpu()
+        chunk = batch // len(self.passes)
+        for i, name in enumerate(self.passes):
+            rows = slice(i * chunk, (i + 1) * chunk)
+            self.recording.records.append(LayerRouting(self.step, name, layer_index, top[rows], score[rows],
+                                                       mean[rows]))
 
     @contextlib.contextmanager
-    def attached(self, transformer):
-        layers = moe_layers(transformer)
-        if not layers:
+    def attached(self, transformer: torch.nn.Module | None = None):
+        if transformer is not None and not any(isinstance(m, (TagMoEFeedForward, LinearExpertsMoE))
+                                               for m in transformer.modules()):
             raise TagMoEError("this transformer has no MoE layers to record")
-        for layer in layers:
-            layer.observer = self
-        try:
+        with routing_run(observer=self):
             yield self
-        finally:
-            for layer in layers:
-                layer.observer = None
 
 
 # -- semantics ---------------------------------------------------------------------------------------------
@@ -224,25 +227,19 @@ def optimal_gate_distribution(transformer, tags: TaskTags, steps: int = 100, lr:
 
 
 @contextlib.contextmanager
-def tag_guidance(transformer, tags: TaskTags, strength: float, device: torch.device | str = "cpu",
+def tag_guidance(heads, tags: TaskTags | None, strength: float, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
-    """Add ``strength * log(g*)`` to every MoE router's logits inside the ``with`` block
-    (``device``/``dtype``: where and how the routers compute, so the bias is not copied per call).
+    """Add ``strength * log(g*)`` to every MoE router's logits inside the ``with`` block, for
+    this run only (``heads``: anything with ``tag_embedding``/``router_head``; ``device``/``dtype``:
+    where and how the routers compute, so the bias is not copied per call).
 
-    Yields g* (or None when ``strength`` is 0, which leaves the model untouched)."""
+    Yields g* (or None when ``strength`` is 0, which leaves routing untouched)."""
     if not strength:
         yield None
         return
     if tags is None:
         raise TagMoEError("tag guidance needs task tags (connect a TAG-MoE Task Tags node)")
-    g_star = optimal_gate_distribution(transformer, tags)
+    g_star = optimal_gate_distribution(heads, tags)
     bias = (float(strength) * torch.log(g_star.clamp_min(1e-6))).to(device=device, dtype=dtype)
-    layers = moe_layers(transformer)
-    for layer in layers:
-        layer.logit_bias = bias
-    try:
+    with routing_run(logit_bias=bias):
         yield g_star
-    finally:
-        for layer in layers:
-            layer.logit_bias = None
-

@@ -10,40 +10,28 @@ the TAG-MoE checkpoint is complete.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import (
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
     MissingKeysError,
-    NotATagMoECheckpointError,
     ShapeMismatchError,
     TagMoEError,
     UnexpectedKeysError,
 )
 from ..runtime.devices import device_for_key
-from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, WeightFiles, resolve_weight_files
+from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, resolve_weight_files
 from .moe import Backend, MoESpec
+from .layout import (OPTIONAL_PREFIXES, ROUTER_KEY, infer_moe_layout, read_transformer_config,
+                     strip_wrapper_prefix)
 from .transformer import build_tagmoe_transformer
 
 log = logging.getLogger("tagmoe")
-
-_ROUTER_KEY = re.compile(r"^transformer_blocks\.(\d+)\.img_mlp\.router\.layer\.weight$")
-# Modules the release carries for training and routing analysis; inference runs without them.
-OPTIONAL_PREFIXES = ("tag_embedding.", "router_head.")
-# Wrappers some tools put around a transformer state dict (only stripped when every key has it).
-KEY_PREFIXES = ("model.diffusion_model.", "transformer.", "module.")
-RELEASE_MOE_BLOCKS = 10
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -78,72 +66,6 @@ class LoadReport:
         if self.missing_optional:
             lines.append("no tag_embedding/router_head in the checkpoint: routing analysis is unavailable")
         return "\n".join(lines)
-
-
-# -- configs ----------------------------------------------------------------------------------------
-def read_transformer_config(base: str | os.PathLike | None, tagmoe_files: WeightFiles | None = None,
-                            revision: str | None = None, local_files_only: bool = False) -> dict[str, Any]:
-    """The Qwen-Image transformer config: from the base model (``transformer/config.json``),
-    else from a ``config.json`` beside the TAG-MoE weights."""
-    candidates: list[Path] = []
-    if base is not None:
-        root = Path(os.path.expanduser(str(base)))
-        if root.is_dir():
-            candidates += [root / "transformer" / "config.json", root / "config.json"]
-        elif not root.exists():
-            try:
-                from huggingface_hub import hf_hub_download
-
-                candidates.append(Path(hf_hub_download(str(base), "config.json", subfolder="transformer",
-                                                       revision=revision, local_files_only=local_files_only)))
-            except Exception as exc:  # noqa: BLE001 - reported below with the other places tried
-                log.debug("no hub config for %s: %s", base, exc)
-    if tagmoe_files is not None:
-        candidates += [tagmoe_files.root / "config.json", tagmoe_files.root / "transformer" / "config.json"]
-    for path in candidates:
-        if path.is_file():
-            try:
-                config = json.loads(path.read_text())
-            except ValueError as exc:
-                raise CorruptCheckpointError(f"transformer config '{path}' is not valid JSON: {exc}") from exc
-            if config.get("_class_name", "QwenImageTransformer2DModel") not in ("QwenImageTransformer2DModel",):
-                log.warning("config %s is for %s; reading it as a QwenImageTransformer2DModel config",
-                            path, config.get("_class_name"))
-            return config
-    raise CheckpointNotFoundError(
-        "no Qwen-Image transformer config found: give the base Qwen-Image folder (with "
-        f"transformer/config.json). Looked in: {', '.join(str(p) for p in candidates) or 'nowhere'}")
-
-
-def infer_moe_layout(reader: CheckpointReader, num_layers: int, top_k: int = 1) -> tuple[MoESpec, list[int]]:
-    """MoE blocks, expert count and FFN size from the checkpoint's router and expert tensors."""
-    blocks = sorted(int(m.group(1)) for key in reader.keys() if (m := _ROUTER_KEY.match(key)))
-    if not blocks:
-        first = max(0, num_layers - RELEASE_MOE_BLOCKS)
-        raise NotATagMoECheckpointError(
-            f"no MoE expert weights found for blocks {first}-{num_layers - 1} in {reader.describe()}: "
-            "this looks like a dense Qwen-Image transformer, not TAG-MoE weights. Choose the TAG-MoE "
-            "checkpoint (e.g. YUXU915/TAG-MoE) as the TAG-MoE weights and the Qwen-Image folder as the base.")
-    bad = [b for b in blocks if b >= num_layers]
-    if bad:
-        raise ShapeMismatchError(f"transformer_blocks.{bad[0]}.img_mlp", (num_layers,), (bad[0] + 1,),
-                                 reader.describe())
-    router = reader.infos[f"transformer_blocks.{blocks[0]}.img_mlp.router.layer.weight"]
-    num_experts = router.shape[0]
-    w1 = reader.infos.get(f"transformer_blocks.{blocks[0]}.img_mlp.experts.mlp.w1")
-    ffn = w1.shape[0] // num_experts if w1 is not None else None
-    spec = MoESpec(num_experts=num_experts, top_k=min(top_k, num_experts), num_moe_blocks=len(blocks),
-                   ffn_hidden_size=ffn)
-    return spec, blocks
-
-
-def _strip_wrapper_prefix(reader: CheckpointReader) -> None:
-    keys = list(reader.infos)
-    for prefix in KEY_PREFIXES:
-        if keys and all(k.startswith(prefix) for k in keys):
-            reader.infos = {k[len(prefix):]: v for k, v in reader.infos.items()}
-            reader.stored_names = {k[len(prefix):]: k for k in keys}
-            return
 
 
 # -- the transformer ----------------------------------------------------------------------------------
@@ -190,14 +112,14 @@ def plan_tagmoe_load(
     """
     tag_files = resolve_weight_files(tagmoe, weight_name, subfolder, revision, local_files_only)
     tag_reader = CheckpointReader.open(tag_files)
-    _strip_wrapper_prefix(tag_reader)
+    strip_wrapper_prefix(tag_reader)
     config = read_transformer_config(base, tag_files, revision, local_files_only)
     num_layers = int(config.get("num_layers", 60))
     if spec is None:
         spec, blocks = infer_moe_layout(tag_reader, num_layers, top_k)
     else:
         blocks = list(spec.block_indices(num_layers))
-        if not any(_ROUTER_KEY.match(k) for k in tag_reader.keys()):
+        if not any(ROUTER_KEY.match(k) for k in tag_reader.keys()):
             infer_moe_layout(tag_reader, num_layers)  # raises the "dense checkpoint" error
     model = build_tagmoe_transformer(config, spec, backend=backend, moe_blocks=blocks, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
@@ -216,7 +138,7 @@ def plan_tagmoe_load(
                                                  "take them from)")
             base_reader = CheckpointReader.open(resolve_weight_files(base, DEFAULT_WEIGHT_NAME, "transformer",
                                                                      revision, local_files_only))
-            _strip_wrapper_prefix(base_reader)
+            strip_wrapper_prefix(base_reader)
             missing = [k for k in required if k not in base_reader]
             if missing:
                 raise MissingKeysError(missing, f"{tag_reader.describe()} nor the base {base_reader.describe()}")

@@ -15,6 +15,10 @@ output scaled by its raw softmax probability (no renormalisation). ``dMoE.forwar
 ``(out, bias)`` with ``out`` excluding ``experts.bias``; the reference keeps only ``out``, so
 this layer returns ``out`` and the trained bias is never added.
 
+The routing and the token bookkeeping (:func:`route_logits`, :func:`dispatch`, :func:`combine`) are
+shared with ``moe_linear.LinearExpertsMoE``, the same layer made of one Linear pair per expert
+(what ComfyUI's memory management needs); only how each expert's matmuls run differs.
+
 Backends: ``torch`` (dropless: sort tokens by expert, one matmul per expert, scatter back;
 CPU and GPU) and ``megablocks`` (MegaBlocks' grouped-GEMM expert kernels on CUDA, used only
 when MegaBlocks is already importable). ``auto`` picks MegaBlocks for CUDA inputs when it can.
@@ -25,13 +29,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TagMoEError
+from .run_state import current_routing
 
 Backend = Literal["auto", "torch", "megablocks"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "megablocks")
@@ -71,11 +76,55 @@ class MoESpec:
         return range(num_layers - self.num_moe_blocks, num_layers)
 
 
-class RoutingObserver(Protocol):
-    """Receives every routing decision while attached (see ``routing.py``)."""
+def route_logits(logits: torch.Tensor, top_k: int, layer_index: int,
+                 input_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] -> softmax scores [N, E], top weights [N, k], top expert ids [N, k].
 
-    def __call__(self, layer: "TagMoEFeedForward", scores: torch.Tensor, top_experts: torch.Tensor,
-                 top_weights: torch.Tensor, input_shape: torch.Size) -> None: ...
+    The run's logit bias (tag guidance) is added first and its observer (routing analysis) sees
+    the result; both come from :func:`~.run_state.current_routing`, so a plain run pays nothing.
+    """
+    run = current_routing()
+    if run.logit_bias is not None:
+        logits = logits + run.logit_bias.to(device=logits.device, dtype=logits.dtype)
+    scores = logits.softmax(dim=-1)
+    if top_k == 1:
+        weights, experts = scores.max(dim=-1, keepdim=True)
+    else:
+        weights, experts = torch.topk(scores, top_k, dim=-1)
+    if run.observer is not None:
+        run.observer(layer_index, scores, experts, weights, input_shape)
+    return scores, weights, experts
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """(token, expert) pairs stably sorted by expert: ``token_of_pair[i]`` is the token of the
+    i-th pair, ``counts[e]`` how many pairs expert e got (its rows are contiguous)."""
+
+    order: torch.Tensor
+    counts: torch.Tensor
+    token_of_pair: torch.Tensor
+    num_tokens: int
+    top_k: int
+
+
+def dispatch(experts: torch.Tensor, num_experts: int) -> Dispatch:
+    num_tokens, top_k = experts.shape
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    token_of_pair = order // top_k if top_k > 1 else order
+    return Dispatch(order, counts, token_of_pair, num_tokens, top_k)
+
+
+def combine(ys: torch.Tensor, weights: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """Scale every pair's expert output by its routing weight and put it back at its token
+    (summed over the k experts of a token)."""
+    ys = ys * weights.reshape(-1).index_select(0, d.order).unsqueeze(1).to(ys.dtype)
+    if d.top_k == 1:
+        return torch.empty_like(ys).index_copy_(0, d.token_of_pair, ys)
+    out = torch.zeros(d.num_tokens, ys.shape[1], dtype=ys.dtype, device=ys.device)
+    return out.index_add_(0, d.token_of_pair, ys)
 
 
 class Router(nn.Module):
@@ -129,10 +178,6 @@ class TagMoEFeedForward(nn.Module):
         self.layer_index = layer_index
         self.router = Router(hidden_size, spec.num_experts, device=device, dtype=dtype)
         self.experts = Experts(spec.num_experts, hidden_size, ffn, device=device, dtype=dtype)
-        # Set from outside, never part of the state dict: an observer of routing decisions
-        # (routing analysis) and an additive bias on the router logits (tag guidance).
-        self.observer: RoutingObserver | None = None
-        self.logit_bias: torch.Tensor | None = None
         self._megablocks: nn.Module | None = None
 
     def extra_repr(self) -> str:
@@ -148,24 +193,15 @@ class TagMoEFeedForward(nn.Module):
         self.experts.mlp.w2.normal_(0.0, 0.02, generator=generator)
         self.experts.bias.zero_()
 
-    def route(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Softmax scores [N, E], top weights [N, k] and top expert ids [N, k]."""
-        logits = self.router.layer(x2d)
-        if self.logit_bias is not None:
-            logits = logits + self.logit_bias.to(device=logits.device, dtype=logits.dtype)
-        scores = logits.softmax(dim=-1)
-        if self.top_k == 1:
-            weights, experts = scores.max(dim=-1, keepdim=True)
-        else:
-            weights, experts = torch.topk(scores, self.top_k, dim=-1)
-        return scores, weights, experts
+    def route(self, x2d: torch.Tensor, input_shape: torch.Size | None = None):
+        """Softmax scores [N, E], top weights [N, k] and top expert ids [N, k] of tokens [N, H]."""
+        return route_logits(self.router.layer(x2d), self.top_k, self.layer_index,
+                            x2d.shape if input_shape is None else input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
-        scores, weights, experts = self.route(x2d)
-        if self.observer is not None:
-            self.observer(self, scores, experts, weights, shape)
+        scores, weights, experts = self.route(x2d, shape)
         if self._use_megablocks(x2d):
             out = self._megablocks_experts(x2d, scores, weights, experts)
         else:
@@ -204,22 +240,13 @@ def dropless_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, 
     Pairs are stably sorted by expert, each expert runs one matmul over its contiguous group,
     outputs are scaled by the routing weight and scattered (summed for k > 1) back to tokens.
     """
-    num_tokens, top_k = experts.shape
-    num_experts = w1.shape[0]
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    token_of_pair = order // top_k if top_k > 1 else order
-    xs = x.index_select(0, token_of_pair)
+    d = dispatch(experts, w1.shape[0])
+    xs = x.index_select(0, d.token_of_pair)
     if _grouped_mm_ok(xs, w1):  # CUDA: two grouped GEMMs, no host sync (w1 [E,H,F] covers H and F)
-        ys = grouped_matmul(activation(grouped_matmul(xs, w1, counts)), w2, counts)
+        ys = grouped_matmul(activation(grouped_matmul(xs, w1, d.counts)), w2, d.counts)
     else:
-        ys = expert_loop(xs, w1, w2, counts, activation)
-    ys = ys * weights.reshape(-1).index_select(0, order).unsqueeze(1).to(ys.dtype)
-    if top_k == 1:
-        return torch.empty_like(ys).index_copy_(0, token_of_pair, ys)
-    out = torch.zeros(num_tokens, ys.shape[1], dtype=ys.dtype, device=ys.device)
-    return out.index_add_(0, token_of_pair, ys)
+        ys = expert_loop(xs, w1, w2, d.counts, activation)
+    return combine(ys, weights, d)
 
 
 def grouped_matmul(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

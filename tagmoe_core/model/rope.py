@@ -12,34 +12,11 @@ of the reference it cannot express, added here:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
-from ..errors import InputError
-
-
-@dataclass(frozen=True)
-class RegionShape:
-    """Condition tokens cropped to ``box`` = (x1, y1, x2, y2), inclusive, in patch units of a
-    ``height`` x ``width`` patch grid (one patch = 2x2 latents = 16x16 pixels)."""
-
-    height: int
-    width: int
-    box: tuple[int, int, int, int]
-
-    def __post_init__(self) -> None:
-        x1, y1, x2, y2 = self.box
-        if not (0 <= x1 <= x2 < self.width and 0 <= y1 <= y2 < self.height):
-            raise InputError(
-                f"region box {self.box} (x1, y1, x2, y2 in 16-pixel patches, inclusive) does not fit "
-                f"the {self.width}x{self.height} patch grid of the condition image")
-
-    @property
-    def num_tokens(self) -> int:
-        x1, y1, x2, y2 = self.box
-        return (y2 - y1 + 1) * (x2 - x1 + 1)
+from .positions import RegionShape, centred_positions
 
 
 ImageShape = tuple[int, int, int] | RegionShape
@@ -84,12 +61,6 @@ class TagMoERope(QwenEmbedRope):
         h = _lookup(pos_h, neg_h, rows).view(n_rows, 1, -1).expand(n_rows, n_cols, -1)
         w = _lookup(pos_w, neg_w, cols).view(1, n_cols, -1).expand(n_rows, n_cols, -1)
         return torch.cat([f, h, w], dim=-1).reshape(n_rows * n_cols, -1).contiguous()
-
-
-def centred_positions(size: int, first: int, last: int, scale_rope: bool = True) -> list[int]:
-    """Positions of grid indices ``first..last`` when a ``size`` grid is centred on 0 (scale_rope)."""
-    offset = -(size - size // 2) if scale_rope else 0
-    return [i + offset for i in range(first, last + 1)]
 
 
 def _lookup(pos: torch.Tensor, neg: torch.Tensor, positions: list[int]) -> torch.Tensor:

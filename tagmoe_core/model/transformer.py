@@ -19,29 +19,7 @@ from torch import nn
 from ..taxonomy import NUM_TAGS
 from .moe import Backend, MoESpec, TagMoEFeedForward, moe_layers
 from .rope import TagMoERope
-
-SEMANTIC_DIM = 512
-ROUTER_HEAD_HIDDEN = 256
-
-
-class RouterHead(nn.Module):
-    """``router_head``: routing signature g [.., E] -> semantic space [.., 512] (Linear-GELU x2-Linear)."""
-
-    def __init__(self, num_experts: int = 4, semantic_dim: int = SEMANTIC_DIM, hidden_dim: int = ROUTER_HEAD_HIDDEN,
-                 device=None, dtype=None):
-        super().__init__()
-        kw = {"device": device, "dtype": dtype}
-        self.net = nn.Sequential(
-            nn.Linear(num_experts, hidden_dim, **kw),
-            nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim, **kw),
-            nn.GELU(),
-            nn.Linear(hidden_dim, semantic_dim, **kw),
-        )
-
-    def forward(self, g: torch.Tensor) -> torch.Tensor:
-        return self.net(g)
-
+from .tag_heads import SEMANTIC_DIM, RouterHead
 
 def convert_to_tagmoe(transformer: QwenImageTransformer2DModel, spec: MoESpec = MoESpec(),
                       backend: Backend = "auto", moe_blocks: list[int] | None = None) -> QwenImageTransformer2DModel:

@@ -24,7 +24,7 @@ from ..errors import DeviceError, InputError
 from ..intent.routing import RoutingRecorder
 from ..intent.routing import tag_guidance as guided_routing
 from ..intent.vlm import default_vlm_image_processor
-from ..model.rope import RegionShape
+from ..model.positions import RegionShape
 from ..runtime.devices import module_device
 from ..taxonomy import TaskTags
 from .buckets import nearest_bucket, snap_to_bucket
