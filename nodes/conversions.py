@@ -29,20 +29,6 @@ def mask_batch(mask: torch.Tensor) -> torch.Tensor:
     return mask[None] if mask.ndim == 2 else mask
 
 
-def mask_box(mask: torch.Tensor, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Pixel bounding box (x1, y1, x2, y2; x2/y2 exclusive) of ``mask > 0.5`` in an image of ``image_size``."""
-    height, width = mask.shape[-2:]
-    if (width, height) != tuple(image_size):
-        raise InputError(f"the mask is {width}x{height} but the image is {image_size[0]}x{image_size[1]}; "
-                         "use a mask made for this image")
-    rows = torch.nonzero(mask > 0.5)
-    if rows.numel() == 0:
-        raise InputError("the mask is empty: paint the region to edit (white = edit)")
-    y1, x1 = rows.min(dim=0).values.tolist()
-    y2, x2 = rows.max(dim=0).values.tolist()
-    return x1, y1, x2 + 1, y2 + 1
-
-
 def latent_to_batch(latent: dict) -> torch.Tensor:
     """A ComfyUI LATENT's samples as [B, 16, 1, h, w] (accepts 4-D, and VAE Encode's frames)."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):

@@ -125,7 +125,8 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from .pipeline.builder import load_pipeline
-    from .pipeline.pipeline import check_size, region_from_pixel_box
+    from .pipeline.pipeline import check_size
+    from .pipeline.regions import region_from_pixel_box
     from .runtime.devices import resolve_devices
 
     # Check everything that can be checked before spending minutes loading the model.

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .model.moe import MoESpec
+from .pipeline.schedule import QWEN_IMAGE_SCHEDULER as SCHEDULER_CONFIG
 
 TINY_VERSION = 1
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -35,13 +36,6 @@ TRANSFORMER_CONFIG = {
     "num_attention_heads": 2, "joint_attention_dim": 32, "guidance_embeds": False, "axes_dims_rope": [4, 6, 6],
 }
 TINY_MOE = MoESpec(num_experts=4, top_k=1, num_moe_blocks=2)
-# Qwen/Qwen-Image's scheduler_config.json values.
-SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 8192,
-    "max_shift": 0.9, "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02,
-    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
-    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
-}
 _CORPUS = (
     "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships "
     "of the objects and background: system user assistant. You are a helpful assistant. Picture 1: "

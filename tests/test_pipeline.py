@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from tagmoe_core.errors import Cancelled, InputError
-from tagmoe_core.pipeline.pipeline import region_from_pixel_box
+from tagmoe_core.pipeline.regions import region_from_pixel_box
 
 PROMPT = "Change the cloak to red color"
 

@@ -16,7 +16,8 @@ from tagmoe_core.model.positions import RegionShape
 from tagmoe_core.model.rope import TagMoERope
 from tagmoe_core.pipeline.buckets import PREFERRED_BUCKETS, nearest_bucket, snap_to_bucket
 from tagmoe_core.pipeline.latents import denormalize, normalize, pack, unpack
-from tagmoe_core.pipeline.sampling import make_schedule, true_cfg
+from tagmoe_core.pipeline.guidance import true_cfg
+from tagmoe_core.pipeline.sampling import make_schedule
 from tagmoe_core.pipeline.text_encoding import PROMPT_TEMPLATE, template_prefix_length
 from tagmoe_core.tiny import SCHEDULER_CONFIG
 

@@ -6,7 +6,7 @@ import torch
 
 from ...tagmoe_core.errors import InputError
 from .. import comfy_bridge as bridge
-from ..conversions import ORIGINAL_SIZE_KEY, image_batch_to_pil, latent_to_batch, mask_batch, mask_box
+from ..conversions import ORIGINAL_SIZE_KEY, image_batch_to_pil, latent_to_batch, mask_batch
 
 
 class TagMoESampler:
@@ -63,7 +63,7 @@ class TagMoESampler:
     def sample(self, model, conditioning, seed, steps, cfg, width=0, height=0, images_per_prompt=1, image=None,
                mask=None, latent=None, denoise=1.0, tags=None, tag_guidance=0.0, record_routing=False, unique_id=None):
         from ...tagmoe_core.intent.routing import RoutingRecorder
-        from ...tagmoe_core.pipeline.pipeline import region_from_pixel_box
+        from ...tagmoe_core.pipeline.regions import mask_box, region_from_pixel_box
 
         pipe = model.require()
         if (width == 0) != (height == 0):

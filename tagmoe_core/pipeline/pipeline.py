@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -27,7 +26,8 @@ from ..intent.vlm import default_vlm_image_processor
 from ..model.positions import RegionShape
 from ..runtime.devices import module_device
 from ..taxonomy import TaskTags
-from .buckets import nearest_bucket, snap_to_bucket
+from .buckets import nearest_bucket
+from .condition import condition_pixels, vae_input
 from .latents import PIXELS_PER_TOKEN, denormalize, normalize, pack, unpack
 from .sampling import DenoiseInputs, StepCallback, denoise, make_schedule
 from .text_encoding import PromptEmbeds, encode_prompt_with_image, encode_prompts, normalize_negative_prompt
@@ -105,22 +105,6 @@ def check_size(name: str, value: int) -> int:
     return value
 
 
-def region_from_pixel_box(box: Sequence[float], image_size: tuple[int, int],
-                          target_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """A box (x1, y1, x2, y2; pixels of the image as given, x2/y2 exclusive) -> the inclusive
-    patch box of the condition grid the image is encoded at (``target_size`` pixels)."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    (iw, ih), (tw, th) = image_size, target_size
-    if not (0 <= x1 < x2 <= iw and 0 <= y1 < y2 <= ih):
-        raise InputError(f"region {tuple(box)} must lie inside the {iw}x{ih} image with x1 < x2 and y1 < y2")
-    gw, gh = tw // PIXELS_PER_TOKEN, th // PIXELS_PER_TOKEN
-    px1 = int(np.floor(x1 / iw * gw))
-    py1 = int(np.floor(y1 / ih * gh))
-    px2 = max(px1, int(np.ceil(x2 / iw * gw)) - 1)
-    py2 = max(py1, int(np.ceil(y2 / ih * gh)) - 1)
-    return px1, py1, min(px2, gw - 1), min(py2, gh - 1)
-
-
 class TagMoEPipeline:
     """Components: the TAG-MoE transformer, the Qwen-Image VAE, the Qwen2.5-VL text encoder,
     its tokenizer (and optional processor, for the image-aware prompt variant), and the
@@ -143,7 +127,6 @@ class TagMoEPipeline:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self._vlm_image_processor = vlm_image_processor
-        self.image_processor = VaeImageProcessor(vae_scale_factor=PIXELS_PER_TOKEN)
 
     @property
     def device(self) -> torch.device:
@@ -222,19 +205,21 @@ class TagMoEPipeline:
 
     @torch.inference_mode()
     def prepare_condition(self, image: Image.Image, width: int, height: int,
-                          region: Sequence[int] | None = None,
-                          generator: torch.Generator | None = None) -> ConditionImage:
+                          region: Sequence[int] | None = None, generator: torch.Generator | None = None,
+                          posterior: str = "sample") -> ConditionImage:
         """Snap to the nearest preferred bucket (RGBA on white, Lanczos), resize to the target
-        size, VAE-encode (a posterior sample drawn from ``generator``), normalise and pack.
-        ``region`` (x1, y1, x2, y2; inclusive patch units) keeps only that box of tokens."""
+        size, VAE-encode, normalise and pack. ``posterior`` "sample" draws the latent from
+        ``generator`` (the reference samples it); "mode" takes its mean (what ComfyUI's VAE Encode
+        gives). ``region`` (x1, y1, x2, y2; inclusive patch units) keeps only that box of tokens."""
         if not isinstance(image, Image.Image):
             raise InputError(f"the condition image must be a PIL image, got {type(image).__name__}")
-        snapped = snap_to_bucket(image)
-        pixels = self.image_processor.preprocess(snapped, height, width)
+        if posterior not in ("sample", "mode"):
+            raise InputError(f"posterior must be 'sample' or 'mode', got {posterior!r}")
         vae_device = next(self.vae.parameters()).device
-        pixels = pixels.to(vae_device, self.vae.dtype)[:, :, None]
-        posterior = self.vae.encode(pixels).latent_dist
-        latents = normalize(posterior.sample(generator=generator), self.vae.config).to(self.device, self.dtype)
+        pixels = vae_input(condition_pixels(image, width, height)).to(vae_device, self.vae.dtype)
+        dist = self.vae.encode(pixels).latent_dist
+        latent = dist.sample(generator=generator) if posterior == "sample" else dist.mode()
+        latents = normalize(latent, self.vae.config).to(self.device, self.dtype)
         tokens = pack(latents)
         region_shape = None
         if region is not None:
@@ -251,7 +236,7 @@ class TagMoEPipeline:
                num_images: int = 1, region: Sequence[int] | None = None, callback: StepCallback | None = None,
                init_latents: torch.Tensor | None = None, denoise_strength: float = 1.0,
                before_pass: Callable[[int, str], None] | None = None, recorder: RoutingRecorder | None = None,
-               tags: TaskTags | None = None, tag_guidance: float = 0.0) -> SampleOutput:
+               tags: TaskTags | None = None, tag_guidance: float = 0.0, posterior: str = "sample") -> SampleOutput:
         """Denoise to VAE latents. ``image`` given: edit it; else text-to-image.
 
         ``init_latents`` (VAE latents [B or 1, 16, 1, H/8, W/8]) with ``denoise_strength`` < 1
@@ -278,7 +263,8 @@ class TagMoEPipeline:
         h, w = height // 8, width // 8
         noise = randn_tensor((num_images, 1, 16, h, w), generator=generator, device=device, dtype=dtype)
         latents = pack(noise.reshape(num_images, 16, h, w))  # drawn as (B, 1, C, h, w), as the reference
-        condition = self.prepare_condition(image, width, height, region, generator) if image is not None else None
+        condition = (self.prepare_condition(image, width, height, region, generator, posterior)
+                     if image is not None else None)
 
         scheduler, timesteps = make_schedule(self.scheduler.config, steps, latents.shape[1], device, denoise_strength)
         if init_latents is not None and denoise_strength < 1.0:

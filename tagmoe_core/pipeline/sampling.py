@@ -13,53 +13,28 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from .guidance import true_cfg, uses_cfg
 from .latents import denormalize, unpack
+from .schedule import first_step, shifted_sigmas
 from .text_encoding import PromptEmbeds
-
-
-def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * m + (base_shift - m * base_seq_len)
-
-
-def reference_sigmas(steps: int) -> np.ndarray:
-    return np.linspace(1.0, 1.0 / steps, steps)
 
 
 def make_schedule(scheduler_config, steps: int, image_seq_len: int, device: torch.device | str,
                   denoise: float = 1.0) -> tuple[FlowMatchEulerDiscreteScheduler, torch.Tensor]:
-    """A fresh scheduler (runs never share state) set to the reference's schedule.
-
-    ``denoise`` < 1 keeps the last ``round(steps * denoise)`` steps (image-to-image from given
-    latents), like diffusers' img2img pipelines and ComfyUI's samplers.
-    """
+    """A fresh scheduler (runs never share state) stepping through the reference's schedule
+    (``schedule.shifted_sigmas``: computed there, handed over unshifted). ``denoise`` < 1 keeps the
+    last ``round(steps * denoise)`` steps."""
     config = dict(scheduler_config)
-    if steps == 1:
-        # One step: sigma 1 -> 0. The terminal stretch divides by (1 - last sigma) = 0 (NaN in
-        # the reference); a single Euler step needs no stretch.
-        config["shift_terminal"] = None
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    cfg = scheduler.config
-    mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-    scheduler.set_timesteps(sigmas=reference_sigmas(steps), device=device, mu=mu)
-    timesteps = scheduler.timesteps
-    start = steps - max(1, min(steps, int(round(steps * denoise)))) if denoise < 1.0 else 0
+    sigmas = shifted_sigmas(steps, image_seq_len, config)
+    plain = {**config, "use_dynamic_shifting": False, "shift": 1.0, "shift_terminal": None}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(plain)
+    scheduler.set_timesteps(sigmas=sigmas, device=device)
+    start = first_step(steps, denoise)
     scheduler.set_begin_index(start)
-    return scheduler, timesteps[start:]
-
-
-def true_cfg(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
-    """``neg + s (pos - neg)`` rescaled per token to the norm of ``pos`` (channel dimension)."""
-    combined = negative + scale * (positive - negative)
-    cond_norm = torch.norm(positive, dim=-1, keepdim=True)
-    comb_norm = torch.norm(combined, dim=-1, keepdim=True)
-    return combined * (cond_norm / comb_norm)
+    return scheduler, scheduler.timesteps[start:]
 
 
 @dataclass
@@ -112,7 +87,7 @@ def denoise(transformer, scheduler: FlowMatchEulerDiscreteScheduler, timesteps: 
     latents = inputs.latents
     batch, num_target = latents.shape[0], latents.shape[1]
     img_shapes = [list(inputs.img_shapes)] * batch
-    do_cfg = cfg_scale > 1.0 and inputs.negative is not None
+    do_cfg = uses_cfg(cfg_scale) and inputs.negative is not None
 
     def predict(prompt: PromptEmbeds, timestep: torch.Tensor, step: int, cache: str) -> torch.Tensor:
         if before_pass is not None:
