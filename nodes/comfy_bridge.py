@@ -37,9 +37,9 @@ _fallback_roots: dict[str, list[Path]] = {}
 
 
 def configure(models_dir: str | os.PathLike) -> None:
-    """Without ComfyUI: use ``models_dir/{diffusers,tagmoe,diffusion_models}`` as model folders."""
+    """Without ComfyUI: use ``models_dir/{diffusers,tagmoe,diffusion_models,loras}`` as model folders."""
     root = Path(models_dir)
-    for kind in ("diffusers", TAGMOE_FOLDER, "diffusion_models"):
+    for kind in ("diffusers", TAGMOE_FOLDER, "diffusion_models", "loras"):
         _fallback_roots[kind] = [root / kind]
 
 
@@ -97,6 +97,23 @@ def list_tagmoe_weights() -> list[str]:
                 if not indexed:
                     found += [str((d / f).relative_to(root)) for f in weights]
     return sorted(dict.fromkeys(found))
+
+
+def list_files(kind: str) -> list[str]:
+    """Files of a model folder kind (``loras``, ...), as ComfyUI lists them."""
+    if HAVE_COMFY:
+        return list(_folder_paths.get_filename_list(kind))
+    found = [str((d / f).relative_to(root)) for root in model_roots(kind) if root.is_dir() for d, files in _walk(root)
+             for f in files if f.endswith(WEIGHT_EXTENSIONS)]
+    return sorted(found)
+
+
+def file_path(kind: str, name: str) -> Path:
+    """The full path of a file listed by :func:`list_files`, or FileNotFoundError."""
+    for root in model_roots(kind):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(f"'{name}' was not found in models/{kind}")
 
 
 def resolve_model(kind: str, name: str) -> Path:

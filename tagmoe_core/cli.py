@@ -125,7 +125,7 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from .pipeline.builder import load_pipeline
-    from .pipeline.pipeline import check_size
+    from .pipeline.latents import check_size
     from .pipeline.regions import region_from_pixel_box
     from .runtime.devices import resolve_devices
 

@@ -54,7 +54,9 @@ def comfy_image(h=40, w=72, batch=1, seed=0):
 
 def test_pack_exports_and_categories(pack, nodes):
     assert set(nodes) == {"TagMoEModelLoader", "TagMoETextEncode", "TagMoESampler", "TagMoEDecode", "TagMoETaskTags",
-                          "TagMoEPromptRefine", "TagMoERoutingMap"}
+                          "TagMoEPromptRefine", "TagMoERoutingMap", "TagMoELoadDiffusionModel",
+                          "TagMoEEditConditioning", "TagMoEScheduler", "TagMoECFGGuider", "TagMoECFG", "TagMoENoise",
+                          "TagMoELoraLoader", "TagMoETagGuidance", "TagMoERecordRouting", "TagMoETextEncodeDiffusers"}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(nodes)
     assert pack.WEB_DIRECTORY == "./web" and (REPO / "web").is_dir()
     for cls in nodes.values():
@@ -288,7 +290,17 @@ STABLE_REQUIRED = {
     "TagMoEDecode": {"model", "latent", "keep_original_size"},
     "TagMoETaskTags": {"mode", "scope", "tags", "edits_an_image"},
     "TagMoEPromptRefine": {"image", "instruction", "backend", "seed", "temperature", "max_new_tokens"},
-    "TagMoERoutingMap": {"model", "routing", "layers", "steps"},
+    "TagMoERoutingMap": {"routing", "layers", "steps"},
+    "TagMoELoadDiffusionModel": {"weights", "weight_dtype"},
+    "TagMoEEditConditioning": {"positive", "negative", "vae", "image"},
+    "TagMoEScheduler": {"steps", "denoise"},
+    "TagMoECFGGuider": {"model", "positive", "negative", "cfg"},
+    "TagMoECFG": {"model"},
+    "TagMoENoise": {"model", "noise_seed", "draw_on"},
+    "TagMoELoraLoader": {"model", "lora_name", "strength_model"},
+    "TagMoETagGuidance": {"model", "tags", "strength"},
+    "TagMoERecordRouting": {"model"},
+    "TagMoETextEncodeDiffusers": {"base_model", "text"},
 }
 
 

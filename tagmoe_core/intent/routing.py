@@ -128,6 +128,16 @@ class RoutingRecorder:
             yield self
 
 
+@dataclass
+class RoutingCapture:
+    """A recording that is filled later (by the sampling run of a patched ComfyUI model), with the
+    tag modules (``tag_embedding``/``router_head``) that interpret it."""
+
+    heads: torch.nn.Module
+    recording: RoutingRecording | None = None
+    runs: int = 0
+
+
 # -- semantics ---------------------------------------------------------------------------------------------
 def _require_tag_modules(transformer) -> None:
     if not getattr(transformer, "tagmoe_has_tag_modules", True) or not hasattr(transformer, "router_head"):

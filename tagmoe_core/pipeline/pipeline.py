@@ -28,7 +28,7 @@ from ..runtime.devices import module_device
 from ..taxonomy import TaskTags
 from .buckets import nearest_bucket
 from .condition import condition_pixels, vae_input
-from .latents import PIXELS_PER_TOKEN, denormalize, normalize, pack, unpack
+from .latents import PIXELS_PER_TOKEN, check_size, denormalize, normalize, pack, unpack
 from .sampling import DenoiseInputs, StepCallback, denoise, make_schedule
 from .text_encoding import PromptEmbeds, encode_prompt_with_image, encode_prompts, normalize_negative_prompt
 
@@ -92,17 +92,6 @@ def resolve_seed(seed: int | None) -> int:
     if not 0 <= seed <= MAX_SEED:
         raise InputError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {seed}")
     return seed
-
-
-def check_size(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{name} must be a whole number of pixels, got {value!r}")
-    value = int(value)
-    if value < PIXELS_PER_TOKEN or value % PIXELS_PER_TOKEN:
-        lower = max(PIXELS_PER_TOKEN, value - value % PIXELS_PER_TOKEN)
-        raise InputError(f"{name} must be a positive multiple of {PIXELS_PER_TOKEN} pixels, got {value} "
-                         f"(try {lower} or {lower + PIXELS_PER_TOKEN})")
-    return value
 
 
 class TagMoEPipeline:

@@ -1,0 +1,52 @@
+"""TAG-MoE Load Diffusion Model: TAG-MoE weights -> ComfyUI MODEL (ComfyUI manages its memory)."""
+
+from __future__ import annotations
+
+from .. import comfy_bridge as bridge
+
+WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]  # as ComfyUI's Load Diffusion Model
+NO_WEIGHTS = "(no TAG-MoE weights in models/diffusion_models or models/tagmoe)"
+
+
+class TagMoELoadDiffusionModel:
+    DESCRIPTION = ("Loads TAG-MoE weights as a ComfyUI MODEL: ComfyUI's Qwen-Image model with the MoE layers, so "
+                   "KSampler, SamplerCustomAdvanced, LoRA loaders and ComfyUI's memory management (partial "
+                   "loading, --lowvram, --reserve-vram, fp8) work with it. Do not load TAG-MoE files with ComfyUI's "
+                   "own Load Diffusion Model: it drops the experts and leaves those layers uninitialised.")
+    CATEGORY = "TAG-MoE"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("TAG-MoE as a Qwen-Image MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "weights": (bridge.list_tagmoe_weights() or [NO_WEIGHTS], {"tooltip": (
+                    "a TAG-MoE file or folder in models/diffusion_models or models/tagmoe: one .safetensors (e.g. "
+                    "from 'tagmoe convert'), or the release's folder with its *.index.json and shards")}),
+                "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip": (
+                    "how the weights are stored: default keeps the file's (bf16) or what ComfyUI picks for the "
+                    "device; fp8 halves the memory (e4m3fn_fast also uses fp8 matmuls where the GPU has them)")}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, weights):
+        try:
+            bridge.resolve_model("tagmoe", weights)
+        except FileNotFoundError:
+            return ("the TAG-MoE weights were not found: put a TAG-MoE .safetensors (or the release's folder) in "
+                    f"models/diffusion_models or models/tagmoe and pick it (got '{weights}')")
+        return True
+
+    def load(self, weights, weight_dtype="default", unique_id=None):
+        from ..comfy_model import load_tagmoe_model
+
+        path = bridge.resolve_model("tagmoe", weights)
+        progress = bridge.Progress(100, unique_id)
+        loaded = load_tagmoe_model(path, weight_dtype,
+                                   progress=lambda done, total: progress.update(int(100 * done / max(total, 1))))
+        return {"ui": {"text": [loaded.summary()]}, "result": (loaded.patcher,)}

@@ -1,0 +1,141 @@
+"""A TAG-MoE checkpoint seen in the per-expert Linear layout: what the ComfyUI path loads.
+
+Opens any layout the library accepts (a file, a folder, a sharded index, ``.safetensors`` or
+``.bin``; the release's MegaBlocks keys or the per-expert keys ComfyUI saves), reads only headers
+to tell the transformer's dimensions and MoE layout, checks the keys and shapes against the model
+that will receive them, then hands the tensors over in chunks of about 1 GiB (views of the files'
+memory maps: split and transposed experts cost no copy), so loading holds one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError
+from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, WeightFiles, resolve_weight_files
+from .expert_layout import Piece, planned_shape, to_linear_experts
+from .layout import OPTIONAL_PREFIXES, infer_moe_layout, strip_wrapper_prefix, transformer_dims, uses_linear_experts
+from .moe import MoESpec
+
+log = logging.getLogger("tagmoe")
+
+METADATA_KEY = "tagmoe_config"  # what ``tagmoe convert`` writes into the safetensors header
+CHUNK_BYTES = 1 << 30
+
+
+def checkpoint_config(files: WeightFiles) -> dict[str, Any] | None:
+    """The transformer config that travels with the weights: ``config.json`` beside them (or in a
+    ``transformer/`` subfolder), else the one ``tagmoe convert`` stored in a safetensors header."""
+    for path in (files.root / "config.json", files.root / "transformer" / "config.json"):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                log.warning("ignoring %s: not valid JSON", path)
+    for path in files.files:
+        if path.name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                text = (handle.metadata() or {}).get(METADATA_KEY)
+            if text:
+                return json.loads(text)
+    return None
+
+
+@dataclass
+class LinearExpertsCheckpoint:
+    reader: CheckpointReader
+    dims: dict[str, Any]
+    spec: MoESpec
+    blocks: list[int]
+    plan: dict[str, Piece]  # every key of the transformer (per-expert layout) -> where it is read from
+    tag_keys: list[str]
+
+    @classmethod
+    def open(cls, source: str | os.PathLike, top_k: int = 1) -> "LinearExpertsCheckpoint":
+        files = resolve_weight_files(source, DEFAULT_WEIGHT_NAME, "transformer")
+        reader = CheckpointReader.open(files)
+        strip_wrapper_prefix(reader)
+        dims = transformer_dims(reader, checkpoint_config(files))
+        spec, blocks = infer_moe_layout(reader, dims["num_layers"], top_k)
+        shapes = {k: info.shape for k, info in reader.infos.items()}
+        tag_keys = sorted(k for k in shapes if k.startswith(OPTIONAL_PREFIXES))
+        body = {k: v for k, v in shapes.items() if not k.startswith(OPTIONAL_PREFIXES)}
+        plan = ({k: Piece(k) for k in body} if uses_linear_experts(body)
+                else to_linear_experts(body, spec.num_experts))
+        return cls(reader, dims, spec, blocks, plan, tag_keys)
+
+    def describe(self) -> str:
+        return self.reader.describe()
+
+    @property
+    def has_tag_modules(self) -> bool:
+        return bool(self.tag_keys)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {k: info.shape for k, info in self.reader.infos.items()}
+        return {key: planned_shape(piece, shapes) for key, piece in self.plan.items()}
+
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype holding most of the weights (what ComfyUI's loaders call the weight dtype)."""
+        sizes: dict[torch.dtype, int] = {}
+        for piece in self.plan.values():
+            info = self.reader.infos[piece.source]
+            sizes[info.dtype] = sizes.get(info.dtype, 0) + self.reader.nbytes([piece.source])
+        return max(sizes, key=sizes.get)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(int(torch.Size(shape).numel()) for shape in self.shapes().values())
+
+    def check(self, expected: Mapping[str, tuple[int, ...]]) -> None:
+        """Every key the model expects is here with its shape, and nothing else is: before any
+        weight is read."""
+        shapes = self.shapes()
+        missing = [k for k in expected if k not in shapes]
+        if missing:
+            raise MissingKeysError(missing, self.describe())
+        unexpected = [k for k in shapes if k not in expected]
+        if unexpected:
+            raise UnexpectedKeysError(unexpected, self.describe())
+        for key, shape in expected.items():
+            if tuple(shape) != tuple(shapes[key]):
+                raise ShapeMismatchError(key, tuple(shape), tuple(shapes[key]), self.describe())
+
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        """``({key: tensor}, bytes read so far)`` for the transformer, about ``chunk_bytes`` at a time."""
+        wanted: dict[str, list[tuple[str, Piece]]] = {}
+        for key, piece in self.plan.items():
+            wanted.setdefault(piece.source, []).append((key, piece))
+        chunk: dict[str, torch.Tensor] = {}
+        size = done = 0
+        for source, tensor in self.reader.tensors(list(wanted), chunk_bytes):
+            for key, piece in wanted[source]:
+                chunk[key] = piece.take(tensor)
+            nbytes = self.reader.nbytes([source])
+            size += nbytes
+            done += nbytes
+            if size >= chunk_bytes:
+                yield chunk, done
+                chunk, size = {}, 0
+        if chunk:
+            yield chunk, done
+
+    @property
+    def nbytes(self) -> int:
+        return self.reader.nbytes({p.source for p in self.plan.values()})
+
+    def tag_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.reader.tensors(self.tag_keys))
+
+    def close(self) -> None:
+        self.reader.close()
+
