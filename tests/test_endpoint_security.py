@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -195,6 +198,30 @@ def test_the_deadline_applies_to_each_try():
             ask(client(server.url, timeout=0.4, retries=1))
         elapsed = time.monotonic() - start
     assert len(server.requests) == 2 and elapsed < 2 * 0.4 + 1.0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_the_deadline_holds_over_tls_too(tmp_path, monkeypatch):
+    """https://: the deadline watches the TLS socket, which replaces the plain one after the handshake."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client's default, verifying context trusts it
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    for respond, expect in ((lambda h, n: send_json(h, 200, reply("over tls")), "over tls"), (drip("body"), None)):
+        server = Server(respond)
+        server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
+        with server:
+            vlm = client(server.url.replace("http://", "https://"), timeout=0.6)
+            start = time.monotonic()
+            if expect:
+                assert ask(vlm) == expect
+            else:
+                with pytest.raises(TagMoEError, match="within 0.6 s"):
+                    ask(vlm)
+                assert time.monotonic() - start < 0.6 + 0.8
 
 
 # -- 3. the response body is capped ------------------------------------------------------------------------
