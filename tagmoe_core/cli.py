@@ -1,4 +1,4 @@
-"""``tagmoe`` / ``python -m tagmoe_core``: edit and generate from the command line.
+"""``tagmoe`` / ``python -m tagmoe_core``: edit, generate and refine instructions from the command line.
 
 The flags of the reference ``infer.py`` are accepted as they are (``--pretrained_model_path``,
 ``--transformer_model_path``, ``--transformer_weight_name``, ...) and in dashed form.
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("generate", help="text-to-image"), edit=False)
     tiny = sub.add_parser("tiny", help="build the embedded tiny model and print where it is")
     tiny.add_argument("--root", default=None, help="where to build it (default: the user cache)")
+    _add_refine(sub)
     return parser
 
 
@@ -188,6 +189,100 @@ def run(args) -> int:
     return 0
 
 
+# -- refine: the Prompt Refine node's backends from the command line -------------------------------------
+def _add_refine(sub) -> None:
+    parser = sub.add_parser("refine", help="rewrite an instruction with a VLM that sees the image (prints it)",
+                            description="Rewrite an edit instruction with a vision-language model that looks at "
+                                        "the image; prints the refined instruction (or the original one, with a "
+                                        "warning, when the answer is unusable). One VLM: --endpoint, "
+                                        "--vlm-folder, --pretrained_model_path or --tiny.")
+    parser.add_argument("--image", required=True, help="the image the instruction is about")
+    parser.add_argument("--prompt", required=True, help="the instruction to refine")
+    vlm = parser.add_argument_group("VLM (one of)")
+    vlm.add_argument("--endpoint", metavar="URL", default=None,
+                     help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (needs --model)")
+    vlm.add_argument("--vlm-folder", dest="vlm_folder", metavar="PATH", default=None,
+                     help="a local Qwen2-VL / Qwen2.5-VL instruct folder")
+    _flag(vlm, "pretrained_model_path", metavar="BASE", default=None,
+          help="the text encoder of this base Qwen-Image (a folder or a hub repo id)")
+    vlm.add_argument("--tiny", action="store_true", help="the embedded tiny model's text encoder (a random model)")
+    endpoint = parser.add_argument_group("endpoint")
+    endpoint.add_argument("--model", default=None, help="the model name the endpoint serves")
+    endpoint.add_argument("--api-key-env", dest="api_key_env", metavar="VAR", default="OPENAI_API_KEY",
+                          help="environment variable holding the API key (default: OPENAI_API_KEY; '' for none)")
+    endpoint.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                          help="seconds for one whole answer, per try (default: 60)")
+    endpoint.add_argument("--retries", type=int, default=2, help="retries on errors and timeouts (default: 2)")
+    local = parser.add_argument_group("local VLM")
+    _flag(local, "device", default="auto", help="'auto', 'cpu', '0', 'cuda:1'")
+    _flag(local, "dtype", default="auto", choices=list(DTYPES), help="default: bf16 on GPUs, fp32 on the CPU")
+    _flag(local, "local_files_only", action="store_true", help="never download --pretrained_model_path")
+    answer = parser.add_argument_group("answer")
+    answer.add_argument("--seed", type=int, default=0, help="the same seed gives the same answer (default: 0)")
+    answer.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    _flag(answer, "max_new_tokens", type=int, default=160, help="longest answer, in tokens (default: 160)")
+    answer.add_argument("--tags", action="store_true", help="also print the task tags the VLM proposes (2nd line)")
+
+
+def _refine_backend(args):
+    from .intent.refine import LocalVLM, OpenAIChatVLM, TextEncoderVLM
+
+    chosen = [name for name, given in (("--endpoint", args.endpoint), ("--vlm-folder", args.vlm_folder),
+                                       ("--pretrained_model_path", args.pretrained_model_path),
+                                       ("--tiny", args.tiny)) if given]
+    if not chosen:
+        raise TagMoEError("refine needs a VLM: --endpoint URL --model NAME (an OpenAI-compatible server), "
+                          "--vlm-folder PATH (a local Qwen2/2.5-VL folder), --pretrained_model_path BASE (its "
+                          "text encoder) or --tiny")
+    if len(chosen) > 1:
+        raise TagMoEError(f"refine takes one VLM, got {' and '.join(chosen)}")
+    if args.endpoint:
+        if not (args.model or "").strip():
+            raise TagMoEError("--endpoint needs --model, the model name the endpoint serves")
+        if args.retries < 0:
+            raise TagMoEError("--retries must be 0 or more")
+        return OpenAIChatVLM(args.endpoint, args.model, args.api_key_env, args.timeout, args.retries)
+    from .runtime.devices import resolve_devices
+
+    spec = resolve_devices(args.device)
+    device, dtype = spec.primary, DTYPES[args.dtype] or spec.default_dtype
+    if args.vlm_folder:
+        return LocalVLM(args.vlm_folder, device=device, dtype=dtype)
+    from .pipeline.builder import load_text_encoder, load_tokenizer, load_vlm_image_processor
+
+    base = args.pretrained_model_path
+    if args.tiny:
+        from .tiny import ensure_tiny_bundle
+
+        base = str(ensure_tiny_bundle().base)
+    path = Path(base).expanduser()
+    looks_local = base.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir())
+    if looks_local and not path.exists():  # a local path, not a hub repo id
+        raise TagMoEError(f"the base model folder '{base}' does not exist")
+    try:
+        return TextEncoderVLM(load_text_encoder(base, dtype, device, args.local_files_only),
+                              load_tokenizer(base, args.local_files_only),
+                              load_vlm_image_processor(base, args.local_files_only))
+    except (OSError, ValueError) as exc:  # a missing folder or repo, a folder that is not a model
+        raise TagMoEError(f"cannot load the text encoder of '{base}': {' '.join(str(exc).split())[:300]}") from exc
+
+
+def refine(args) -> int:
+    """``tagmoe refine``: print the refined instruction (one line) and, with ``--tags``, the proposed tags."""
+    from .intent.refine import refine_instruction
+
+    if args.max_new_tokens < 1:
+        raise TagMoEError("--max-new-tokens must be at least 1")
+    image = _open_image(args.image)
+    backend = _refine_backend(args)
+    result = refine_instruction(backend, args.prompt, image, seed=args.seed, temperature=args.temperature,
+                                max_new_tokens=args.max_new_tokens, with_tags=args.tags)
+    print(" ".join(result.instruction.split()))  # warnings went to the log (stderr)
+    if result.tags is not None:
+        print(result.tags.tags.to_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -198,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             bundle = ensure_tiny_bundle(args.root)
             print(f"base:   {bundle.base}\ntag-moe: {bundle.tagmoe}")
             return 0
+        if args.command == "refine":
+            return refine(args)
         return run(args)
     except TagMoEError as exc:
         print(f"error: {exc}", file=sys.stderr)

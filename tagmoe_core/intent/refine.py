@@ -6,7 +6,8 @@ the prompts here are this project's. Three backends answer the same chat:
 * :class:`TextEncoderVLM`: the Qwen2.5-VL text encoder already loaded for TAG-MoE (it is a
   full instruct VLM), so no second 7B model is needed;
 * :class:`LocalVLM`: another local Qwen2-VL/Qwen2.5-VL-style folder, loaded with transformers;
-* :class:`OpenAIChatVLM`: any OpenAI-compatible ``/chat/completions`` endpoint.
+* :class:`OpenAIChatVLM`: any OpenAI-compatible ``/chat/completions`` endpoint (the key goes to
+  the endpoint's origin only, one deadline per try, a capped answer, no key in any message).
 
 Answers that refuse, are empty or run on fall back to the original instruction with a
 warning; a dead endpoint is an error, raised after bounded retries and time.
@@ -15,13 +16,17 @@ warning; a dead endpoint is an error, raised after bounded retries and time.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import logging
 import os
 import re
+import socket
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -179,22 +184,201 @@ class LocalVLM(TextEncoderVLM):
         super().__init__(model, tokenizer, image_processor)
 
 
+class EndpointError(TagMoEError):
+    """An OpenAI-compatible endpoint that cannot be used: unreachable, too slow, refusing the key,
+    redirecting elsewhere, answering too much or not in the expected form."""
+
+
+MAX_RESPONSE_BYTES = 4 << 20  # a chat answer is a few KiB; this bounds what a broken or hostile server costs
+MAX_REDIRECTS = 5  # same-origin redirects followed per request
+_ERROR_BODY_BYTES = 8 << 10  # read of an error body (a message quotes 200 characters of it)
+_CHUNK_BYTES = 64 << 10
+REDACTED = "[redacted]"
+_TOKEN = r"(?=[A-Za-z0-9._~+/-]*[0-9._~+/=-])[A-Za-z0-9._~+/-]{6,}=*"  # has a digit or symbol: not a word
+_CREDENTIAL_FIELD = re.compile(r"""((?:proxy-)?authorization|x-api-key|api[-_]?key|access[-_]?token)"""
+                               r"""(["']?\s*[:=]\s*["']?)(?:(?:bearer|basic|token)\s+)?[^\s"',;&}]+""", re.I)
+_SCHEME_CREDENTIAL = re.compile(rf"\b(bearer|basic)\s+{_TOKEN}", re.I)
+
+
+def redact_secrets(text: str, *secrets: str) -> str:
+    """``text`` without the given ``secrets``, ``Bearer``/``Basic`` credentials and the values of
+    Authorization / API-key fields: for every message and log line that may quote a server."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    text = _CREDENTIAL_FIELD.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    return _SCHEME_CREDENTIAL.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port): two URLs with the same origin may share credentials, others may not."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:  # not a number: no origin matches it
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _origin_text(url: str) -> str:
+    scheme, host, port = _origin(url)
+    return f"{scheme}://{host}:{port}"
+
+
+class _Retryable(Exception):
+    """A failed try that another try may fix (network errors, timeouts, 408/429/5xx)."""
+
+
+class _RedirectRefused(Exception):
+    pass
+
+
+class _Deadline:
+    """One deadline for a whole request (connect, TLS, headers, body, redirects). Socket timeouts
+    bound each read only, so a server dripping a byte at a time never trips them; at the deadline
+    every socket watched here is shut down, which ends the read or write in progress."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self._fired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    @property
+    def expired(self) -> bool:
+        return self._fired or time.monotonic() >= self.end
+
+    def remaining(self) -> float:
+        return max(self.end - time.monotonic(), 0.001)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            fired = self._fired
+        if fired:
+            _shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._fired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:  # the plain socket's shutdown, also for a TLS socket: no TLS close_notify from another thread
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _watched(base: type[http.client.HTTPConnection], deadline: _Deadline) -> type[http.client.HTTPConnection]:
+    """``base`` whose sockets the deadline watches from creation (so the TLS handshake too)."""
+
+    class Watched(base):  # type: ignore[valid-type, misc]
+        def connect(self) -> None:
+            self.timeout = min(self.timeout, deadline.remaining()) if isinstance(self.timeout, (int, float)) \
+                else deadline.remaining()
+            create = self._create_connection
+
+            def create_watched(*args, **kwargs):
+                sock = create(*args, **kwargs)
+                deadline.watch(sock)
+                return sock
+
+            self._create_connection = create_watched
+            super().connect()
+            if self.sock is not None:
+                deadline.watch(self.sock)  # a TLS socket replaces (detaches) the plain one
+
+    return Watched
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(_watched(http.client.HTTPConnection, self.deadline), req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(_watched(http.client.HTTPSConnection, self.deadline), req, context=self._context)
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects within the endpoint's origin only (they keep the Authorization header);
+    307/308 repeat the POST with its body, 301/302/303 become a GET as everywhere else."""
+
+    max_repeats = max_redirections = MAX_REDIRECTS + 1  # ours below speaks first
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        count = getattr(req, "tagmoe_redirects", 0) + 1
+        if _origin(newurl) != _origin(req.full_url):
+            fp.close()
+            raise _RedirectRefused(
+                f"the endpoint {req.full_url} redirected (HTTP {code}) to another origin, {_origin_text(newurl)}; "
+                "not following it, so the API key is not sent there: set the endpoint URL to the address you trust")
+        if count > MAX_REDIRECTS:
+            fp.close()
+            raise _RedirectRefused(f"the endpoint {req.full_url} sent too many redirects (more than {MAX_REDIRECTS})")
+        if code in (307, 308):
+            new = urllib.request.Request(newurl, data=req.data, headers=dict(req.headers),
+                                         origin_req_host=req.origin_req_host, unverifiable=True,
+                                         method=req.get_method())
+        else:
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.tagmoe_redirects = count
+            log.info("VLM endpoint: following a same-origin redirect (HTTP %s) to %s", code,
+                     redact_secrets(newurl))
+        return new
+
+
 class OpenAIChatVLM:
     """An OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp server, Ollama, LM Studio, ...).
 
-    The API key is read from the environment variable named by ``api_key_env`` (never stored).
+    The API key is read from the environment variable named by ``api_key_env`` (never stored) and
+    sent to the endpoint's origin only: a redirect elsewhere is refused. ``timeout`` is one deadline
+    for each try (connect, headers and body together); answers above ``max_response_bytes`` are
+    refused; messages and log lines never show the key (see :func:`redact_secrets`).
     """
 
     name = "OpenAI-compatible endpoint"
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-                 retries: int = 2, backoff: float = 1.0):
+                 retries: int = 2, backoff: float = 1.0, max_response_bytes: int = MAX_RESPONSE_BYTES):
         if not re.match(r"^https?://", base_url or ""):
-            raise TagMoEError(f"the endpoint URL must start with http:// or https://, got {base_url!r}")
+            raise EndpointError(f"the endpoint URL must start with http:// or https://, got {base_url!r}")
+        if urllib.parse.urlsplit(base_url).username is not None:
+            raise EndpointError("the endpoint URL holds credentials (user:password@); remove them and put the API "
+                                "key in the environment variable named by api_key_env")
+        if not timeout > 0:
+            raise EndpointError(f"the endpoint timeout must be positive, got {timeout!r}")
+        if int(max_response_bytes) < 1:
+            raise EndpointError(f"max_response_bytes must be positive, got {max_response_bytes!r}")
         self.url = base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/chat/completions")
                                            else "/chat/completions")
         self.model, self.api_key_env = model, api_key_env
-        self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
+        self.timeout, self.retries, self.backoff = float(timeout), max(int(retries), 0), float(backoff)
+        self.max_response_bytes = int(max_response_bytes)
 
     def chat(self, system: str, user: str, image: Image.Image | None, max_new_tokens: int, seed: int,
              temperature: float) -> str:
@@ -212,31 +396,93 @@ class OpenAIChatVLM:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         data = json.dumps(body).encode()
+        tries = self.retries + 1
         last = ""
-        for attempt in range(self.retries + 1):
+        for attempt in range(tries):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                wait = self.backoff * 2 ** (attempt - 1)
+                log.warning("%s", self._clean(f"VLM endpoint {self.url}: try {attempt} of {tries} failed ({last}); "
+                                              f"retrying in {wait:g} s", key))
+                time.sleep(wait)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read().decode())
+                return self._attempt(data, headers, key)
+            except _Retryable as exc:
+                last = str(exc)
+        raise self._error(f"the VLM endpoint {self.url} is not reachable after {tries} "
+                          f"{'try' if tries == 1 else 'tries'}: {last}", key)
+
+    # -- one try -----------------------------------------------------------------------------------------
+    def _attempt(self, data: bytes, headers: dict[str, str], key: str) -> str:
+        deadline = _Deadline(self.timeout)
+        too_slow = f"no complete answer within {self.timeout:g} s (connect, headers and body)"
+        opener = urllib.request.build_opener(_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline),
+                                             _SameOriginRedirects())
+        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        with deadline:
+            try:
+                with opener.open(request, timeout=self.timeout) as response:
+                    raw = self._read_capped(response, key)
+                if deadline.expired:
+                    raise _Retryable(too_slow)
+            except _RedirectRefused as exc:
+                raise self._error(str(exc), key) from None
             except urllib.error.HTTPError as exc:
-                detail = exc.read().decode(errors="replace")[:200]
-                last = f"HTTP {exc.code} {exc.reason}: {detail}"
-                if exc.code in (401, 403):
-                    raise TagMoEError(f"the endpoint {self.url} refused the API key (HTTP {exc.code}); set "
-                                      f"${self.api_key_env}") from exc
-                if exc.code not in (408, 429) and exc.code < 500:
-                    raise TagMoEError(f"the endpoint {self.url} rejected the request: {last}") from exc
-                continue
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+                raise self._http_error(exc, key) from None
+            except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, cut-off bodies
+                if deadline.expired:
+                    raise _Retryable(too_slow) from None
                 reason = getattr(exc, "reason", exc)
-                last = f"no answer within {self.timeout:g} s" if "timed out" in str(reason) else str(reason)
-                continue
-            except ValueError as exc:
-                raise TagMoEError(f"the endpoint {self.url} did not answer with JSON: {exc}") from exc
-            try:
-                return payload["choices"][0]["message"]["content"] or ""
-            except (KeyError, IndexError, TypeError) as exc:
-                raise TagMoEError(f"unexpected answer from {self.url}: {str(payload)[:200]}") from exc
-        raise TagMoEError(f"the VLM endpoint {self.url} is not reachable after {self.retries + 1} tries: {last}")
+                raise _Retryable(f"no answer within {self.timeout:g} s" if "timed out" in str(reason)
+                                 else str(reason) or type(reason).__name__) from None
+        try:
+            payload = json.loads(raw.decode())
+        except ValueError as exc:
+            raise self._error(f"the endpoint {self.url} did not answer with JSON: {exc}", key) from None
+        try:
+            return payload["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise self._error(f"unexpected answer from {self.url}: {str(payload)[:200]}", key) from None
+
+    def _read_capped(self, response, key: str) -> bytes:
+        """The body in chunks, refused as soon as it is known to exceed ``max_response_bytes``."""
+        limit = self.max_response_bytes
+        declared = (response.headers.get("Content-Length") or "").strip()
+        too_big = self._error(f"the endpoint {self.url} sent more than {limit} bytes (max_response_bytes); "
+                              "stopped reading", key)
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        while True:
+            chunk = response.read(min(_CHUNK_BYTES, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+        if getattr(response, "length", None):  # fewer bytes than the Content-Length promised
+            raise http.client.IncompleteRead(b"".join(chunks), response.length)
+        return b"".join(chunks)
+
+    def _http_error(self, exc: urllib.error.HTTPError, key: str) -> Exception:
+        try:
+            detail = exc.read(_ERROR_BODY_BYTES).decode(errors="replace")
+        except (OSError, http.client.HTTPException):
+            detail = ""
+        finally:
+            exc.close()
+        status = self._clean(f"HTTP {exc.code} {exc.reason}: {detail}", key)[:240]
+        if exc.code in (401, 403):
+            return self._error(f"the endpoint {self.url} refused the API key (HTTP {exc.code}); set "
+                               f"${self.api_key_env}", key)
+        if exc.code not in (408, 429) and exc.code < 500:
+            return self._error(f"the endpoint {self.url} rejected the request: {status}", key)
+        return _Retryable(status)
+
+    @staticmethod
+    def _clean(text: str, key: str) -> str:
+        """One line, without the key or any credential a server echoed."""
+        return redact_secrets(" ".join(str(text).split()), key)
+
+    def _error(self, message: str, key: str) -> EndpointError:
+        return EndpointError(self._clean(message, key))
