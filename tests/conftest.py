@@ -41,3 +41,13 @@ def photo():
 def _deterministic_threads():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tiny_bundle, tmp_path_factory):
+    """A real ComfyUI (``COMFYUI_DIR``) serving the pack and the tiny model (see comfy_server.py)."""
+    from comfy_server import COMFYUI_DIR, start_server
+
+    if not COMFYUI_DIR:
+        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout")
+    yield from start_server(tiny_bundle, tmp_path_factory)

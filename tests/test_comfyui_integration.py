@@ -13,130 +13,17 @@ ComfyUI's format in models/vae; converts each workflow to API format with the se
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from comfy_server import COMFYUI_DIR, images_of, run_prompt
 from node_harness import REPO
-from PIL import Image
 from workflow_api import ui_to_api
-
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout")]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _full_size_vae_bundle(tiny_bundle, root: Path) -> tuple[Path, Path]:
-    """The tiny base with a full-size (random) Qwen-Image VAE, which ComfyUI's VAE loader can
-    build (it fixes the architecture), plus the same weights in ComfyUI's key layout."""
-    import torch
-    from comfy_vae_convert import diffusers_qwen_vae_to_comfy
-    from diffusers import AutoencoderKLQwenImage
-    from safetensors.torch import save_file
-
-    base = root / "Qwen-Image"
-    shutil.copytree(tiny_bundle.base, base, ignore=shutil.ignore_patterns("vae"))
-    torch.manual_seed(0)
-    vae = AutoencoderKLQwenImage().to(torch.bfloat16)
-    vae.save_pretrained(base / "vae")
-    comfy_vae = root / "qwen_image_vae.safetensors"
-    save_file({k: v.contiguous() for k, v in diffusers_qwen_vae_to_comfy(vae.state_dict()).items()}, comfy_vae)
-    return base, comfy_vae
-
-
-@pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory):
-    import requests
-
-    root = tmp_path_factory.mktemp("comfy")
-    base_model, comfy_vae = _full_size_vae_bundle(tiny_bundle, root / "src")
-    home = root / "base"
-    for sub in ("custom_nodes", "models/diffusers", "models/tagmoe", "models/vae", "input", "output", "user"):
-        (home / sub).mkdir(parents=True, exist_ok=True)
-    (home / "custom_nodes" / "comfyui-tagmoe").symlink_to(REPO)
-    (home / "models/diffusers/Qwen-Image").symlink_to(base_model)
-    (home / "models/tagmoe/TAG-MoE").symlink_to(tiny_bundle.tagmoe)
-    (home / "models/vae/qwen_image_vae.safetensors").symlink_to(comfy_vae)
-    from tagmoe_core.demo import demo_image
-
-    demo_image().save(home / "input" / "example.png")
-    rgba = demo_image().convert("RGBA")
-    alpha = Image.new("L", rgba.size, 255)
-    alpha.paste(0, (100, 40, 160, 150))  # LoadImage's MASK = 1 - alpha: the figure is the region
-    rgba.putalpha(alpha)
-    rgba.save(home / "input" / "region_example.png")
-
-    port = _free_port()
-    log = open(root / "comfyui.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-         str(home), "--disable-auto-launch", "--preview-method", "latent2rgb"],
-        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            if process.poll() is not None:
-                pytest.fail(f"ComfyUI exited:\n{(root / 'comfyui.log').read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/object_info/TagMoESampler", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(1)
-        else:
-            pytest.fail("ComfyUI did not start within 300 s")
-        yield {"url": url, "home": home, "log": root / "comfyui.log"}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
-def _run(server, prompt: dict, timeout: float = 600) -> dict:
-    import requests
-
-    reply = requests.post(f"{server['url']}/prompt", json={"prompt": prompt, "client_id": "tagmoe-tests"}, timeout=30)
-    assert reply.ok, reply.text
-    prompt_id = reply.json()["prompt_id"]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        history = requests.get(f"{server['url']}/history/{prompt_id}", timeout=10).json()
-        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-            entry = history[prompt_id]
-            if entry["status"]["status_str"] != "success":
-                messages = json.dumps(entry["status"]["messages"], indent=1)[-3000:]
-                pytest.fail(f"prompt failed: {messages}\n{server['log'].read_text()[-3000:]}")
-            return entry
-        time.sleep(0.5)
-    pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
-
-
-def _images(server, entry: dict) -> dict[str, list[Image.Image]]:
-    import requests
-
-    found = {}
-    for node_id, output in entry["outputs"].items():
-        for info in output.get("images", []):
-            data = requests.get(f"{server['url']}/view", params=info, timeout=30).content
-            found.setdefault(node_id, []).append(Image.open(io.BytesIO(data)).convert("RGB"))
-    return found
 
 
 def _shrink(prompt: dict) -> dict:
@@ -149,7 +36,8 @@ def _shrink(prompt: dict) -> dict:
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_workflow_runs_in_comfyui(server, path):
+def test_workflow_runs_in_comfyui(comfy_server, path):
+    server = comfy_server
     import requests
 
     object_info = requests.get(f"{server['url']}/object_info", timeout=60).json()
@@ -158,8 +46,8 @@ def test_workflow_runs_in_comfyui(server, path):
         for node in prompt.values():
             if node["class_type"] == "LoadImage":
                 node["inputs"]["image"] = "region_example.png"
-    entry = _run(server, prompt)
-    images = _images(server, entry)
+    entry = run_prompt(server, prompt)
+    images = images_of(server, entry)
     assert images, f"no images came back: {entry['outputs']}"
     for node_id, pictures in images.items():
         kind = prompt[node_id]["class_type"]
@@ -169,7 +57,8 @@ def test_workflow_runs_in_comfyui(server, path):
     print(f"{path.stem}: {sizes}")
 
 
-def test_native_vae_decode_matches_ours(server):
+def test_native_vae_decode_matches_ours(comfy_server):
+    server = comfy_server
     """Our LATENT through ComfyUI's VAE Decode (Qwen-Image VAE in ComfyUI's format) gives the
     same pixels as TAG-MoE Decode with the same VAE weights."""
     prompt = {
@@ -187,7 +76,7 @@ def test_native_vae_decode_matches_ours(server):
                                                         "keep_original_size": False}},
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "ours"}},
     }
-    images = _images(server, _run(server, prompt))
+    images = images_of(server, run_prompt(server, prompt))
     native, ours = np.asarray(images["6"][0], dtype=np.int16), np.asarray(images["8"][0], dtype=np.int16)
     assert native.shape == ours.shape == (48, 64, 3)
     diff = np.abs(native - ours)
@@ -195,7 +84,8 @@ def test_native_vae_decode_matches_ours(server):
     assert diff.mean() < 1.0 and diff.max() <= 8
 
 
-def test_pack_loads_serves_its_extension_and_lists_its_workflows(server):
+def test_pack_loads_serves_its_extension_and_lists_its_workflows(comfy_server):
+    server = comfy_server
     import requests
 
     log = server["log"].read_text()
@@ -211,7 +101,8 @@ def test_pack_loads_serves_its_extension_and_lists_its_workflows(server):
     assert info["category"] == "TAG-MoE" and info["output"] == ["LATENT", "INT", "TAGMOE_ROUTING"]
 
 
-def test_tag_picker_in_the_real_frontend(server):
+def test_tag_picker_in_the_real_frontend(comfy_server):
+    server = comfy_server
     """ComfyUI's own frontend in headless Chromium: the picker is on the Task Tags node, follows the
     annotation rules, writes the node's tags text, and the node is tall enough to show it."""
     playwright = pytest.importorskip("playwright.sync_api")

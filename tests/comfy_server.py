@@ -1,0 +1,184 @@
+"""A real ComfyUI server for the ``comfyui``-marked tests, with the pack and the tiny model.
+
+``main.py --cpu`` on a free loopback port with a fresh base directory holding the pack (linked),
+the tiny model in models/diffusers (with a full-size random Qwen-Image VAE, which ComfyUI's VAE loader
+can build), the TAG-MoE weights in models/tagmoe and models/diffusion_models, the same VAE in
+ComfyUI's key layout in models/vae, a small LoRA in models/loras and example images in input/.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from node_harness import REPO
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _full_size_vae_bundle(tiny_bundle, root: Path) -> tuple[Path, Path]:
+    """The tiny base with a full-size (random) Qwen-Image VAE, which ComfyUI's VAE loader can
+    build (it fixes the architecture), plus the same weights in ComfyUI's key layout."""
+    import torch
+    from comfy_vae_convert import diffusers_qwen_vae_to_comfy
+    from diffusers import AutoencoderKLQwenImage
+    from safetensors.torch import save_file
+
+    base = root / "Qwen-Image"
+    shutil.copytree(tiny_bundle.base, base, ignore=shutil.ignore_patterns("vae"))
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage().to(torch.bfloat16)
+    vae.save_pretrained(base / "vae")
+    comfy_vae = root / "qwen_image_vae.safetensors"
+    save_file({k: v.contiguous() for k, v in diffusers_qwen_vae_to_comfy(vae.state_dict()).items()}, comfy_vae)
+    return base, comfy_vae
+
+
+def start_server(tiny_bundle, tmp_path_factory):
+    import requests
+
+    root = tmp_path_factory.mktemp("comfy")
+    base_model, comfy_vae = _full_size_vae_bundle(tiny_bundle, root / "src")
+    home = root / "base"
+    for sub in ("custom_nodes", "models/diffusers", "models/tagmoe", "models/diffusion_models", "models/vae",
+                "models/loras", "input", "output", "user"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    (home / "custom_nodes" / "comfyui-tagmoe").symlink_to(REPO)
+    (home / "models/diffusers/Qwen-Image").symlink_to(base_model)
+    (home / "models/tagmoe/TAG-MoE").symlink_to(tiny_bundle.tagmoe)
+    (home / "models/diffusion_models/TAG-MoE").symlink_to(tiny_bundle.tagmoe)
+    (home / "models/vae/qwen_image_vae.safetensors").symlink_to(comfy_vae)
+    write_test_lora(home / "models/loras" / LORA_NAME)
+    from tagmoe_core.demo import demo_image
+
+    demo_image().save(home / "input" / "example.png")
+    rgba = demo_image().convert("RGBA")
+    alpha = Image.new("L", rgba.size, 255)
+    alpha.paste(0, (100, 40, 160, 150))  # LoadImage's MASK = 1 - alpha: the figure is the region
+    rgba.putalpha(alpha)
+    rgba.save(home / "input" / "region_example.png")
+
+    port = _free_port()
+    log = open(root / "comfyui.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+         str(home), "--disable-auto-launch", "--preview-method", "latent2rgb"],
+        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited:\n{(root / 'comfyui.log').read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/object_info/TagMoESampler", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        else:
+            pytest.fail("ComfyUI did not start within 300 s")
+        yield {"url": url, "home": home, "log": root / "comfyui.log", "base": base_model}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def run_prompt(server, prompt: dict, timeout: float = 600) -> dict:
+    import requests
+
+    reply = requests.post(f"{server['url']}/prompt", json={"prompt": prompt, "client_id": "tagmoe-tests"}, timeout=30)
+    assert reply.ok, reply.text
+    prompt_id = reply.json()["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        history = requests.get(f"{server['url']}/history/{prompt_id}", timeout=10).json()
+        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+            entry = history[prompt_id]
+            if entry["status"]["status_str"] != "success":
+                messages = json.dumps(entry["status"]["messages"], indent=1)[-3000:]
+                pytest.fail(f"prompt failed: {messages}\n{server['log'].read_text()[-3000:]}")
+            return entry
+        time.sleep(0.5)
+    pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+def images_of(server, entry: dict) -> dict[str, list[Image.Image]]:
+    import requests
+
+    found = {}
+    for node_id, output in entry["outputs"].items():
+        for info in output.get("images", []):
+            data = requests.get(f"{server['url']}/view", params=info, timeout=30).content
+            found.setdefault(node_id, []).append(Image.open(io.BytesIO(data)).convert("RGB"))
+    return found
+
+
+
+
+def latents_of(server, entry: dict) -> dict:
+    """The latents SaveLatent nodes wrote, by node id (ComfyUI's .latent files)."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for node_id, output in entry["outputs"].items():
+        for info in output.get("latents", []):
+            path = server["home"] / "output" / info.get("subfolder", "") / info["filename"]
+            found[node_id] = load_file(str(path))["latent_tensor"]
+    return found
+
+
+def write_latent(path: Path, latent) -> None:
+    """A .latent file as ComfyUI's SaveLatent writes it (LoadLatent reads it back)."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"latent_tensor": latent.contiguous(), "latent_format_version_0": torch.tensor([])}, str(path))
+
+
+LORA_NAME = "tagmoe-test-lora.safetensors"
+LORA_RANK = 2
+
+
+def lora_keys() -> dict[str, tuple[int, int]]:
+    """Diffusers-style LoRA keys on the tiny model (inner dim 32, FFN 128): attention of a dense and a
+    MoE block, the dense FFN of a dense block, one expert, and the dense FFN of a MoE block (which
+    TAG-MoE does not have: these must be reported)."""
+    return {
+        "transformer.transformer_blocks.0.attn.to_q": (32, 32),
+        "transformer.transformer_blocks.3.attn.to_k": (32, 32),
+        "transformer.transformer_blocks.1.img_mlp.net.0.proj": (128, 32),
+        "transformer.transformer_blocks.2.img_mlp.experts.1.w1": (128, 32),
+        "transformer.transformer_blocks.2.img_mlp.net.0.proj": (128, 32),
+        "transformer.transformer_blocks.2.img_mlp.net.2": (32, 128),
+    }
+
+
+def write_test_lora(path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(3)
+    state = {}
+    for stem, (out_dim, in_dim) in lora_keys().items():
+        state[f"{stem}.lora_A.weight"] = torch.randn(LORA_RANK, in_dim, generator=gen) * 0.3
+        state[f"{stem}.lora_B.weight"] = torch.randn(out_dim, LORA_RANK, generator=gen) * 0.3
+    save_file(state, str(path))
