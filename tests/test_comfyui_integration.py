@@ -18,20 +18,36 @@ import shutil
 
 import numpy as np
 import pytest
-from comfy_server import COMFYUI_DIR, images_of, run_prompt
+from comfy_server import COMFYUI_DIR, LORA_NAME, images_of, run_prompt
 from node_harness import REPO
 from workflow_api import ui_to_api
+
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout")]
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 
 
-def _shrink(prompt: dict) -> dict:
-    """Few steps and small sizes, so each workflow runs in seconds on the CPU."""
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "TagMoESampler":
+def _for_the_tiny_model(prompt: dict) -> dict:
+    """Few steps and small sizes, so each workflow runs in seconds on the CPU; and the tiny model's
+    files. Its text encoder is a diffusers one (ComfyUI's qwen_image CLIP is fixed at 7B), so every
+    Load CLIP + CLIP Text Encode becomes TAG-MoE Text Encode (diffusers folder) with the same text."""
+    for node_id, node in list(prompt.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CLIPLoader":
+            del prompt[node_id]
+        elif kind == "CLIPTextEncode":
+            prompt[node_id] = {"class_type": "TagMoETextEncodeDiffusers",
+                               "inputs": {"base_model": "Qwen-Image", "text": inputs["text"]}}
+        elif kind == "TagMoESampler":
             inputs.update(steps=2, width=64, height=48, seed=7)
+        elif kind == "TagMoEEditConditioning":
+            inputs.update(width=64, height=48)
+        elif kind in ("EmptySD3LatentImage", "TagMoEScheduler"):
+            inputs.update(width=64, height=48) if kind == "EmptySD3LatentImage" else inputs.update(steps=2)
+        elif kind == "KSampler":
+            inputs.update(steps=2)
+        elif kind == "TagMoELoraLoader":
+            inputs.update(lora_name=LORA_NAME)
     return prompt
 
 
@@ -41,11 +57,7 @@ def test_workflow_runs_in_comfyui(comfy_server, path):
     import requests
 
     object_info = requests.get(f"{server['url']}/object_info", timeout=60).json()
-    prompt = _shrink(ui_to_api(json.loads(path.read_text()), object_info))
-    if "region" in path.stem:
-        for node in prompt.values():
-            if node["class_type"] == "LoadImage":
-                node["inputs"]["image"] = "region_example.png"
+    prompt = _for_the_tiny_model(ui_to_api(json.loads(path.read_text()), object_info))
     entry = run_prompt(server, prompt)
     images = images_of(server, entry)
     assert images, f"no images came back: {entry['outputs']}"
@@ -94,8 +106,7 @@ def test_pack_loads_serves_its_extension_and_lists_its_workflows(comfy_server):
     assert script.ok and "registerExtension" in script.text
     templates = requests.get(f"{server['url']}/workflow_templates", timeout=10).json()
     assert set(templates.get("comfyui-tagmoe", [])) == {p.stem for p in WORKFLOWS}
-    thumb = requests.get(f"{server['url']}/api/workflow_templates/comfyui-tagmoe/tagmoe_instruction_edit.jpg",
-                         timeout=10)
+    thumb = requests.get(f"{server['url']}/api/workflow_templates/comfyui-tagmoe/01 Edit an image.jpg", timeout=10)
     assert thumb.ok and thumb.content[:3] == b"\xff\xd8\xff"
     info = requests.get(f"{server['url']}/object_info/TagMoESampler", timeout=10).json()["TagMoESampler"]
     assert info["category"] == "TAG-MoE" and info["output"] == ["LATENT", "INT", "TAGMOE_ROUTING"]
@@ -109,7 +120,7 @@ def test_tag_picker_in_the_real_frontend(comfy_server):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("needs Chromium (Debian package 'chromium')")
-    workflow = json.loads((REPO / "workflows" / "tagmoe_task_intent.json").read_text())
+    workflow = json.loads((REPO / "example_workflows" / "15 Diffusers folder - task intent.json").read_text())
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -9,7 +9,7 @@ import pytest
 from comfy_native_nodes import FILE_COMBOS, FRONTEND_ONLY, NATIVE_NODES
 from node_harness import REPO, load_pack
 
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
@@ -80,7 +80,9 @@ def check_workflow(workflow: dict, specs: dict) -> list[str]:
     assert workflow.get("version") == 0.4, "UI workflows must be format 0.4"
     nodes = {n["id"]: n for n in workflow["nodes"]}
     assert len(nodes) == len(workflow["nodes"]), "node ids must be unique"
-    assert workflow["last_node_id"] >= max(nodes) and workflow["last_link_id"] >= len(workflow["links"])
+    link_ids = [link[0] for link in workflow["links"]]
+    assert len(set(link_ids)) == len(link_ids), "link ids must be unique"
+    assert workflow["last_node_id"] >= max(nodes) and workflow["last_link_id"] >= max(link_ids)
     has_output = False
     for node in workflow["nodes"]:
         kind = node["type"]
@@ -132,14 +134,43 @@ def check_workflow(workflow: dict, specs: dict) -> list[str]:
 
 def test_every_workflow_has_a_thumbnail_and_the_required_set_exists():
     names = {p.stem for p in WORKFLOWS}
-    assert {"tagmoe_instruction_edit", "tagmoe_text_to_image", "tagmoe_region_edit",
-            "tagmoe_native_latent_chain", "tagmoe_task_intent"} <= names
+    assert {"01 Edit an image", "02 Text to image with KSampler", "03 Edit a region", "04 Edit with a Lightning LoRA",
+            "05 Task tags and routing map", "11 Diffusers folder - edit an image",
+            "12 Diffusers folder - text to image", "13 Diffusers folder - edit a region",
+            "14 Diffusers folder - latent into VAE Decode", "15 Diffusers folder - task intent"} <= names
     for path in WORKFLOWS:
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
+    assert not (REPO / "workflows").exists(), "ComfyUI asks to rename workflows/: templates live in example_workflows/"
+
+
+def test_the_native_workflows_use_the_native_model_and_comfyuis_nodes():
+    def types(stem):
+        return {n["type"] for n in json.loads((REPO / "example_workflows" / f"{stem}.json").read_text())["nodes"]}
+
+    edit = types("01 Edit an image")
+    assert {"CLIPLoader", "VAELoader", "TagMoELoadDiffusionModel", "CLIPTextEncode", "TagMoEEditConditioning",
+            "SamplerCustomAdvanced", "TagMoEScheduler", "TagMoECFGGuider", "TagMoENoise", "VAEDecode"} <= edit
+    assert {"KSampler", "TagMoECFG"} <= types("02 Text to image with KSampler")
+    assert "TagMoELoraLoader" in types("04 Edit with a Lightning LoRA")
+    assert not any(t.startswith(("TagMoEModelLoader", "TagMoESampler")) for t in edit | types("03 Edit a region"))
+
+
+TITLE = 30  # px of a node's title bar above its pos
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_no_node_covers_another(path: Path):
+    nodes = json.loads(path.read_text())["nodes"]
+    boxes = [(n["pos"][0], n["pos"][1] - TITLE, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1], n)
+             for n in nodes]
+    overlaps = [f"{a[4]['type']} #{a[4]['id']} and {b[4]['type']} #{b[4]['id']}"
+                for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]]
+    assert not overlaps, overlaps
 
 
 def test_the_checker_catches_mistakes():
-    workflow = json.loads((REPO / "workflows" / "tagmoe_instruction_edit.json").read_text())
+    workflow = json.loads((REPO / "example_workflows" / "11 Diffusers folder - edit an image.json").read_text())
     specs = node_specs()
     sampler = next(n for n in workflow["nodes"] if n["type"] == "TagMoESampler")
     sampler["widgets_values"][2] = 999  # steps above the maximum

@@ -56,14 +56,18 @@ class TagMoESampler:
                                                       "expresses the tags; 0 = the release's behaviour exactly"}),
                 "record_routing": ("BOOLEAN", {"default": False, "tooltip": "record every MoE routing decision "
                                                                             "for TAG-MoE Routing Map"}),
+                "region": ("STRING", {"default": "", "tooltip": (
+                    "region edit without a mask: x1,y1,x2,y2 as fractions of the image (e.g. 0.25,0.25,0.75,0.75); "
+                    "a connected mask takes precedence; empty = the whole image")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, model, conditioning, seed, steps, cfg, width=0, height=0, images_per_prompt=1, image=None,
-               mask=None, latent=None, denoise=1.0, tags=None, tag_guidance=0.0, record_routing=False, unique_id=None):
+               mask=None, latent=None, denoise=1.0, tags=None, tag_guidance=0.0, record_routing=False, region="",
+               unique_id=None):
         from ...tagmoe_core.intent.routing import RoutingRecorder
-        from ...tagmoe_core.pipeline.regions import mask_box, region_from_pixel_box
+        from ...tagmoe_core.pipeline.regions import box_from_fractions, mask_box, region_from_pixel_box
 
         pipe = model.require()
         if (width == 0) != (height == 0):
@@ -75,6 +79,9 @@ class TagMoESampler:
             raise InputError("a mask needs an image to edit: connect the image the mask was drawn on")
         if masks is not None and masks.shape[0] not in (1, len(pictures)):
             raise InputError(f"{masks.shape[0]} masks for {len(pictures)} images: give one mask, or one per image")
+        fractions = region if masks is None else ""
+        if str(fractions).strip() and image is None:
+            raise InputError("a region needs an image to edit: connect the image")
         init = latent_to_batch(latent) if latent is not None else None
         num_images = images_per_prompt
         if init is not None and init.shape[0] > 1 and images_per_prompt == 1:
@@ -87,11 +94,12 @@ class TagMoESampler:
             raise InputError("tag_guidance needs tags: connect a TAG-MoE Task Tags node to 'tags'")
         outputs, original_sizes, recorder = [], [], None
         for index, picture in enumerate(pictures):
-            region = None
-            if masks is not None:
+            box = mask_box(masks[min(index, masks.shape[0] - 1)], picture.size) if masks is not None \
+                else box_from_fractions(fractions, picture.size) if picture is not None else None
+            patches = None
+            if box is not None:
                 target = pipe.target_size(picture, size["width"], size["height"], init)  # as sample() will
-                box = mask_box(masks[min(index, masks.shape[0] - 1)], picture.size)
-                region = region_from_pixel_box(box, picture.size, target)
+                patches = region_from_pixel_box(box, picture.size, target)
 
             def on_step(info, done=index * steps_per_run):
                 progress.update(done + info.step + 1, info.denoised_latents())
@@ -99,7 +107,7 @@ class TagMoESampler:
             run_recorder = RoutingRecorder() if record_routing and index == 0 else None
             recorder = recorder or run_recorder
             out = pipe.sample(conditioning, picture, steps=steps, cfg=cfg, seed=seed, num_images=num_images,
-                              region=region, callback=on_step, init_latents=init, denoise_strength=denoise,
+                              region=patches, callback=on_step, init_latents=init, denoise_strength=denoise,
                               before_pass=lambda step, name: bridge.check_interrupt(), recorder=run_recorder,
                               tags=tags, tag_guidance=tag_guidance, **size)
             outputs.append(out.latents)

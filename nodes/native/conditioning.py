@@ -10,7 +10,7 @@ from ...tagmoe_core.errors import InputError
 from ...tagmoe_core.pipeline.buckets import nearest_bucket
 from ...tagmoe_core.pipeline.condition import condition_pixels
 from ...tagmoe_core.pipeline.latents import check_size
-from ...tagmoe_core.pipeline.regions import mask_box, region_from_pixel_box
+from ...tagmoe_core.pipeline.regions import box_from_fractions, mask_box, region_from_pixel_box
 from .. import comfy_bridge as bridge
 from ..conversions import image_batch_to_pil, mask_batch
 
@@ -59,10 +59,13 @@ class TagMoEEditConditioning:
                                   "tooltip": "output width (multiple of 16); 0 = the image's preferred bucket"}),
                 "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 16,
                                    "tooltip": "output height (multiple of 16); 0 = as for width"}),
+                "region": ("STRING", {"default": "", "tooltip": (
+                    "region edit without a mask: x1,y1,x2,y2 as fractions of the image (e.g. 0.25,0.25,0.75,0.75); "
+                    "a connected mask takes precedence; empty = the whole image")}),
             },
         }
 
-    def prepare(self, positive, negative, vae, image, mask=None, width=0, height=0):
+    def prepare(self, positive, negative, vae, image, mask=None, width=0, height=0, region=""):
         pictures = image_batch_to_pil(image)
         if (width == 0) != (height == 0):
             raise InputError("set both width and height, or leave both at 0 (the image's preferred bucket)")
@@ -70,15 +73,16 @@ class TagMoEEditConditioning:
             width, height = check_size("width", width), check_size("height", height)
         else:
             width, height = nearest_bucket(*pictures[0].size)
-        region = None
-        if mask is not None:
-            masks = mask_batch(mask)
-            boxes = {region_from_pixel_box(mask_box(m, pictures[0].size), pictures[0].size, (width, height))
-                     for m in masks}
-            if len(boxes) > 1:
-                raise InputError(f"{len(boxes)} different mask regions in one batch: a run edits one region; "
-                                 "split the batch or use one mask")
-            region = (height // 16, width // 16, boxes.pop())
+        size = pictures[0].size
+        boxes = {region_from_pixel_box(mask_box(m, size), size, (width, height)) for m in mask_batch(mask)} \
+            if mask is not None else set()
+        if len(boxes) > 1:
+            raise InputError(f"{len(boxes)} different mask regions in one batch: a run edits one region; split the "
+                             "batch or use one mask")
+        fraction_box = box_from_fractions(region, size) if not boxes else None
+        if fraction_box is not None:
+            boxes.add(region_from_pixel_box(fraction_box, size, (width, height)))
+        region = (height // 16, width // 16, boxes.pop()) if boxes else None
         latents = []
         for picture in pictures:
             bridge.check_interrupt()

@@ -45,3 +45,22 @@ def mask_box(mask: torch.Tensor, image_size: tuple[int, int]) -> tuple[int, int,
     y1, x1 = rows.min(dim=0).values.tolist()
     y2, x2 = rows.max(dim=0).values.tolist()
     return x1, y1, x2 + 1, y2 + 1
+
+
+def box_from_fractions(text: str, image_size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """``"x1,y1,x2,y2"`` as fractions (0..1) of the image's width and height -> a pixel box of an
+    image of ``image_size``; an empty text is no region."""
+    if not str(text).strip():
+        return None
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(np.isfinite(values)):
+        raise InputError(f"region must be four numbers x1,y1,x2,y2 (fractions of the image, e.g. 0.25,0.25,0.75,0.75), "
+                         f"got {text!r}")
+    x1, y1, x2, y2 = values
+    if not (0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1):
+        raise InputError(f"region {text!r}: fractions must satisfy 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1")
+    width, height = image_size
+    return x1 * width, y1 * height, x2 * width, y2 * height
