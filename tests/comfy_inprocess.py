@@ -105,6 +105,7 @@ def main() -> None:
         hook.remove()
     result["idle_expert_calls"] = calls
     result["moe_layers"] = len(experts)
+    result["diffusers_imported"] = "diffusers" in sys.modules  # the native path must not need it
 
     (out / "result.json").write_text(json.dumps(result))
 

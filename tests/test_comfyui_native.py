@@ -180,4 +180,5 @@ def test_comfyui_objects_in_process(tiny_bundle, tmp_path):
                                                   "transformer.transformer_blocks.2.img_mlp.net.2"]
     assert "blocks [2]" in result["lora_report"] and result["lora_applied"] == 4
     assert result["stock_lora_patched_keys"] == result["lora_patched_keys"]
+    assert not result["diffusers_imported"]
     assert result["idle_expert_calls"] == [0, result["moe_layers"], 0, 0]  # experts 0, 2, 3 never ran nor moved

@@ -86,3 +86,20 @@ def test_packages_import_only_downward():
 def test_the_core_never_imports_comfyui():
     offenders = {_module_name(p): sorted(_imports(p)[1] & set(COMFY)) for p in CORE.rglob("*.py")}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_node_pack_imports_fast_and_without_diffusers_or_transformers():
+    """ComfyUI imports every pack at start: ours must not pull in the diffusers path's libraries
+    (the native nodes never need diffusers; the diffusers-folder nodes import it when they run)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; sys.path.insert(0, 'tests'); import torch, numpy, PIL.Image\n"
+        "t = time.perf_counter(); from node_harness import load_pack; pack = load_pack()\n"
+        "print(time.perf_counter() - t, len(pack.NODE_CLASS_MAPPINGS),"
+        " [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=CORE.parent, capture_output=True, text=True, check=True)
+    seconds, count, heavy = out.stdout.strip().split(" ", 2)
+    assert heavy == "[]", heavy
+    assert int(count) >= 17 and float(seconds) < 1.5, seconds
