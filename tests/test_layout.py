@@ -103,3 +103,19 @@ def test_the_node_pack_imports_fast_and_without_diffusers_or_transformers():
     seconds, count, heavy = out.stdout.strip().split(" ", 2)
     assert heavy == "[]", heavy
     assert int(count) >= 17 and float(seconds) < 1.5, seconds
+
+
+def test_only_the_bridge_modules_of_the_node_pack_import_comfyui():
+    """The nodes are thin adapters: ComfyUI is reached only through nodes/comfy_*.py."""
+    nodes = CORE.parent / "nodes"
+    offenders = {}
+    for path in nodes.rglob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+        if found & set(COMFY) and not path.name.startswith("comfy_"):
+            offenders[str(path.relative_to(nodes))] = sorted(found & set(COMFY))
+    assert not offenders, offenders
