@@ -284,7 +284,7 @@ def _native_edit(name: str, prompt: str, prefix: str, note_text: str, *, region:
     guider, sched, noise, sampler = custom_sampling(g, x, 80, steps=steps, cfg=cfg)
     decode_node = vae_decode(g, (x + 720, 80))
     save = save_image(g, (x + 720, 200), prefix)
-    note(g, (440, 560), note_text, size=(760, 300))
+    note(g, (440, 800) if lora else (440, 560), note_text, size=(760, 300))  # the LoRA report grows its node
     for a, out_name, b, in_name in (
             (clip, "CLIP", pos, "clip"), (clip, "CLIP", neg, "clip"), (pos, "CONDITIONING", cond, "positive"),
             (neg, "CONDITIONING", cond, "negative"), (vae, "VAE", cond, "vae"), (image, "IMAGE", cond, "image"),

@@ -12,6 +12,21 @@ from collections.abc import Sequence
 class TagMoEError(Exception):
     """Base class: the message is written for the person running the model."""
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__module__ = _library_module(cls.__module__)
+
+
+def _library_module(module: str) -> str:
+    """ComfyUI imports a pack as a package named after its folder's full path, and reports an
+    error's type as module + name: keep that the library's name, not a filesystem path."""
+    if "tagmoe_core" in module and not module.startswith("tagmoe_core"):
+        return "tagmoe_core" + module.split("tagmoe_core", 1)[1]
+    return module
+
+
+TagMoEError.__module__ = _library_module(TagMoEError.__module__)
+
 
 class DeviceError(TagMoEError):
     """A device specification that cannot be used on this machine."""

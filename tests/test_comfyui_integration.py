@@ -151,3 +151,67 @@ def test_tag_picker_in_the_real_frontend(comfy_server):
             assert not [e for e in errors if "tagmoe" in e.lower()], errors
         finally:
             browser.close()
+
+
+INFO_TEXT = "\n".join(f"line {i}: placement details" for i in range(1, 8))  # what the loader reports: 7 lines
+
+
+def test_node_texts_are_readable_and_nodes_do_not_cover_each_other(comfy_server):
+    """In ComfyUI's frontend, every template after its nodes reported their texts: each text shows all
+    its lines, nodes are as tall as their content, none covers another, and the sampler's one-line text
+    is drawn among its widgets (a text area would float over its preview)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs Chromium (Debian package 'chromium')")
+    check = """async (text) => {
+        const g = window.app.graph, c = window.app.canvas, out = {texts: [], sizes: [], overlaps: [], oneLine: []};
+        const info = new Set(["TagMoEModelLoader", "TagMoESampler", "TagMoEPromptRefine", "TagMoETaskTags",
+                              "TagMoERoutingMap", "TagMoELoadDiffusionModel", "TagMoELoraLoader"]);
+        for (const n of g._nodes) if (info.has(n.type)) n.onExecuted({text: [text]});
+        for (const n of g._nodes) {
+            const w = n.widgets?.find(w => w.name === "tagmoe_info");
+            if (!w) continue;
+            if (n.type === "TagMoESampler") { out.oneLine.push(!w.inputEl); continue; }
+            c.ds.scale = 1; c.ds.offset = [-n.pos[0] + 40, -n.pos[1] + 60]; c.setDirty(true, true);
+            await new Promise(r => setTimeout(r, 400));
+            const el = w.inputEl;
+            out.texts.push({node: n.type, scroll: el.scrollHeight, client: el.clientHeight});
+        }
+        const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+        for (const n of g._nodes) {
+            const min = n.computeSize();
+            if (n.size[1] + 1 < min[1]) out.sizes.push(`${n.type} ${n.size[1]} < ${min[1]}`);
+        }
+        const box = n => [n.pos[0], n.pos[1] - title, n.pos[0] + n.size[0], n.pos[1] + n.size[1]];
+        const nodes = g._nodes;
+        for (let i = 0; i < nodes.length; i++) for (let j = i + 1; j < nodes.length; j++) {
+            const a = box(nodes[i]), b = box(nodes[j]);
+            if (a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3])
+                out.overlaps.push(`${nodes[i].type} #${nodes[i].id} / ${nodes[j].type} #${nodes[j].id}`);
+        }
+        return out; }"""
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(comfy_server["url"], wait_until="networkidle", timeout=120_000)
+            page.wait_for_function("() => window.app && window.app.graph", timeout=60_000)
+            page.wait_for_timeout(1000)
+            page.keyboard.press("Escape")
+            problems = {}
+            for path in WORKFLOWS:
+                page.evaluate("wf => window.app.loadGraphData(wf)", json.loads(path.read_text()))
+                page.wait_for_timeout(800)
+                out = page.evaluate(check, INFO_TEXT)
+                cut = [t for t in out["texts"] if t["scroll"] > t["client"] + 2]
+                found = {"cut texts": cut, "too small": out["sizes"], "overlaps": out["overlaps"],
+                         "sampler text as a text area": [x for x in out["oneLine"] if not x]}
+                if any(found.values()):
+                    problems[path.stem] = {k: v for k, v in found.items() if v}
+                print(f"{path.stem}: {len(out['texts'])} texts shown whole, {len(out['oneLine'])} one-line")
+            assert not problems, json.dumps(problems, indent=1)
+        finally:
+            browser.close()

@@ -317,3 +317,40 @@ def test_decode_in_tiles(nodes, model):
     assert tiled.shape == whole.shape == (1, 288, 288, 3) and not torch.equal(tiled, whole)
     with pytest.raises(PACK_ERROR, match="tiled must be one of auto, always, never"):  # an API prompt
         decode().decode(model, latent, tiled="sometimes")  # that skipped ComfyUI's validation
+
+
+def test_errors_are_reported_with_the_librarys_name_not_a_path(pack):
+    """ComfyUI names an error's type module + class; the pack's modules are named after its folder's path."""
+    errors = pack.tagmoe_core.errors
+    assert "/" in errors.__name__ or "_x_" in errors.__name__  # how ComfyUI (and the harness) import the pack
+    for cls in (errors.TagMoEError, errors.InputError, errors.MissingKeysError):
+        assert cls.__module__ == "tagmoe_core.errors", cls.__module__
+
+
+def test_a_loader_validation_error_names_only_the_input_it_is_about(nodes):
+    import inspect
+
+    for name in ("TagMoEModelLoader", "TagMoELoadDiffusionModel"):
+        assert len(inspect.signature(nodes[name].VALIDATE_INPUTS).parameters) == 1, name
+
+
+def test_an_empty_prompt_is_encoded_with_a_warning(nodes, model):
+    (cond,), ui = run_node(nodes["TagMoETextEncode"], model=model, prompt="  ", negative_prompt="")
+    assert cond.positive.embeds.shape[1] > 0 and "prompt is empty" in ui["text"][0]
+    _, ui = run_node(nodes["TagMoETextEncode"], model=model, prompt=PROMPT, negative_prompt="")
+    assert not ui
+
+
+def test_a_region_as_fractions_is_the_same_edit_as_a_mask_of_that_box(nodes, model, cond):
+    image = comfy_image(40, 72)
+    mask = torch.zeros(1, 40, 72)
+    mask[:, 8:32, 18:54] = 1.0
+    common = {"model": model, "conditioning": cond, "seed": 3, "steps": 2, "cfg": 4.0, "width": 64, "height": 32,
+              "images_per_prompt": 1, "image": image}
+    (by_mask, _, _), _ = run_node(nodes["TagMoESampler"], mask=mask, **common)
+    (by_region, _, _), _ = run_node(nodes["TagMoESampler"], region="0.25,0.2,0.75,0.8", **common)
+    (whole, _, _), _ = run_node(nodes["TagMoESampler"], **common)
+    assert torch.equal(by_mask["samples"], by_region["samples"])
+    assert not torch.equal(by_region["samples"], whole["samples"])
+    with pytest.raises(PACK_ERROR, match="fractions"):
+        run_node(nodes["TagMoESampler"], region="0.5,0.5,0.2,0.9", **common)

@@ -10,7 +10,13 @@ import { ComfyWidgets } from "../../scripts/widgets.js";
 const INFO_WIDGET = "tagmoe_info";
 const NODES_WITH_INFO = new Set([
   "TagMoEModelLoader", "TagMoESampler", "TagMoEPromptRefine", "TagMoETaskTags", "TagMoERoutingMap",
+  "TagMoELoadDiffusionModel", "TagMoELoraLoader", "TagMoETextEncode",
 ]);
+// Nodes that also show image previews: their info is one canvas-drawn line, so that it sits among
+// the widgets and the preview is drawn below it (a text area floats over the canvas, and the preview).
+const ONE_LINE_INFO = new Set(["TagMoESampler"]);
+const LINE_HEIGHT = 15;
+const MAX_LINES = 16;
 const TIERS = {
   "edit types": ["object editing", "attribute editing", "style transfer", "pose editing", "background editing",
                  "illumination editing"],
@@ -19,17 +25,28 @@ const TIERS = {
 };
 
 function showInfo(node, text) {
+  const oneLine = ONE_LINE_INFO.has(node.comfyClass ?? node.type);
+  if (oneLine) text = text.split("\n").join("; ");
   let widget = node.widgets?.find((w) => w.name === INFO_WIDGET);
   if (!widget) {
-    widget = ComfyWidgets.STRING(node, INFO_WIDGET, ["STRING", { multiline: true }], app).widget;
+    widget = ComfyWidgets.STRING(node, INFO_WIDGET, ["STRING", { multiline: !oneLine }], app).widget;
     widget.serialize = false; // display only: never part of widgets_values
+    if (oneLine) widget.disabled = true;
     if (widget.inputEl) {
       widget.inputEl.readOnly = true;
       widget.inputEl.style.opacity = 0.75;
       widget.inputEl.style.fontSize = "11px";
+      widget.inputEl.style.lineHeight = `${LINE_HEIGHT}px`;
     }
   }
   widget.value = text;
+  if (widget.inputEl) {
+    // tall enough for every line (up to MAX_LINES, then it scrolls), so the node grows to show them
+    const lines = Math.min(text.split("\n").length, MAX_LINES);
+    const height = lines * LINE_HEIGHT + 24; // + the text area's padding and border
+    widget.options = { ...(widget.options ?? {}), getMinHeight: () => height, getHeight: () => height };
+    widget.computeSize = (width) => [width, height];
+  }
   const size = node.computeSize();
   node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
   app.graph?.setDirtyCanvas(true, true);

@@ -102,12 +102,9 @@ class TagMoEModelLoader:
         return "loaded" if alive else float("nan")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, base_model, tagmoe_weights):
-        try:
-            bridge.resolve_model("diffusers", base_model)
-        except FileNotFoundError:
-            return ("the base model was not found: put the Qwen-Image diffusers folder (model_index.json, "
-                    f"transformer/, text_encoder/, ...) in models/diffusers and pick it (got '{base_model}')")
+    def VALIDATE_INPUTS(cls, tagmoe_weights):
+        # One input only: ComfyUI attributes a failure to every input named here. base_model keeps
+        # ComfyUI's own check (a value from its list) and load() explains a missing folder.
         try:
             bridge.resolve_model("tagmoe", tagmoe_weights)
         except FileNotFoundError:
@@ -119,6 +116,10 @@ class TagMoEModelLoader:
              fp8_weights=False, drop_text_encoder=False, blocks_on_gpu=-1, gpu_memory_gib="", unique_id=None):
         try:
             base = bridge.resolve_model("diffusers", base_model)
+        except FileNotFoundError as exc:
+            raise TagMoEError("the base model was not found: put the Qwen-Image diffusers folder (model_index.json, "
+                              f"transformer/, text_encoder/, ...) in models/diffusers and pick it ({exc})") from exc
+        try:
             weights = bridge.resolve_model("tagmoe", tagmoe_weights)
         except FileNotFoundError as exc:
             raise TagMoEError(str(exc)) from exc

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from ..conversions import image_batch_to_pil
+
+log = logging.getLogger("tagmoe")
 
 
 class TagMoETextEncode:
@@ -32,4 +36,9 @@ class TagMoETextEncode:
     def encode(self, model, prompt, negative_prompt="", image=None):
         pipe = model.require()
         picture = image_batch_to_pil(image)[0] if image is not None else None
-        return (pipe.encode(prompt, negative_prompt, picture),)
+        conditioning = pipe.encode(prompt, negative_prompt, picture)
+        if not str(prompt).strip():
+            warning = "warning: the prompt is empty: the model gets no instruction (write the edit, or the picture)"
+            log.warning("TAG-MoE Text Encode: %s", warning.removeprefix("warning: "))
+            return {"ui": {"text": [warning]}, "result": (conditioning,)}
+        return (conditioning,)
