@@ -264,3 +264,25 @@ def test_more_bad_files(tiny_bundle, tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     with pytest.raises(CheckpointNotFoundError, match="'models/TAG-MoE' does not exist"):
         load_tagmoe_transformer("models/TAG-MoE", tiny_bundle.base)
+
+
+# -- issue 10: checks before any weight is read ------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_non_float_tensors_are_refused_with_key_and_dtype(dtype, suffix, tiny_bundle, tagmoe_state, tmp_path):
+    bad = dict(tagmoe_state, **{"img_in.weight": tagmoe_state["img_in.weight"].to(dtype)})
+    path = tmp_path / f"quantized{suffix}"
+    save_file(bad, path) if suffix == ".safetensors" else torch.save(bad, path)
+    with pytest.raises(UnknownLayoutError, match=rf"'img_in.weight' as {str(dtype).removeprefix('torch.')}") as info:
+        load_tagmoe_transformer(path, tiny_bundle.base)
+    assert "floating point" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16])
+def test_fp8_and_half_precision_files_load(dtype, tiny_bundle, tagmoe_state, tmp_path):
+    path = tmp_path / "converted.safetensors"
+    save_file({k: v.to(dtype) for k, v in tagmoe_state.items()}, path)
+    model, _ = load_tagmoe_transformer(path, tiny_bundle.base, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    want = tagmoe_state["img_in.weight"].to(dtype).to(torch.bfloat16)
+    assert torch.equal(model.img_in.weight, want)

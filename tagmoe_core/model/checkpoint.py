@@ -174,9 +174,11 @@ class CheckpointReader:
     stored_names: dict[str, str] = field(default_factory=dict)  # key -> name in the file, if renamed
     _pickled: dict[Path, Mapping[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
+    floats_only: bool = True  # refuse integer/bool tensors (a transformer's weights are all floating point)
+
     @classmethod
-    def open(cls, weights: WeightFiles) -> "CheckpointReader":
-        reader = cls(weights)
+    def open(cls, weights: WeightFiles, floats_only: bool = True) -> "CheckpointReader":
+        reader = cls(weights, floats_only=floats_only)
         for path in weights.files:
             for key, info in reader._scan(path):
                 reader.infos.setdefault(key, info)
@@ -210,14 +212,27 @@ class CheckpointReader:
                         if meta.get_dtype() not in _SAFETENSORS_DTYPES:
                             raise UnknownLayoutError(f"'{path}' stores '{key}' as {meta.get_dtype()}, a type these "
                                                      "weights never use; it is not a TAG-MoE checkpoint")
-                        yield key, TensorInfo(path, tuple(meta.get_shape()), _SAFETENSORS_DTYPES[meta.get_dtype()])
+                        info = TensorInfo(path, tuple(meta.get_shape()), _SAFETENSORS_DTYPES[meta.get_dtype()])
+                        self._check_float(key, info)
+                        yield key, info
             except (SafetensorError, OSError) as exc:
                 raise CorruptCheckpointError(f"'{path}' is not a readable safetensors file ({exc}); the "
                                              "download may be incomplete - fetch it again") from exc
             return
         state = self._load_pickle(path)
         for key, value in state.items():
-            yield key, TensorInfo(path, tuple(value.shape), value.dtype)
+            info = TensorInfo(path, tuple(value.shape), value.dtype)
+            self._check_float(key, info)
+            yield key, info
+
+    def _check_float(self, key: str, info: TensorInfo) -> None:
+        # An int8/bool tensor would load (the loader keeps non-float dtypes) and then fail in
+        # every matmul with a raw RuntimeError; fp8 files (what a converter writes) are floats.
+        if self.floats_only and not info.dtype.is_floating_point:
+            raise UnknownLayoutError(
+                f"'{info.file}' stores '{key}' as {str(info.dtype).removeprefix('torch.')}: TAG-MoE transformer "
+                "weights are floating point (fp32, bf16, fp16 or fp8), so integer/quantized files cannot be used; "
+                "load the original weights or an fp8 conversion")
 
     def _load_pickle(self, path: Path) -> Mapping[str, torch.Tensor]:
         if path in self._pickled:
