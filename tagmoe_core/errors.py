@@ -37,6 +37,10 @@ class NotATagMoECheckpointError(CheckpointError):
     pass
 
 
+class InconsistentExpertsError(CheckpointError):
+    """MoE layers whose router and expert weights do not fit together (or one of them is missing)."""
+
+
 def _listed(keys: Sequence[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     more = len(keys) - limit

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from tagmoe_core.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    InconsistentExpertsError,
     MissingKeysError,
     NotATagMoECheckpointError,
     ShapeMismatchError,
@@ -286,3 +287,91 @@ def test_fp8_and_half_precision_files_load(dtype, tiny_bundle, tagmoe_state, tmp
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     want = tagmoe_state["img_in.weight"].to(dtype).to(torch.bfloat16)
     assert torch.equal(model.img_in.weight, want)
+
+
+MOE = "transformer_blocks.{}.img_mlp"
+
+
+def _without_tag_modules(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # router_head's input width is the expert count: without it nothing else tells the router's rows apart
+    return {k: v for k, v in state.items() if not k.startswith(("tag_embedding", "router_head"))}
+
+
+def _load_damaged(state, tiny_bundle, tmp_path):
+    save_file(state, tmp_path / "damaged.safetensors")
+    return load_tagmoe_transformer(tmp_path / "damaged.safetensors", tiny_bundle.base)
+
+
+def test_router_rows_must_match_the_expert_weights(tiny_bundle, tagmoe_state, tmp_path):
+    bad = _without_tag_modules(tagmoe_state)
+    for block in (2, 3):  # 8 router rows over the weights of 4 experts of FFN size 128 (would be 8 of 64)
+        bad[f"{MOE.format(block)}.router.layer.weight"] = torch.zeros(8, 32)
+    with pytest.raises(InconsistentExpertsError) as info:
+        _load_damaged(bad, tiny_bundle, tmp_path)
+    message = str(info.value)
+    assert "transformer_blocks.2.img_mlp" in message and "[8, 32]" in message and "[512, 32]" in message
+    assert "4 experts" in message and "\n" not in message
+
+
+def test_a_router_with_no_experts_is_a_clear_error(tiny_bundle, tagmoe_state, tmp_path):
+    bad = dict(tagmoe_state, **{f"{MOE.format(2)}.router.layer.weight": torch.zeros(0, 32)})
+    with pytest.raises(InconsistentExpertsError, match=r"transformer_blocks\.2\.img_mlp.*\[0, 32\].*no experts"):
+        _load_damaged(bad, tiny_bundle, tmp_path)
+
+
+def test_w1_and_w2_must_agree(tiny_bundle, tagmoe_state, tmp_path):
+    bad = dict(tagmoe_state, **{f"{MOE.format(3)}.experts.mlp.w2": torch.zeros(256, 32)})
+    with pytest.raises(InconsistentExpertsError, match=r"transformer_blocks\.3\.img_mlp.*w1 is \[512, 32\].*w2 is "
+                                                      r"\[256, 32\]"):
+        _load_damaged(bad, tiny_bundle, tmp_path)
+
+
+def test_every_moe_block_has_the_same_experts(tiny_bundle, tagmoe_state, tmp_path):
+    bad = _without_tag_modules(tagmoe_state)  # block 3 consistently has 2 experts, block 2 has 4
+    bad[f"{MOE.format(3)}.router.layer.weight"] = torch.zeros(2, 32)
+    for w in ("w1", "w2"):
+        bad[f"{MOE.format(3)}.experts.mlp.{w}"] = torch.zeros(256, 32)
+    with pytest.raises(InconsistentExpertsError, match=r"block 2 has 4 experts.*block 3 has 2"):
+        _load_damaged(bad, tiny_bundle, tmp_path)
+
+
+@pytest.mark.parametrize("blocks, message", [
+    ((2, 3), "blocks 2-3 have expert weights but no router.layer.weight"),
+    ((3,), "block 3 has expert weights but no router.layer.weight"),
+])
+def test_missing_routers_are_named_not_called_dense(blocks, message, tiny_bundle, tagmoe_state, tmp_path):
+    bad = {k: v for k, v in tagmoe_state.items() if not any(k == f"{MOE.format(b)}.router.layer.weight"
+                                                            for b in blocks)}
+    with pytest.raises(InconsistentExpertsError, match=message) as info:
+        _load_damaged(bad, tiny_bundle, tmp_path)
+    assert "dense" not in str(info.value)
+
+
+def _linear_reader(state: dict[str, torch.Tensor], path: Path):
+    from tagmoe_core.model.checkpoint import CheckpointReader, resolve_weight_files
+
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return CheckpointReader.open(resolve_weight_files(path))
+
+
+def test_per_expert_layout_is_checked_too(tagmoe_state, tmp_path):
+    from tagmoe_core.model.expert_layout import split_experts
+    from tagmoe_core.model.layout import infer_moe_layout
+
+    linear = split_experts(tagmoe_state, 4)
+    spec, blocks = infer_moe_layout(_linear_reader(linear, tmp_path / "good.safetensors"), 4)
+    assert blocks == [2, 3] and spec.num_experts == 4 and spec.ffn_hidden_size == 128
+
+    wide_router = dict(linear, **{f"{MOE.format(2)}.router.weight": torch.zeros(8, 32)})
+    with pytest.raises(InconsistentExpertsError, match=r"transformer_blocks\.2\.img_mlp.*\[8, 32\].*experts 0-3"):
+        infer_moe_layout(_linear_reader(wide_router, tmp_path / "wide.safetensors"), 4)
+    no_experts = dict(linear, **{f"{MOE.format(2)}.router.weight": torch.zeros(0, 32)})
+    with pytest.raises(InconsistentExpertsError, match="no experts"):
+        infer_moe_layout(_linear_reader(no_experts, tmp_path / "zero.safetensors"), 4)
+    narrow = dict(linear, **{f"{MOE.format(3)}.experts.1.w1.weight": torch.zeros(64, 32)})
+    with pytest.raises(InconsistentExpertsError, match=r"transformer_blocks\.3\.img_mlp\.experts\.1\.w1\.weight.*"
+                                                      r"\[64, 32\].*\[128, 32\]"):
+        infer_moe_layout(_linear_reader(narrow, tmp_path / "narrow.safetensors"), 4)
+    unrouted = {k: v for k, v in linear.items() if not k.endswith("router.weight")}
+    with pytest.raises(InconsistentExpertsError, match="blocks 2-3 have expert weights but no router.weight"):
+        infer_moe_layout(_linear_reader(unrouted, tmp_path / "unrouted.safetensors"), 4)
