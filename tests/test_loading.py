@@ -375,3 +375,55 @@ def test_per_expert_layout_is_checked_too(tagmoe_state, tmp_path):
     unrouted = {k: v for k, v in linear.items() if not k.endswith("router.weight")}
     with pytest.raises(InconsistentExpertsError, match="blocks 2-3 have expert weights but no router.weight"):
         infer_moe_layout(_linear_reader(unrouted, tmp_path / "unrouted.safetensors"), 4)
+
+
+def _index_folder(tiny_bundle, folder: Path) -> tuple[Path, dict]:
+    shutil.copytree(tiny_bundle.tagmoe / "transformer", folder)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    return index, json.loads(index.read_text())
+
+
+@pytest.mark.parametrize("value", [7, None, ["a.safetensors"], {"file": "a.safetensors"}])
+def test_weight_map_values_must_be_file_names(value, tiny_bundle, tmp_path):
+    index, data = _index_folder(tiny_bundle, tmp_path / "t")
+    data["weight_map"]["img_in.weight"] = value
+    index.write_text(json.dumps(data))
+    with pytest.raises(CorruptCheckpointError, match=r"cannot be read: .*'img_in.weight'.* not a file name"):
+        load_tagmoe_transformer(index, tiny_bundle.base)
+
+
+def test_shards_outside_the_index_folder_are_refused(tiny_bundle, tmp_path):
+    index, data = _index_folder(tiny_bundle, tmp_path / "t")
+    first = sorted(set(data["weight_map"].values()))[0]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(index.parent / first, outside / first)
+    for name in (str(outside / first), f"../elsewhere/{first}"):  # absolute, then climbing out
+        weight_map = {k: name if v == first else v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CorruptCheckpointError, match="outside the index's folder"):
+            load_tagmoe_transformer(index, tiny_bundle.base)
+    index.write_text(json.dumps(data))
+    (index.parent / first).symlink_to(outside / first)  # a symlink out of the folder
+    with pytest.raises(CorruptCheckpointError, match="outside the index's folder"):
+        load_tagmoe_transformer(index, tiny_bundle.base)
+    (index.parent / first).unlink()
+    shutil.move(outside / first, index.parent / f"real-{first}")
+    (index.parent / first).symlink_to(f"real-{first}")  # a symlink that stays inside is fine
+    load_tagmoe_transformer(index, tiny_bundle.base)
+
+
+def test_hub_cache_shards_linking_into_blobs_still_load(tiny_bundle, tagmoe_state, tmp_path, monkeypatch):
+    """A Hugging Face cache snapshot links each file to ../../blobs/<hash>: that is not an escape."""
+    repo = tmp_path / "hub" / "models--YUXU915--TAG-MoE"
+    snapshot = repo / "snapshots" / ("0" * 40) / "transformer"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for i, f in enumerate(sorted((tiny_bundle.tagmoe / "transformer").iterdir())):
+        shutil.copy(f, repo / "blobs" / f"blob{i}")
+        (snapshot / f.name).symlink_to(Path("..", "..", "..", "blobs", f"blob{i}"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))  # read at import
+    model, _ = load_tagmoe_transformer("YUXU915/TAG-MoE", tiny_bundle.base, local_files_only=True)
+    assert_loaded(model, tagmoe_state)

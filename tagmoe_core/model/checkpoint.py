@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -110,23 +110,58 @@ def _from_folder(folder: Path, weight_name: str | None, subfolder: str | None) -
     raise UnknownLayoutError(f"no weights found in folder '{folder}'. Tried: {', '.join(tried)}")
 
 
-def _from_index(index: Path) -> WeightFiles:
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names an index's ``weight_map`` points to, in order, each checked to be a
+    relative name inside the index's folder (the index is read as data: it may come from anywhere)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
         if not weight_map:
             raise ValueError("its weight_map is empty")
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or not name.strip():
+                raise TypeError(f"weight_map['{key}'] is {name!r}, not a file name")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptCheckpointError(f"shard index '{index}' cannot be read: {exc}") from exc
-    shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    names = list(dict.fromkeys(weight_map.values()))
+    for name in names:
+        if (PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive
+                or ".." in re.split(r"[\\/]", name)):
+            raise CorruptCheckpointError(
+                f"shard index '{index}' names '{name}', outside the index's folder: shards must be file names "
+                "relative to it (e.g. diffusion_pytorch_model-00001-of-00002.safetensors); fix the index")
+    return names
+
+
+def _from_index(index: Path) -> WeightFiles:
+    folder = index.parent
+    shards = [folder / name for name in _shard_names(index)]
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
         raise CheckpointNotFoundError(f"shard index '{index}' names {len(missing)} missing file(s): "
                                       f"{', '.join(missing[:5])}")
+    roots = _allowed_roots(folder)
     for shard in shards:
+        real = shard.resolve()
+        if not any(real.is_relative_to(root) for root in roots):
+            raise CorruptCheckpointError(
+                f"shard '{shard}' of index '{index}' is a link to '{real}', outside the index's folder; copy the "
+                "file into the folder (or link the whole folder) instead")
         _check_suffix(shard)
     return WeightFiles(shards, index=index)
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where an index's shards may really live: its folder, and for a Hugging Face cache snapshot
+    (whose files link to ``../../blobs/<hash>``) that repository's ``blobs/``."""
+    folder = folder.absolute()
+    roots = [folder.resolve()]
+    for parent in folder.parents:
+        if parent.name == "snapshots" and (parent.parent / "blobs").is_dir():
+            roots.append((parent.parent / "blobs").resolve())
+            break
+    return roots
 
 
 def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, revision: str | None,
@@ -149,8 +184,7 @@ def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, revi
             continue
         if not name.endswith(".index.json"):
             return WeightFiles([path])
-        shard_names = dict.fromkeys(json.loads(path.read_text())["weight_map"].values())
-        for shard in shard_names:
+        for shard in _shard_names(path):
             fetch(shard)
         return _from_index(path)
     where = "the local Hugging Face cache" if local_files_only else "the Hugging Face hub"
