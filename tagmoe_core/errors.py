@@ -65,12 +65,16 @@ class MissingKeysError(CheckpointError):
         )
 
 
+IGNORE_UNEXPECTED_HINT = ("to load without them, pass --ignore-unexpected-keys (command line) or turn on "
+                          "ignore_unexpected_keys (TAG-MoE Model Loader node)")
+
+
 class UnexpectedKeysError(CheckpointError):
-    def __init__(self, keys: Sequence[str], source: str):
+    def __init__(self, keys: Sequence[str], source: str, hint: str = IGNORE_UNEXPECTED_HINT):
         self.keys = list(keys)
         super().__init__(
             f"{len(self.keys)} weight(s) in {source} do not belong to the TAG-MoE transformer: "
-            f"{_listed(self.keys)}. Pass strict=False to ignore them."
+            f"{_listed(self.keys)}. {hint[:1].upper()}{hint[1:]}."
         )
 
 

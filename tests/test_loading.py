@@ -192,8 +192,9 @@ def test_missing_keys_are_listed(tiny_bundle, tagmoe_state, tmp_path):
 def test_unexpected_keys_are_listed_or_ignored(tiny_bundle, tagmoe_state, tmp_path):
     extra = dict(tagmoe_state, **{"ema.shadow.weight": torch.zeros(2)})
     save_file(extra, tmp_path / "extra.safetensors")
-    with pytest.raises(UnexpectedKeysError, match="ema.shadow.weight"):
+    with pytest.raises(UnexpectedKeysError, match="ema.shadow.weight") as info:
         load_tagmoe_transformer(tmp_path / "extra.safetensors", tiny_bundle.base)
+    assert "--ignore-unexpected-keys" in str(info.value) and "strict=False" not in str(info.value)
     model, report = load_tagmoe_transformer(tmp_path / "extra.safetensors", tiny_bundle.base, strict=False)
     assert report.ignored_keys == ["ema.shadow.weight"]
 
