@@ -98,3 +98,11 @@ def test_unexpected_keys_name_the_flag_that_ignores_them(command, tiny_bundle, t
     assert main(argv + ["--ignore-unexpected-keys"]) == 0
     assert Image.open(tmp_path / "out.png").size == (32, 32)
     assert "ignored 1 unexpected key(s)" in capsys.readouterr().err
+
+
+def test_missing_base_folder_is_reported_before_loading(tiny_bundle, tmp_path, capsys):
+    code = main(["generate", "--pretrained_model_path", str(tmp_path / "Qwen-Image"), "--transformer_model_path",
+                 str(tiny_bundle.tagmoe), "--device", "cpu", "--prompt", "x", "--output", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "internet" not in err
+    assert err.strip().splitlines()[-1].startswith("error: the base model folder")

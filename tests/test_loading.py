@@ -428,3 +428,61 @@ def test_hub_cache_shards_linking_into_blobs_still_load(tiny_bundle, tagmoe_stat
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))  # read at import
     model, _ = load_tagmoe_transformer("YUXU915/TAG-MoE", tiny_bundle.base, local_files_only=True)
     assert_loaded(model, tagmoe_state)
+
+
+# -- the base model's other components: checked before the transformer is read ----------------------------
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _empty_folder(path: Path) -> None:
+    for f in path.iterdir():
+        f.unlink()
+
+
+BASE_DAMAGE = [
+    ("vae/config.json", lambda p: p.write_text("{not json"), CorruptCheckpointError, "VAE"),
+    ("vae/diffusion_pytorch_model.safetensors", _truncate, CorruptCheckpointError, "VAE"),
+    ("vae/diffusion_pytorch_model.safetensors", Path.unlink, UnknownLayoutError, "VAE"),
+    ("text_encoder/config.json", Path.unlink, CheckpointNotFoundError, "text encoder"),
+    ("text_encoder/model.safetensors", lambda p: p.write_bytes(b"\x00" * 64), CorruptCheckpointError, "text encoder"),
+    ("tokenizer", _empty_folder, CheckpointNotFoundError, "tokenizer"),
+    ("tokenizer/tokenizer.json", _truncate, CorruptCheckpointError, "tokenizer"),
+    ("scheduler/scheduler_config.json", lambda p: p.write_text("[1, 2"), CorruptCheckpointError, "scheduler"),
+]
+
+
+class ReachedTheWeights(Exception):
+    pass
+
+
+def _stop_before_reading() -> None:  # load_pipeline's before_load: called just before the first weight is read
+    raise ReachedTheWeights  # (past it, a base without text_encoder/config.json builds a default 7B model)
+
+
+@pytest.mark.parametrize("part, damage, error, component", BASE_DAMAGE,
+                         ids=["vae-config-garbage", "vae-weights-truncated", "vae-weights-missing",
+                              "text_encoder-config-missing", "text_encoder-weights-garbage", "tokenizer-empty",
+                              "tokenizer-json-truncated", "scheduler-config-garbage"])
+def test_damaged_base_components_are_named_before_the_transformer_is_read(part, damage, error, component,
+                                                                          tiny_bundle, tmp_path):
+    from tagmoe_core.pipeline.builder import load_pipeline
+
+    base = tmp_path / "Qwen-Image"
+    shutil.copytree(tiny_bundle.base, base)
+    damage(base / part)
+    with pytest.raises(error) as info:
+        load_pipeline(base, tiny_bundle.tagmoe, device="cpu", before_load=_stop_before_reading)
+    message = str(info.value)
+    assert component in message and str(base / part.split("/")[0]) in message and "\n" not in message
+
+
+def test_missing_base_folder_is_a_local_error_not_a_download(tiny_bundle, tmp_path, monkeypatch):
+    from tagmoe_core.pipeline.builder import load_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for missing in (tmp_path / "no-such-base", "models/Qwen-Image", "./Qwen-Image"):
+        with pytest.raises(CheckpointNotFoundError, match="base model folder .* does not exist") as info:
+            load_pipeline(missing, tiny_bundle.tagmoe, device="cpu", before_load=_stop_before_reading)
+        assert "internet" not in str(info.value)

@@ -61,11 +61,18 @@ def resolve_weight_files(source: str | os.PathLike, weight_name: str | None = DE
         return WeightFiles([path])
     if path.is_dir():
         return _from_folder(path, weight_name, subfolder)
-    looks_local = path.parent != Path(".") and path.parent.is_dir()  # "models/TAG-MoE" with ./models present
-    if _REPO_ID.match(str(source)) and not str(source).startswith((".", "/", "~")) and not looks_local:
+    if looks_like_repo_id(source):
         return _from_hub(str(source), weight_name, subfolder, revision, local_files_only, cache_dir)
     raise CheckpointNotFoundError(f"'{source}' does not exist (expected a weights file, a folder or a "
                                   "Hugging Face repo id such as YUXU915/TAG-MoE)")
+
+
+def looks_like_repo_id(source: str | os.PathLike) -> bool:
+    """Whether ``source``, not found on disk, is meant as a Hugging Face repo id ("owner/name")
+    rather than a local path that is missing (absolute, ``./``, ``~``, or under an existing folder)."""
+    path = Path(os.path.expanduser(str(source)))
+    looks_local = path.parent != Path(".") and path.parent.is_dir()  # "models/TAG-MoE" with ./models present
+    return bool(_REPO_ID.match(str(source))) and not str(source).startswith((".", "/", "~")) and not looks_local
 
 
 def _check_suffix(path: Path) -> None:

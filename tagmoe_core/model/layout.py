@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, InconsistentExpertsError,
                       NotATagMoECheckpointError, ShapeMismatchError)
-from .checkpoint import CheckpointReader, WeightFiles
+from .checkpoint import CheckpointReader, WeightFiles, looks_like_repo_id
 from .moe import MoESpec
 
 log = logging.getLogger("tagmoe")
@@ -47,7 +47,7 @@ def read_transformer_config(base: str | os.PathLike | None, tagmoe_files: Weight
         root = Path(os.path.expanduser(str(base)))
         if root.is_dir():
             candidates += [root / "transformer" / "config.json", root / "config.json"]
-        elif not root.exists():
+        elif looks_like_repo_id(base):  # a missing local path is not sent to the hub
             try:
                 from huggingface_hub import hf_hub_download
 
