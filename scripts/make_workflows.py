@@ -79,7 +79,8 @@ class Graph:
 
 # -- node factories (sockets in INPUT_TYPES order; widget values in INPUT_TYPES order) -------------------------
 def loader(g, pos):
-    return g.add("TagMoEModelLoader", pos, [BASE, WEIGHTS, "auto", "auto", "auto", "auto", False, False, -1, ""],
+    return g.add("TagMoEModelLoader", pos,
+                 [BASE, WEIGHTS, "auto", "auto", "auto", "auto", False, False, -1, "", False],
                  outputs=[("model", "TAGMOE_MODEL"), ("placement", "STRING")], size=(360, 520))
 
 

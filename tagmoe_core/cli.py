@@ -35,6 +35,8 @@ def _common(parser: argparse.ArgumentParser, edit: bool) -> None:
     _flag(src, "transformer_subfolder", default="transformer", help="subfolder holding the weights")
     _flag(src, "transformer_revision", default=None, help="hub revision of the TAG-MoE weights")
     _flag(src, "local_files_only", action="store_true", help="never download; use the local hub cache only")
+    _flag(src, "ignore_unexpected_keys", action="store_true",
+          help="load even if the TAG-MoE weights hold keys the transformer has no place for (skipped, counted)")
     src.add_argument("--tiny", action="store_true", help="use the embedded tiny model (built on first use)")
     run = parser.add_argument_group("run")
     _flag(run, "device", default="auto", help="'auto', 'cpu', '0', 'cuda:1', or '0,1' to split across GPUs")
@@ -162,7 +164,7 @@ def run(args) -> int:
                              blocks_on_gpu=args.blocks_on_gpu,
                              weight_name=args.transformer_weight_name, subfolder=args.transformer_subfolder,
                              revision=args.transformer_revision, local_files_only=args.local_files_only,
-                             progress=on_load)
+                             strict=not args.ignore_unexpected_keys, progress=on_load)
     print(pipe.load_report.summary(), file=sys.stderr)
     print(f"placement: {pipe.placement.describe()} - {pipe.placement.reason}", file=sys.stderr)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)

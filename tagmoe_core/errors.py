@@ -52,6 +52,10 @@ class NotATagMoECheckpointError(CheckpointError):
     pass
 
 
+class InconsistentExpertsError(CheckpointError):
+    """MoE layers whose router and expert weights do not fit together (or one of them is missing)."""
+
+
 def _listed(keys: Sequence[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     more = len(keys) - limit
@@ -76,12 +80,16 @@ class MissingKeysError(CheckpointError):
         )
 
 
+IGNORE_UNEXPECTED_HINT = ("to load without them, pass --ignore-unexpected-keys (command line) or turn on "
+                          "ignore_unexpected_keys (TAG-MoE Model Loader node)")
+
+
 class UnexpectedKeysError(CheckpointError):
-    def __init__(self, keys: Sequence[str], source: str):
+    def __init__(self, keys: Sequence[str], source: str, hint: str = IGNORE_UNEXPECTED_HINT):
         self.keys = list(keys)
         super().__init__(
             f"{len(self.keys)} weight(s) in {source} do not belong to the TAG-MoE transformer: "
-            f"{_listed(self.keys)}. Pass strict=False to ignore them."
+            f"{_listed(self.keys)}. {hint[:1].upper()}{hint[1:]}."
         )
 
 

@@ -75,3 +75,34 @@ def test_not_an_image(tiny_bundle, tmp_path, capsys):
 def test_module_entry_point_runs(tiny_bundle, tmp_path):
     out = subprocess.run([sys.executable, "-m", "tagmoe_core", "tiny"], capture_output=True, text=True, check=True)
     assert str(tiny_bundle.base) in out.stdout
+
+
+@pytest.mark.parametrize("command", ["edit", "generate"])
+def test_unexpected_keys_name_the_flag_that_ignores_them(command, tiny_bundle, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = {"ema.shadow.weight": torch.zeros(2)}
+    for shard in sorted((tiny_bundle.tagmoe / "transformer").glob("*.safetensors")):
+        state.update(load_file(shard))
+    save_file(state, tmp_path / "extra.safetensors")
+    argv = [command, "--pretrained_model_path", str(tiny_bundle.base), "--transformer_model_path",
+            str(tmp_path / "extra.safetensors"), "--device", "cpu", "--prompt", "x", "--width", "32", "--height",
+            "32", "--steps", "1", "--output", str(tmp_path / "out.png")]
+    if command == "edit":
+        Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+        argv += ["--image", str(tmp_path / "in.png")]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ema.shadow.weight" in last and "--ignore-unexpected-keys" in last and "strict=False" not in last
+    assert main(argv + ["--ignore-unexpected-keys"]) == 0
+    assert Image.open(tmp_path / "out.png").size == (32, 32)
+    assert "ignored 1 unexpected key(s)" in capsys.readouterr().err
+
+
+def test_missing_base_folder_is_reported_before_loading(tiny_bundle, tmp_path, capsys):
+    code = main(["generate", "--pretrained_model_path", str(tmp_path / "Qwen-Image"), "--transformer_model_path",
+                 str(tiny_bundle.tagmoe), "--device", "cpu", "--prompt", "x", "--output", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "internet" not in err
+    assert err.strip().splitlines()[-1].startswith("error: the base model folder")

@@ -138,6 +138,23 @@ def test_loading_another_model_releases_the_previous_one(nodes, models_dir, tiny
     assert loader.IS_CHANGED(**second_inputs) == "loaded"
 
 
+
+def test_loader_can_ignore_unexpected_keys(nodes, models_dir, tiny_bundle):
+    from safetensors.torch import load_file, save_file
+
+    state = {"ema.shadow.weight": torch.zeros(2)}
+    for shard in sorted((tiny_bundle.tagmoe / "transformer").glob("*.safetensors")):
+        state.update(load_file(shard))
+    save_file(state, models_dir / "tagmoe" / "with-extra-keys.safetensors")
+    loader = nodes["TagMoEModelLoader"]
+    with pytest.raises(PACK_ERROR, match="ema.shadow.weight.*turn on ignore_unexpected_keys") as info:
+        run_node(loader, base_model="Qwen-Image-tiny", tagmoe_weights="with-extra-keys.safetensors", device="cpu")
+    assert "strict=False" not in str(info.value)
+    (handle, _), _ = run_node(loader, base_model="Qwen-Image-tiny", tagmoe_weights="with-extra-keys.safetensors",
+                              device="cpu", ignore_unexpected_keys=True)
+    assert handle.pipe.load_report.ignored_keys == ["ema.shadow.weight"]
+    assert loader.INPUT_TYPES()["optional"]["ignore_unexpected_keys"][1]["default"] is False
+
 def test_text_to_image_edit_and_decode(nodes, model, cond):
     sampler, decode = nodes["TagMoESampler"], nodes["TagMoEDecode"]
     (latent, seed, _), ui = run_node(sampler, model=model, conditioning=cond, seed=42, steps=2, cfg=4.0, width=48,

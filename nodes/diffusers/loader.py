@@ -89,6 +89,9 @@ class TagMoEModelLoader:
                                                                                           "(-1 = as many as fit)"}),
                 "gpu_memory_gib": ("STRING", {"default": "", "tooltip": "optional per-GPU caps in GiB, e.g. '20' or "
                                                                         "'38,38' (default: free memory minus 2 GiB)"}),
+                "ignore_unexpected_keys": ("BOOLEAN", {"default": False, "tooltip": (
+                    "load even if the TAG-MoE weights hold keys the transformer has no place for (e.g. EMA or "
+                    "optimizer leftovers); they are skipped. Off: such files are refused")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -113,7 +116,8 @@ class TagMoEModelLoader:
         return True
 
     def load(self, base_model, tagmoe_weights, device="auto", dtype="auto", moe_backend="auto", placement="auto",
-             fp8_weights=False, drop_text_encoder=False, blocks_on_gpu=-1, gpu_memory_gib="", unique_id=None):
+             fp8_weights=False, drop_text_encoder=False, blocks_on_gpu=-1, gpu_memory_gib="",
+             ignore_unexpected_keys=False, unique_id=None):
         try:
             base = bridge.resolve_model("diffusers", base_model)
         except FileNotFoundError as exc:
@@ -128,7 +132,7 @@ class TagMoEModelLoader:
 
         caps = parse_gib_caps(gpu_memory_gib, device)
         key = _paths_key(base_model, tagmoe_weights, device, dtype, moe_backend) + (
-            placement, fp8_weights, drop_text_encoder, blocks_on_gpu, gpu_memory_gib)
+            placement, fp8_weights, drop_text_encoder, blocks_on_gpu, gpu_memory_gib, ignore_unexpected_keys)
         for handle in _loaded:
             if handle.key == key and handle.pipe is not None:
                 return self._result(handle)
@@ -149,6 +153,7 @@ class TagMoEModelLoader:
         pipe = load_pipeline(base, weights, device=device, dtype=DTYPES[dtype], backend=moe_backend,
                              placement=placement, fp8=fp8_weights, drop_text_encoder=drop_text_encoder,
                              blocks_on_gpu=None if blocks_on_gpu < 0 else blocks_on_gpu, gpu_memory_caps=caps,
+                             strict=not ignore_unexpected_keys,
                              progress=lambda done, total: progress.update(int(100 * done / max(total, 1))),
                              before_load=make_room, reclaimable_bytes=reclaimable)
         handle = TagMoEModel(pipe, placement_text(pipe), key)

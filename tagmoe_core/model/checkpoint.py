@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -61,11 +61,18 @@ def resolve_weight_files(source: str | os.PathLike, weight_name: str | None = DE
         return WeightFiles([path])
     if path.is_dir():
         return _from_folder(path, weight_name, subfolder)
-    looks_local = path.parent != Path(".") and path.parent.is_dir()  # "models/TAG-MoE" with ./models present
-    if _REPO_ID.match(str(source)) and not str(source).startswith((".", "/", "~")) and not looks_local:
+    if looks_like_repo_id(source):
         return _from_hub(str(source), weight_name, subfolder, revision, local_files_only, cache_dir)
     raise CheckpointNotFoundError(f"'{source}' does not exist (expected a weights file, a folder or a "
                                   "Hugging Face repo id such as YUXU915/TAG-MoE)")
+
+
+def looks_like_repo_id(source: str | os.PathLike) -> bool:
+    """Whether ``source``, not found on disk, is meant as a Hugging Face repo id ("owner/name")
+    rather than a local path that is missing (absolute, ``./``, ``~``, or under an existing folder)."""
+    path = Path(os.path.expanduser(str(source)))
+    looks_local = path.parent != Path(".") and path.parent.is_dir()  # "models/TAG-MoE" with ./models present
+    return bool(_REPO_ID.match(str(source))) and not str(source).startswith((".", "/", "~")) and not looks_local
 
 
 def _check_suffix(path: Path) -> None:
@@ -110,23 +117,58 @@ def _from_folder(folder: Path, weight_name: str | None, subfolder: str | None) -
     raise UnknownLayoutError(f"no weights found in folder '{folder}'. Tried: {', '.join(tried)}")
 
 
-def _from_index(index: Path) -> WeightFiles:
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names an index's ``weight_map`` points to, in order, each checked to be a
+    relative name inside the index's folder (the index is read as data: it may come from anywhere)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
         if not weight_map:
             raise ValueError("its weight_map is empty")
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or not name.strip():
+                raise TypeError(f"weight_map['{key}'] is {name!r}, not a file name")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptCheckpointError(f"shard index '{index}' cannot be read: {exc}") from exc
-    shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    names = list(dict.fromkeys(weight_map.values()))
+    for name in names:
+        if (PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive
+                or ".." in re.split(r"[\\/]", name)):
+            raise CorruptCheckpointError(
+                f"shard index '{index}' names '{name}', outside the index's folder: shards must be file names "
+                "relative to it (e.g. diffusion_pytorch_model-00001-of-00002.safetensors); fix the index")
+    return names
+
+
+def _from_index(index: Path) -> WeightFiles:
+    folder = index.parent
+    shards = [folder / name for name in _shard_names(index)]
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
         raise CheckpointNotFoundError(f"shard index '{index}' names {len(missing)} missing file(s): "
                                       f"{', '.join(missing[:5])}")
+    roots = _allowed_roots(folder)
     for shard in shards:
+        real = shard.resolve()
+        if not any(real.is_relative_to(root) for root in roots):
+            raise CorruptCheckpointError(
+                f"shard '{shard}' of index '{index}' is a link to '{real}', outside the index's folder; copy the "
+                "file into the folder (or link the whole folder) instead")
         _check_suffix(shard)
     return WeightFiles(shards, index=index)
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where an index's shards may really live: its folder, and for a Hugging Face cache snapshot
+    (whose files link to ``../../blobs/<hash>``) that repository's ``blobs/``."""
+    folder = folder.absolute()
+    roots = [folder.resolve()]
+    for parent in folder.parents:
+        if parent.name == "snapshots" and (parent.parent / "blobs").is_dir():
+            roots.append((parent.parent / "blobs").resolve())
+            break
+    return roots
 
 
 def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, revision: str | None,
@@ -149,8 +191,7 @@ def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, revi
             continue
         if not name.endswith(".index.json"):
             return WeightFiles([path])
-        shard_names = dict.fromkeys(json.loads(path.read_text())["weight_map"].values())
-        for shard in shard_names:
+        for shard in _shard_names(path):
             fetch(shard)
         return _from_index(path)
     where = "the local Hugging Face cache" if local_files_only else "the Hugging Face hub"
@@ -174,9 +215,11 @@ class CheckpointReader:
     stored_names: dict[str, str] = field(default_factory=dict)  # key -> name in the file, if renamed
     _pickled: dict[Path, Mapping[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
+    floats_only: bool = True  # refuse integer/bool tensors (a transformer's weights are all floating point)
+
     @classmethod
-    def open(cls, weights: WeightFiles) -> "CheckpointReader":
-        reader = cls(weights)
+    def open(cls, weights: WeightFiles, floats_only: bool = True) -> "CheckpointReader":
+        reader = cls(weights, floats_only=floats_only)
         for path in weights.files:
             for key, info in reader._scan(path):
                 reader.infos.setdefault(key, info)
@@ -210,14 +253,27 @@ class CheckpointReader:
                         if meta.get_dtype() not in _SAFETENSORS_DTYPES:
                             raise UnknownLayoutError(f"'{path}' stores '{key}' as {meta.get_dtype()}, a type these "
                                                      "weights never use; it is not a TAG-MoE checkpoint")
-                        yield key, TensorInfo(path, tuple(meta.get_shape()), _SAFETENSORS_DTYPES[meta.get_dtype()])
+                        info = TensorInfo(path, tuple(meta.get_shape()), _SAFETENSORS_DTYPES[meta.get_dtype()])
+                        self._check_float(key, info)
+                        yield key, info
             except (SafetensorError, OSError) as exc:
                 raise CorruptCheckpointError(f"'{path}' is not a readable safetensors file ({exc}); the "
                                              "download may be incomplete - fetch it again") from exc
             return
         state = self._load_pickle(path)
         for key, value in state.items():
-            yield key, TensorInfo(path, tuple(value.shape), value.dtype)
+            info = TensorInfo(path, tuple(value.shape), value.dtype)
+            self._check_float(key, info)
+            yield key, info
+
+    def _check_float(self, key: str, info: TensorInfo) -> None:
+        # An int8/bool tensor would load (the loader keeps non-float dtypes) and then fail in
+        # every matmul with a raw RuntimeError; fp8 files (what a converter writes) are floats.
+        if self.floats_only and not info.dtype.is_floating_point:
+            raise UnknownLayoutError(
+                f"'{info.file}' stores '{key}' as {str(info.dtype).removeprefix('torch.')}: TAG-MoE transformer "
+                "weights are floating point (fp32, bf16, fp16 or fp8), so integer/quantized files cannot be used; "
+                "load the original weights or an fp8 conversion")
 
     def _load_pickle(self, path: Path) -> Mapping[str, torch.Tensor]:
         if path in self._pickled:

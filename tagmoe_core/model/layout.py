@@ -17,8 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, NotATagMoECheckpointError, ShapeMismatchError
-from .checkpoint import CheckpointReader, WeightFiles
+from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, InconsistentExpertsError,
+                      NotATagMoECheckpointError, ShapeMismatchError)
+from .checkpoint import CheckpointReader, WeightFiles, looks_like_repo_id
 from .moe import MoESpec
 
 log = logging.getLogger("tagmoe")
@@ -26,6 +27,9 @@ log = logging.getLogger("tagmoe")
 ROUTER_KEY = re.compile(r"^transformer_blocks\.(\d+)\.img_mlp\.router\.layer\.weight$")
 LINEAR_ROUTER_KEY = re.compile(r"^transformer_blocks\.(\d+)\.img_mlp\.router\.weight$")
 _BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"^transformer_blocks\.(\d+)\.img_mlp\.experts\.(?:(\d+)\.)?")
+_LINEAR_EXPERT_KEY = re.compile(r"^(transformer_blocks\.\d+\.img_mlp)\.experts\.(\d+)\.(w1|w2)\.weight$")
+_DENSE_FFN_KEY = re.compile(r"^transformer_blocks\.\d+\.(?:txt|img)_mlp\.net\.0\.proj\.weight$")
 # Modules the release carries for training and routing analysis; inference runs without them.
 OPTIONAL_PREFIXES = ("tag_embedding.", "router_head.")
 # Wrappers some tools put around a transformer state dict (only stripped when every key has it).
@@ -43,7 +47,7 @@ def read_transformer_config(base: str | os.PathLike | None, tagmoe_files: Weight
         root = Path(os.path.expanduser(str(base)))
         if root.is_dir():
             candidates += [root / "transformer" / "config.json", root / "config.json"]
-        elif not root.exists():
+        elif looks_like_repo_id(base):  # a missing local path is not sent to the hub
             try:
                 from huggingface_hub import hf_hub_download
 
@@ -70,10 +74,19 @@ def read_transformer_config(base: str | os.PathLike | None, tagmoe_files: Weight
 
 def infer_moe_layout(reader: CheckpointReader, num_layers: int, top_k: int = 1) -> tuple[MoESpec, list[int]]:
     """MoE blocks, expert count and FFN size from the checkpoint's router and expert tensors
-    (release layout, or the per-expert Linear layout)."""
+    (release layout, or the per-expert Linear layout), checked against each other in every block
+    before any weight is read."""
     linear = uses_linear_experts(reader.keys())
     router_key = LINEAR_ROUTER_KEY if linear else ROUTER_KEY
     blocks = sorted(int(m.group(1)) for key in reader.keys() if (m := router_key.match(key)))
+    experts = [m for key in reader.keys() if (m := _EXPERT_KEY.match(key))]
+    unrouted = sorted({int(m.group(1)) for m in experts} - set(blocks))
+    if unrouted:
+        router = "router.weight" if linear or any(m.group(2) is not None for m in experts) else "router.layer.weight"
+        has = "has" if len(unrouted) == 1 else "have"
+        raise InconsistentExpertsError(
+            f"{_span('block', unrouted)} {has} expert weights but no {router} in {reader.describe()}: the file "
+            "is incomplete (or its routers were saved under other names); use the complete TAG-MoE checkpoint")
     if not blocks:
         first = max(0, num_layers - RELEASE_MOE_BLOCKS)
         raise NotATagMoECheckpointError(
@@ -84,17 +97,86 @@ def infer_moe_layout(reader: CheckpointReader, num_layers: int, top_k: int = 1) 
     if bad:
         raise ShapeMismatchError(f"transformer_blocks.{bad[0]}.img_mlp", (num_layers,), (bad[0] + 1,),
                                  reader.describe())
-    prefix = f"transformer_blocks.{blocks[0]}.img_mlp"
-    num_experts = reader.infos[f"{prefix}.router{'' if linear else '.layer'}.weight"].shape[0]
-    if linear:
-        w1 = reader.infos.get(f"{prefix}.experts.0.w1.weight")
-        ffn = w1.shape[0] if w1 is not None else None
-    else:
-        w1 = reader.infos.get(f"{prefix}.experts.mlp.w1")
-        ffn = w1.shape[0] // num_experts if w1 is not None else None
+    check = _check_linear_experts if linear else _check_release_experts
+    found = {block: check(reader, f"transformer_blocks.{block}.img_mlp", _dense_ffn_size(reader)) for block in blocks}
+    num_experts, ffn = found[blocks[0]]
+    for block in blocks[1:]:
+        if found[block][0] != num_experts:
+            raise InconsistentExpertsError(
+                f"the MoE blocks of {reader.describe()} disagree: block {blocks[0]} has {num_experts} experts but "
+                f"block {block} has {found[block][0]}; every MoE block must have the same experts")
+        ffn = ffn or found[block][1]
     spec = MoESpec(num_experts=num_experts, top_k=min(top_k, num_experts), num_moe_blocks=len(blocks),
                    ffn_hidden_size=ffn)
     return spec, blocks
+
+
+def _span(word: str, indices: list[int]) -> str:
+    if len(indices) == 1:
+        return f"{word} {indices[0]}"
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{word}s {indices[0]}-{indices[-1]}"
+    return f"{word}s {', '.join(map(str, indices))}"
+
+
+def _dense_ffn_size(reader: CheckpointReader) -> int | None:
+    """The FFN size of the transformer's dense FFNs (the text stream's stay dense), when the file has one.
+    TAG-MoE's experts are upcycled from them: same size."""
+    for key, info in reader.infos.items():
+        if _DENSE_FFN_KEY.match(key) and len(info.shape) == 2:
+            return info.shape[0]
+    return None
+
+
+def _router(reader: CheckpointReader, key: str) -> tuple[int, int]:
+    shape = reader.infos[key].shape
+    if len(shape) != 2 or shape[0] == 0:
+        raise InconsistentExpertsError(
+            f"'{key}' in {reader.describe()} has shape {list(shape)}: a router over no experts (it must be "
+            "[experts, hidden]); the file is damaged or not TAG-MoE weights")
+    return shape[0], shape[1]
+
+
+def _check_release_experts(reader: CheckpointReader, prefix: str, dense_ffn: int | None) -> tuple[int, int | None]:
+    """(experts, FFN size) of one MegaBlocks-layout MoE block: router [E, H], w1 = w2 = [E x F, H]."""
+    num_experts, hidden = _router(reader, f"{prefix}.router.layer.weight")
+    ffn = dense_ffn or 4 * hidden  # Qwen-Image's FFN size, when the file has no dense FFN to tell it
+    shapes = {w: reader.infos[f"{prefix}.experts.mlp.{w}"].shape for w in ("w1", "w2")
+              if f"{prefix}.experts.mlp.{w}" in reader.infos}
+    if len(shapes) == 2 and shapes["w1"] != shapes["w2"]:
+        raise InconsistentExpertsError(
+            f"{prefix} in {reader.describe()}: experts.mlp.w1 is {list(shapes['w1'])} but experts.mlp.w2 is "
+            f"{list(shapes['w2'])}; both must be [experts x FFN size, hidden]")
+    for w, shape in shapes.items():
+        if tuple(shape) != (num_experts * ffn, hidden):
+            held = f" ({shape[0] // ffn} experts)" if len(shape) == 2 and shape[0] % ffn == 0 else ""
+            raise InconsistentExpertsError(
+                f"{prefix} in {reader.describe()}: its router is {[num_experts, hidden]} ({num_experts} experts), "
+                f"so experts.mlp.{w} should be {[num_experts * ffn, hidden]} ({num_experts} x FFN size {ffn}), "
+                f"but it is {list(shape)}{held}: router and expert weights do not belong together")
+    return num_experts, ffn if shapes else None
+
+
+def _check_linear_experts(reader: CheckpointReader, prefix: str, dense_ffn: int | None) -> tuple[int, int | None]:
+    """(experts, FFN size) of one per-expert Linear MoE block: router [E, H], experts 0..E-1 with
+    w1 [F, H] and w2 [H, F]."""
+    num_experts, hidden = _router(reader, f"{prefix}.router.weight")
+    ffn = dense_ffn or 4 * hidden
+    weights = {(int(m.group(2)), m.group(3)): key for key in reader.keys()
+               if (m := _LINEAR_EXPERT_KEY.match(key)) and m.group(1) == prefix}
+    indices = sorted({e for e, _ in weights})
+    if indices and indices != list(range(num_experts)):
+        raise InconsistentExpertsError(
+            f"{prefix} in {reader.describe()}: its router is {[num_experts, hidden]} ({num_experts} experts) but "
+            f"the file has weights for {_span('expert', indices)}: router and expert weights do not belong together")
+    for (_, w), key in sorted(weights.items()):
+        want = (ffn, hidden) if w == "w1" else (hidden, ffn)
+        shape = reader.infos[key].shape
+        if tuple(shape) != want:
+            raise InconsistentExpertsError(
+                f"'{key}' in {reader.describe()} is {list(shape)}, not {list(want)} (FFN size {ffn}, hidden "
+                f"{hidden} from the router {[num_experts, hidden]}): the experts do not fit their router")
+    return num_experts, ffn if weights else None
 
 
 def strip_wrapper_prefix(reader: CheckpointReader) -> None:
