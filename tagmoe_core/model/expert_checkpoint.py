@@ -105,7 +105,9 @@ class LinearExpertsCheckpoint:
             raise MissingKeysError(missing, self.describe())
         unexpected = [k for k in shapes if k not in expected]
         if unexpected:
-            raise UnexpectedKeysError(unexpected, self.describe())
+            raise UnexpectedKeysError(unexpected, self.describe(),
+                                      hint="is it a TAG-MoE checkpoint for this Qwen-Image model? (the core's 'tagmoe "
+                                           "convert' writes the keys this loader reads)")
         for key, shape in expected.items():
             if tuple(shape) != tuple(shapes[key]):
                 raise ShapeMismatchError(key, tuple(shape), tuple(shapes[key]), self.describe())
