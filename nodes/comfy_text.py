@@ -26,7 +26,7 @@ class DiffusersTextEncoder:
 
     @classmethod
     def load(cls, folder: str) -> "DiffusersTextEncoder":
-        from ..tagmoe_core.pipeline.builder import load_text_encoder, load_tokenizer
+        from ..tagmoe_core.pipeline.components import load_text_encoder, load_tokenizer
 
         device, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
         # what the reference uses: bf16 where the device has it, else fp32 (Qwen2.5-VL overflows in fp16)

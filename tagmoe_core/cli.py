@@ -250,7 +250,7 @@ def _refine_backend(args):
     device, dtype = spec.primary, DTYPES[args.dtype] or spec.default_dtype
     if args.vlm_folder:
         return LocalVLM(args.vlm_folder, device=device, dtype=dtype)
-    from .pipeline.builder import load_text_encoder, load_tokenizer, load_vlm_image_processor
+    from .pipeline.components import load_text_encoder, load_tokenizer, load_vlm_image_processor
 
     base = args.pretrained_model_path
     if args.tiny:
