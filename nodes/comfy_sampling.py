@@ -15,8 +15,10 @@ import comfy.samplers
 import torch
 
 from ..tagmoe_core.intent.routing import RoutingCapture, RoutingRecorder, tag_guidance
+from ..tagmoe_core.model.positions import RegionShape
 from ..tagmoe_core.pipeline.guidance import true_cfg_latents, uses_cfg
 from ..tagmoe_core.taxonomy import TaskTags
+from .comfy_model import REGION_KEY, position_plan
 
 GUIDANCE_KEY = "tagmoe_tag_guidance"
 RECORD_KEY = "tagmoe_record_routing"
@@ -116,16 +118,10 @@ def with_routing_recorder(model, capture: RoutingCapture):
         if recorder is not None:
             passes = ["cond" if i == 0 else "uncond" for i in transformer_options.get("cond_or_uncond", [0])]
             recorder.before_pass(_step_of(transformer_options, t), passes)
-            grid = ((x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2)
-            refs = kwargs.get("ref_latents") or []
-            region = kwargs.get("tagmoe_region")
-            condition = None
-            if region is not None:
-                x1, y1, x2, y2 = region[2]
-                condition = (y2 - y1 + 1, x2 - x1 + 1)
-            elif refs:
-                condition = ((refs[0].shape[-2] + 1) // 2, (refs[0].shape[-1] + 1) // 2)
-            recorder.set_layout(grid[0] * grid[1], grid, condition)
+            plan = position_plan(x, kwargs.get("ref_latents"), None, kwargs.get(REGION_KEY))
+            first = plan.conditions[0] if plan.conditions else None
+            condition = (first.rows, first.cols) if isinstance(first, RegionShape) else first
+            recorder.set_layout(plan.target[0] * plan.target[1], plan.target, condition)
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     patched = model.clone()

@@ -14,11 +14,12 @@ from ...tagmoe_core.pipeline.regions import box_from_fractions, mask_box, region
 from .. import comfy_bridge as bridge
 from ..conversions import image_batch_to_pil, mask_batch
 
-REGION_KEY = "tagmoe_region"  # read by the TAG-MoE model (nodes/comfy_model.py)
 NO_BASE = "(no Qwen-Image folder in models/diffusers)"
 
 
 def _with_reference(conditioning, latent: torch.Tensor, region):
+    from ..comfy_model import REGION_KEY  # the TAG-MoE model reads the region under this key
+
     out = []
     for embeds, options in conditioning:
         options = {k: v for k, v in options.items() if k != REGION_KEY}
