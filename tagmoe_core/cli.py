@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny", help="build the embedded tiny model and print where it is")
     tiny.add_argument("--root", default=None, help="where to build it (default: the user cache)")
     _add_refine(sub)
+    _add_convert(sub)
     return parser
 
 
@@ -285,6 +286,63 @@ def refine(args) -> int:
     return 0
 
 
+# -- convert: any checkpoint layout to one .safetensors for models/diffusion_models ------------------------------
+def _add_convert(sub) -> None:
+    from .model.convert import OUTPUT_DTYPES
+
+    parser = sub.add_parser("convert", help="write TAG-MoE weights (any layout) as one .safetensors file",
+                            usage="%(prog)s SRC OUT.safetensors [--dtype DTYPE] [--overwrite]\n"
+                                  "       %(prog)s --tiny OUT.safetensors [--dtype DTYPE] [--overwrite]",
+                            description="Convert TAG-MoE weights in any layout the library reads (a file, a folder, "
+                                        "a sharded *.index.json, .bin/.pt, the per-expert layout ComfyUI saves) to "
+                                        "ONE .safetensors file in the release key layout, with the transformer "
+                                        "config in its header: what ComfyUI's models/diffusion_models takes. "
+                                        "Streamed: the weights are never all in memory.")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="SRC (a file, folder, *.index.json or hub repo id) then OUT.safetensors; "
+                             "with --tiny only OUT")
+    parser.add_argument("--dtype", default="bf16", choices=list(OUTPUT_DTYPES),
+                        help="bf16 (default); fp8_e4m3fn halves the file (matrices in float8, the rest in bf16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--tiny", action="store_true", help="convert the embedded tiny model's TAG-MoE weights")
+    _flag(parser, "local_files_only", action="store_true", help="never download a hub SRC; use the local cache")
+
+
+def convert(args) -> int:
+    """``tagmoe convert SRC OUT.safetensors``: progress on stderr, the summary on stdout."""
+    from tqdm.auto import tqdm
+
+    from .model.convert import convert_checkpoint
+
+    want = 1 if args.tiny else 2
+    if len(args.paths) != want:
+        raise TagMoEError("convert takes SRC and OUT.safetensors" if want == 2 else
+                          "convert --tiny takes only OUT.safetensors (the source is the tiny model)")
+    if args.tiny:
+        from .tiny import ensure_tiny_bundle
+
+        src, out = str(ensure_tiny_bundle().tagmoe), args.paths[0]
+    else:
+        src, out = args.paths
+    bars: list = []
+
+    def on_progress(tensors: int, tensors_total: int, done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="converting", unit="B", unit_scale=True, unit_divisor=1024,
+                             leave=False))
+        bars[0].set_postfix_str(f"{tensors}/{tensors_total} tensors", refresh=False)
+        bars[0].update(done - bars[0].n)  # redraws at most every tqdm.mininterval
+
+    try:
+        report = convert_checkpoint(src, out, args.dtype, overwrite=args.overwrite, progress=on_progress,
+                                    local_files_only=args.local_files_only)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(report.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -297,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "refine":
             return refine(args)
+        if args.command == "convert":
+            return convert(args)
         return run(args)
     except TagMoEError as exc:
         print(f"error: {exc}", file=sys.stderr)
