@@ -52,6 +52,7 @@ WEIGHT_DTYPES: dict[str, tuple[torch.dtype | None, bool]] = {
     "fp8_e4m3fn_fast": (torch.float8_e4m3fn, True),
     "fp8_e5m2": (torch.float8_e5m2, False),
 }
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # ComfyUI's Qwen-Image default flow shift is 1.15; the reference's is resolution-dependent. The
 # model's default is the reference's at 1024x1024, so that KSampler's schedules land near it.
 DEFAULT_SHIFT = shift_for(image_seq_len(1024, 1024), QWEN_IMAGE_SCHEDULER)
@@ -129,10 +130,11 @@ class TagMoEQwenImageTransformer(qwen_image.QwenImageTransformer2DModel):
                  tagmoe_top_k: int = 1, dtype=None, device=None, operations=None, **kwargs):
         super().__init__(dtype=dtype, device=device, operations=operations, **kwargs)
         ffn = tagmoe_ffn_hidden_size or 4 * self.inner_dim
+        router_dtype = torch.bfloat16 if dtype in FP8 else dtype  # routes are chosen from its logits
         for index in tagmoe_moe_blocks:
             self.transformer_blocks[index].img_mlp = LinearExpertsMoE(
                 self.inner_dim, ffn, tagmoe_num_experts, tagmoe_top_k, "gelu_tanh", layer_index=index,
-                linear_cls=operations.Linear, device=device, dtype=dtype)
+                linear_cls=operations.Linear, device=device, dtype=dtype, router_dtype=router_dtype)
         self.pe_embedder = ReferencePositions(self.pe_embedder)
 
 

@@ -107,6 +107,14 @@ def main() -> None:
     result["moe_layers"] = len(experts)
     result["diffusers_imported"] = "diffusers" in sys.modules  # the native path must not need it
 
+    fp8_patcher = comfy_model.load_tagmoe_model(os.environ["TAGMOE_TINY"], "fp8_e4m3fn").patcher
+    fp8 = fp8_patcher.model.diffusion_model
+    moe = next(m for m in fp8.modules() if isinstance(m, moe_linear.LinearExpertsMoE))
+    result["fp8_dtypes"] = {"router": str(moe.router.weight.dtype), "expert": str(moe.experts[0].w1.weight.dtype),
+                            "attention": str(fp8.transformer_blocks[0].attn.to_q.weight.dtype)}
+    fp8_out = full(fp8_patcher)  # fp8 storage, cast to the compute dtype per forward
+    result["fp8_relative_error"] = float((fp8_out.float() - plain).norm() / plain.norm())
+
     (out / "result.json").write_text(json.dumps(result))
 
 

@@ -181,4 +181,7 @@ def test_comfyui_objects_in_process(tiny_bundle, tmp_path):
     assert "blocks [2]" in result["lora_report"] and result["lora_applied"] == 4
     assert result["stock_lora_patched_keys"] == result["lora_patched_keys"]
     assert not result["diffusers_imported"]
+    assert result["fp8_dtypes"] == {"router": "torch.bfloat16", "expert": "torch.float8_e4m3fn",
+                                    "attention": "torch.float8_e4m3fn"}
+    assert 0 < result["fp8_relative_error"] < 0.1
     assert result["idle_expert_calls"] == [0, result["moe_layers"], 0, 0]  # experts 0, 2, 3 never ran nor moved

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from tagmoe_core.cli import main
 from tagmoe_core.errors import CheckpointNotFoundError
 from tagmoe_core.model.convert import ConvertError, _check_destination, convert_checkpoint
-from tagmoe_core.model.expert_checkpoint import METADATA_KEY, LinearExpertsCheckpoint
+from tagmoe_core.model.expert_checkpoint import LinearExpertsCheckpoint
+from tagmoe_core.model.layout import METADATA_KEY
 from tagmoe_core.model.expert_layout import split_experts
 from tagmoe_core.model.loading import load_tagmoe_transformer
 
@@ -81,6 +82,20 @@ def test_fp32_file_loads_in_the_core_loader_and_runs_exactly_like_the_original(t
     converted, report = load_tagmoe_transformer(out, tiny_bundle.base)
     assert report.keys_from_base == 0 and not report.missing_optional
     assert torch.equal(forward(converted), forward(original))
+
+
+def test_the_core_loader_reads_the_config_a_converted_file_carries(tiny_bundle, tmp_path):
+    """A single converted file in a models folder has no config.json beside it: the one in its
+    header is enough for the core loader too (before: 'no Qwen-Image transformer config found')."""
+    alone = tmp_path / "models"
+    alone.mkdir()
+    out = alone / "tagmoe.safetensors"
+    convert_checkpoint(tiny_bundle.tagmoe, out, "fp32")
+    model, _ = load_tagmoe_transformer(out)
+    original, _ = load_tagmoe_transformer(tiny_bundle.tagmoe, tiny_bundle.base)
+    assert model.config.axes_dims_rope == original.config.axes_dims_rope
+    for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_bf16_file_runs_like_the_original_in_bf16(tiny_bundle, tmp_path):

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ShapeMismatchError, TagMoEError
 from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, resolve_weight_files
-from .expert_checkpoint import METADATA_KEY, checkpoint_config
+from .layout import METADATA_KEY, checkpoint_config
 from .expert_layout import Piece, planned_shape, to_release
 from .layout import (OPTIONAL_PREFIXES, ROUTER_KEY, count_layers, infer_moe_layout, strip_wrapper_prefix,
                      transformer_dims, uses_linear_experts)

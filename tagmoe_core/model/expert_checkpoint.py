@@ -9,7 +9,6 @@ memory maps: split and transposed experts cost no copy), so loading holds one co
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -19,35 +18,15 @@ from typing import Any
 import torch
 
 from ..errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError
-from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, WeightFiles, resolve_weight_files
+from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, resolve_weight_files
 from .expert_layout import Piece, planned_shape, to_linear_experts
-from .layout import OPTIONAL_PREFIXES, infer_moe_layout, strip_wrapper_prefix, transformer_dims, uses_linear_experts
+from .layout import (OPTIONAL_PREFIXES, checkpoint_config, infer_moe_layout, strip_wrapper_prefix, transformer_dims,
+                     uses_linear_experts)
 from .moe import MoESpec
 
 log = logging.getLogger("tagmoe")
 
-METADATA_KEY = "tagmoe_config"  # what ``tagmoe convert`` writes into the safetensors header
 CHUNK_BYTES = 1 << 30
-
-
-def checkpoint_config(files: WeightFiles) -> dict[str, Any] | None:
-    """The transformer config that travels with the weights: ``config.json`` beside them (or in a
-    ``transformer/`` subfolder), else the one ``tagmoe convert`` stored in a safetensors header."""
-    for path in (files.root / "config.json", files.root / "transformer" / "config.json"):
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except ValueError:
-                log.warning("ignoring %s: not valid JSON", path)
-    for path in files.files:
-        if path.name.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                text = (handle.metadata() or {}).get(METADATA_KEY)
-            if text:
-                return json.loads(text)
-    return None
 
 
 @dataclass

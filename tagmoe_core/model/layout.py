@@ -35,7 +35,28 @@ OPTIONAL_PREFIXES = ("tag_embedding.", "router_head.")
 # Wrappers some tools put around a transformer state dict (only stripped when every key has it).
 KEY_PREFIXES = ("model.diffusion_model.", "transformer.", "module.")
 RELEASE_MOE_BLOCKS = 10
+METADATA_KEY = "tagmoe_config"  # what ``tagmoe convert`` writes into the safetensors header
 RELEASE_ROPE_AXES = (16, 56, 56)  # Qwen-Image's rotary split of its 128-dim heads (frame, height, width)
+
+
+def checkpoint_config(files: WeightFiles) -> dict[str, Any] | None:
+    """The transformer config that travels with the weights: ``config.json`` beside them (or in a
+    ``transformer/`` subfolder), else the one ``tagmoe convert`` stored in a safetensors header."""
+    for path in (files.root / "config.json", files.root / "transformer" / "config.json"):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                log.warning("ignoring %s: not valid JSON", path)
+    for path in files.files:
+        if path.name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                text = (handle.metadata() or {}).get(METADATA_KEY)
+            if text:
+                return json.loads(text)
+    return None
 
 
 def read_transformer_config(base: str | os.PathLike | None, tagmoe_files: WeightFiles | None = None,
@@ -67,6 +88,9 @@ def read_transformer_config(base: str | os.PathLike | None, tagmoe_files: Weight
                 log.warning("config %s is for %s; reading it as a QwenImageTransformer2DModel config",
                             path, config.get("_class_name"))
             return config
+    stored = checkpoint_config(tagmoe_files) if tagmoe_files is not None else None
+    if stored is not None:  # a file written by 'tagmoe convert' carries its config
+        return stored
     raise CheckpointNotFoundError(
         "no Qwen-Image transformer config found: give the base Qwen-Image folder (with "
         f"transformer/config.json). Looked in: {', '.join(str(p) for p in candidates) or 'nowhere'}")

@@ -40,11 +40,13 @@ class LinearExpertsMoE(nn.Module):
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int = 1,
                  activation: str = "gelu_tanh", layer_index: int = -1, linear_cls: type[nn.Module] = nn.Linear,
-                 device=None, dtype=None):
+                 device=None, dtype=None, router_dtype=None):
         super().__init__()
         self.hidden_size, self.ffn_hidden_size = hidden_size, ffn_hidden_size
         self.num_experts, self.top_k, self.layer_index = num_experts, top_k, layer_index
-        self.router = linear_cls(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
+        # router_dtype: the router may be stored finer than the experts (fp8 experts, bf16 router:
+        # its logits choose the expert, and 3 mantissa bits would change routes; it is tiny)
+        self.router = linear_cls(hidden_size, num_experts, bias=False, device=device, dtype=router_dtype or dtype)
         self.experts = nn.ModuleList(ExpertMLP(hidden_size, ffn_hidden_size, activation, linear_cls, device, dtype)
                                      for _ in range(num_experts))
 
