@@ -116,6 +116,16 @@ def file_path(kind: str, name: str) -> Path:
     raise FileNotFoundError(f"'{name}' was not found in models/{kind}")
 
 
+def weights_missing(name: str) -> "str | bool":
+    """VALIDATE_INPUTS' answer for a TAG-MoE weights choice: True, or what to do."""
+    try:
+        resolve_model(TAGMOE_FOLDER, name)
+    except FileNotFoundError:
+        return ("the TAG-MoE weights were not found: put a TAG-MoE .safetensors file (or the release's folder) in "
+                f"models/diffusion_models or models/tagmoe and pick it (got '{name}')")
+    return True
+
+
 def resolve_model(kind: str, name: str) -> Path:
     """The full path of a listed model (``kind`` 'diffusers' or 'tagmoe'), or FileNotFoundError."""
     kinds = ("diffusers",) if kind == "diffusers" else (TAGMOE_FOLDER, "diffusion_models")

@@ -108,12 +108,7 @@ class TagMoEModelLoader:
     def VALIDATE_INPUTS(cls, tagmoe_weights):
         # One input only: ComfyUI attributes a failure to every input named here. base_model keeps
         # ComfyUI's own check (a value from its list) and load() explains a missing folder.
-        try:
-            bridge.resolve_model("tagmoe", tagmoe_weights)
-        except FileNotFoundError:
-            return ("the TAG-MoE weights were not found: put them in models/tagmoe (a file or a folder) "
-                    f"and pick them (got '{tagmoe_weights}')")
-        return True
+        return bridge.weights_missing(tagmoe_weights)
 
     def load(self, base_model, tagmoe_weights, device="auto", dtype="auto", moe_backend="auto", placement="auto",
              fp8_weights=False, drop_text_encoder=False, blocks_on_gpu=-1, gpu_memory_gib="",

@@ -35,12 +35,7 @@ class TagMoELoadDiffusionModel:
 
     @classmethod
     def VALIDATE_INPUTS(cls, weights):
-        try:
-            bridge.resolve_model("tagmoe", weights)
-        except FileNotFoundError:
-            return ("the TAG-MoE weights were not found: put a TAG-MoE .safetensors (or the release's folder) in "
-                    f"models/diffusion_models or models/tagmoe and pick it (got '{weights}')")
-        return True
+        return bridge.weights_missing(weights)
 
     def load(self, weights, weight_dtype="default", unique_id=None):
         from ..comfy_model import load_tagmoe_model
