@@ -1,13 +1,18 @@
-"""Native (TAG-MoE as a ComfyUI MODEL, sampled by ComfyUI) vs tagmoe_core: seconds per step on the
-CPU, side by side in one run, on a medium-size random TAG-MoE (same weights in both).
+"""Native (TAG-MoE as a ComfyUI MODEL, sampled by ComfyUI) vs tagmoe_core: seconds per step, side
+by side in one run, on a random TAG-MoE (same weights in both).
 
     COMFYUI_DIR=/path/to/ComfyUI python bench/bench_native.py [--size 512] [--steps 4] [--rounds 5]
+    # on a GPU: the release's architecture under a 24 GB budget, ComfyUI's partial loading doing the rest
+    COMFYUI_DIR=... python bench/bench_native.py --config release --device cuda --size 1024 --vram-budget-gib 24
+    # (the core's counterpart at that budget: python bench/bench_gpu.py --modes block-swap-0)
 
 Run it with a Python that has ComfyUI's requirements and this package. Both sides denoise the
 same text-to-image run with true CFG (two transformer passes per step): the core with its
 diffusers transformer and scheduler, ComfyUI with SamplerCustomAdvanced's euler, TAG-MoE Scheduler,
 CFG Guider and Noise. Each round times both once, alternating; the medians are reported, with
-the largest difference of their latents.
+the largest difference of their latents. ``--config release`` times the native side only (the
+release does not fit a GPU whole; the core's offloading runs are bench_gpu.py's), with its peak
+GPU memory.
 """
 
 from __future__ import annotations
@@ -34,7 +39,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--config", choices=("medium", "release"), default="medium")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--vram-budget-gib", type=float, help="CUDA: leave ComfyUI this much (as --reserve-vram)")
+    parser.add_argument("--weight-dtype", default="default", help="as TAG-MoE Load Diffusion Model's weight_dtype")
+    parser.add_argument("--layers", type=int, default=60, help="release: fewer blocks for a smoke run (MoE: the "
+                                                                 "last min(10, layers - 1))")
     args = parser.parse_args()
+    if args.config == "release":
+        return release_run(args)
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
         sys.exit("set COMFYUI_DIR to a ComfyUI checkout")
@@ -43,7 +56,7 @@ def main() -> None:
     sys.path.append(str(ROOT))
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = args.device == "cpu"
     import comfy.samplers
     import torch
     from node_harness import load_pack
@@ -73,7 +86,7 @@ def main() -> None:
 
     comfy_model = importlib.import_module(pack.__name__ + ".nodes.comfy_model")
     comfy_sampling = importlib.import_module(pack.__name__ + ".nodes.comfy_sampling")
-    native = comfy_model.load_tagmoe_model(folder / "tagmoe.safetensors").patcher
+    native = comfy_model.load_tagmoe_model(folder / "tagmoe.safetensors", args.weight_dtype).patcher
 
     h = w = args.size // 8
     gen = torch.Generator().manual_seed(1)
@@ -127,6 +140,79 @@ def main() -> None:
     for name, label in (("core", "tagmoe_core (diffusers transformer)"), ("native", "native ComfyUI MODEL")):
         print(f"| {label} | {statistics.median(times[name]):.3f} | {min(times[name]):.3f} | {max(times[name]):.3f} |")
     print(f"native / core: {native_s / core_s:.2f}x; max |latent difference| {diff:.2g}")
+
+
+RELEASE = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+           "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
+           "axes_dims_rope": [16, 56, 56]}
+
+
+def release_run(args) -> None:
+    """The release's architecture with random weights, native only: s/step and peak GPU memory."""
+    sys.path.insert(0, os.environ["COMFYUI_DIR"])
+    sys.path.append(str(ROOT / "tests"))
+    sys.path.append(str(ROOT))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = args.device == "cpu"
+    import comfy.model_management as mm
+    import comfy.samplers
+    import torch
+    from node_harness import load_pack
+
+    from tagmoe_core.model.moe import MoESpec
+    from tagmoe_core.pipeline.schedule import image_seq_len, reference_sigmas
+
+    pack = load_pack(ROOT)
+    import importlib
+
+    comfy_model = importlib.import_module(pack.__name__ + ".nodes.comfy_model")
+    comfy_sampling = importlib.import_module(pack.__name__ + ".nodes.comfy_sampling")
+    if args.device == "cuda" and args.vram_budget_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        mm.EXTRA_RESERVED_VRAM = max(0, int(total - args.vram_budget_gib * 2**30))  # what --reserve-vram sets
+    moe_blocks = min(10, args.layers - 1)
+    spec = MoESpec(num_experts=4, top_k=1, num_moe_blocks=moe_blocks, ffn_hidden_size=4 * 3072)
+    blocks = list(range(args.layers - moe_blocks, args.layers))
+    start = time.perf_counter()
+    model, storage, compute = comfy_model.new_tagmoe_model({**RELEASE, "num_layers": args.layers}, spec, blocks,
+                                                          args.weight_dtype, num_parameters=22_700_000_000,
+                                                          file_dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.diffusion_model.parameters():  # random weights, made in bf16 then stored as chosen
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.bfloat16) * 0.02)
+    patcher = comfy_model.manage(model, None)
+    build_s = time.perf_counter() - start
+    h = w = args.size // 8
+    gen = torch.Generator().manual_seed(1)
+    text = {name: torch.randn(1, length, 3584, generator=gen) for name, length in (("pos", 40), ("neg", 6))}
+    noise = torch.randn(1, 16, 1, h, w, generator=gen)
+    latent = torch.zeros(1, 16, 1, h, w)
+    sigmas = reference_sigmas(args.steps, image_seq_len(args.size, args.size))
+    times, peaks = [], []
+    for _ in range(args.rounds):
+        guider = comfy_sampling.ReferenceCFGGuider(patcher)
+        guider.set_conds([[text["pos"], {}]], [[text["neg"], {}]])
+        guider.set_cfg(4.0)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True, seed=7)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+            peaks.append((torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30))
+        times.append((time.perf_counter() - start) / args.steps)
+    print(f"release architecture, random weights ({build_s:.0f} s to build), storage {storage}, compute {compute}, "
+          f"{args.size}x{args.size}, true CFG, {args.steps} steps x {args.rounds} rounds, device {args.device}, "
+          f"budget {args.vram_budget_gib or 'all'} GiB")
+    print(f"native s/step: median {statistics.median(times):.2f} (min {min(times):.2f}, max {max(times):.2f}); "
+          f"the first round includes moving the weights in")
+    if peaks:
+        allocated, reserved = max(p[0] for p in peaks), max(p[1] for p in peaks)
+        print(f"peak GPU memory: allocated {allocated:.1f} GiB, reserved {reserved:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -190,35 +190,52 @@ class LoadedModel:
         return "\n".join(lines + self.notes)
 
 
-def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
-                      progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+def new_tagmoe_model(dims: dict, spec, blocks: list[int], weight_dtype: str = "default", num_parameters: int = 0,
+                     file_dtype: torch.dtype | None = None) -> tuple[TagMoEQwenImage, torch.dtype, torch.dtype | None]:
+    """An empty TAG-MoE model (weights allocated, not loaded) with ComfyUI's choice of storage and
+    compute dtypes, as its Load Diffusion Model makes them: ``(model, storage dtype, compute dtype)``."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
-    ckpt = LinearExpertsCheckpoint.open(path)
-    dims = ckpt.dims
     unet_config = {
         "image_model": "qwen_image",
         **{k: dims[k] for k in ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
                                 "num_attention_heads", "joint_attention_dim", "guidance_embeds")},
         "axes_dims_rope": tuple(dims["axes_dims_rope"]),
-        "tagmoe_moe_blocks": list(ckpt.blocks),
-        "tagmoe_num_experts": ckpt.spec.num_experts,
-        "tagmoe_ffn_hidden_size": ckpt.spec.ffn_hidden_size,
-        "tagmoe_top_k": ckpt.spec.top_k,
+        "tagmoe_moe_blocks": list(blocks),
+        "tagmoe_num_experts": spec.num_experts,
+        "tagmoe_ffn_hidden_size": spec.ffn_hidden_size,
+        "tagmoe_top_k": spec.top_k,
     }
     model_config = comfy.supported_models.QwenImage(unet_config)
     model_config.sampling_settings["shift"] = DEFAULT_SHIFT
     storage, fast = WEIGHT_DTYPES[weight_dtype]
-    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     supported = list(model_config.supported_inference_dtypes)
-    unet_dtype = storage or mm.unet_dtype(model_params=ckpt.num_parameters, supported_dtypes=supported,
-                                          weight_dtype=ckpt.weight_dtype())
-    manual_cast_dtype = mm.unet_manual_cast(unet_dtype, load_device, supported)
+    unet_dtype = storage or mm.unet_dtype(model_params=num_parameters, supported_dtypes=supported,
+                                          weight_dtype=file_dtype)
+    manual_cast_dtype = mm.unet_manual_cast(unet_dtype, mm.get_torch_device(), supported)
     model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
     if fast:
         model_config.optimizations["fp8"] = True
+    return TagMoEQwenImage(model_config), unet_dtype, manual_cast_dtype
 
-    model = TagMoEQwenImage(model_config)
+
+def manage(model: TagMoEQwenImage, heads: TagHeads | None) -> comfy.model_patcher.ModelPatcher:
+    """Hand the model to ComfyUI: a ModelPatcher (its size counts every weight, experts included)."""
+    model = model.to(mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    if heads is not None:
+        patcher.set_attachments(HEADS_ATTACHMENT, heads)
+    return patcher
+
+
+def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
+                      progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    ckpt = LinearExpertsCheckpoint.open(path)
+    model, unet_dtype, manual_cast_dtype = new_tagmoe_model(ckpt.dims, ckpt.spec, ckpt.blocks, weight_dtype,
+                                                            ckpt.num_parameters, ckpt.weight_dtype())
     diffusion_model = model.diffusion_model
     ckpt.check({k: tuple(v.shape) for k, v in diffusion_model.state_dict().items()})
     total = ckpt.nbytes
@@ -226,15 +243,11 @@ def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
         diffusion_model.load_state_dict(chunk, strict=False)
         if progress is not None:
             progress(done, total)
-    model = model.to(offload_device)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-    notes = []
-    if ckpt.has_tag_modules:
-        patcher.set_attachments(HEADS_ATTACHMENT, TagHeads.from_state_dict(ckpt.tag_state()))
-    else:
-        notes.append("no tag_embedding/router_head in the checkpoint: routing analysis and tag guidance are off")
+    heads = TagHeads.from_state_dict(ckpt.tag_state()) if ckpt.has_tag_modules else None
     ckpt.close()
-    return LoadedModel(patcher, ckpt, unet_dtype, manual_cast_dtype, notes)
+    notes = [] if heads is not None else [
+        "no tag_embedding/router_head in the checkpoint: routing analysis and tag guidance are off"]
+    return LoadedModel(manage(model, heads), ckpt, unet_dtype, manual_cast_dtype, notes)
 
 
 def tag_heads(model: comfy.model_patcher.ModelPatcher) -> TagHeads | None:
