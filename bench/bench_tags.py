@@ -1,0 +1,67 @@
+"""Task tagging against the hand-labelled table ``tests/data/tag_eval.jsonl``: per-tier precision /
+recall / F1, scope accuracy and exact-set accuracy, for English and for the other languages.
+
+    python bench/bench_tags.py                      # the rule tagger
+    python bench/bench_tags.py --misses             # also list the rows the tagger got wrong
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's tagmoe_core, not an installed one
+
+from tagmoe_core.intent.tag_eval import TIERS, EvalReport, evaluate, load_eval_table  # noqa: E402
+
+TABLE = ROOT / "tests" / "data" / "tag_eval.jsonl"
+
+
+def _rules():
+    from tagmoe_core.intent.tagging import rule_tags
+
+    return lambda text, has_image: rule_tags(text, has_image)
+
+
+def row_text(label: str, report: EvalReport) -> str:
+    tiers = " | ".join(f"{report.tiers[t].precision:.3f} / {report.tiers[t].recall:.3f} / {report.tiers[t].f1:.3f}"
+                       for t in TIERS)
+    return f"| {label} | {report.rows} | {report.scope_accuracy:.1%} | {report.exact_accuracy:.1%} | {tiers} |"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", default=str(TABLE), help="the JSONL table (default: tests/data/tag_eval.jsonl)")
+    parser.add_argument("--misses", action="store_true", help="list the rows tagged wrongly")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+
+    rows = load_eval_table(args.table)
+    tagger = _rules()
+    start = time.perf_counter()
+    groups = {"English": [r for r in rows if r.english], "other languages": [r for r in rows if not r.english]}
+    reports = {name: evaluate(group, tagger) for name, group in groups.items()}
+    seconds = time.perf_counter() - start
+    print(f"tagger: rules; {len(rows)} rows; "
+          f"{seconds / max(len(rows), 1) * 1000:.1f} ms per instruction")
+    print("| rows | n | scope acc. | exact set | scope P / R / F1 | type P / R / F1 | preservation P / R / F1 |")
+    print("| --- | ---: | ---: | ---: | --- | --- | --- |")
+    for name, report in reports.items():
+        print(row_text(name, report))
+    if args.misses:
+        for name, report in reports.items():
+            print(f"\n{name}: {len(report.misses)} rows not exactly right")
+            for row, got in report.misses:
+                print(f"- {row.instruction!r}\n    gold: {row.gold.to_text()}\n    got:  {got.to_text()}")
+    figures = {name: report.as_dict() for name, report in reports.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
