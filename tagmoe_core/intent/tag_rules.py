@@ -1,0 +1,169 @@
+"""The rule tagger: task tags read off an English instruction by keyword families.
+
+The rules follow the paper's annotation examples ("Change the cloak to red color" -> local
+editing, attribute editing, identity/background/style preservation; "Make the person wear
+sunglasses" -> local editing, object editing, identity/background/style preservation) and
+extend them by keyword families. They are meant to be predictable, not clever: the VLM tagger
+is there for instructions the rules read wrongly.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..taxonomy import TaskTags
+
+
+def _words(*items: str) -> re.Pattern:
+    return re.compile(r"\b(?:" + "|".join(items) + r")\b")
+
+
+STYLE = _words(r"styles?", r"stylized?", r"watercolou?r", r"oil painting", r"painting", r"painted", r"sketch(?:ed)?",
+               r"drawing", r"anime", r"manga", r"cartoon(?:ish)?", r"pixel art", r"van gogh", r"ghibli", r"ukiyo-e",
+               r"impressionis[mt]", r"comic(?: book)?", r"3d render", r"claymation", r"pencil", r"charcoal",
+               r"vaporwave", r"art deco", r"pop art", r"low poly", r"line art", r"cubis[mt]", r"pastel",
+               r"vintage", r"sepia", r"black and white", r"monochrome", r"film look", r"colou?r grad(?:e|ed|ing)")
+REFERENCE_STYLE = _words(r"(?:this|that|the same|same|the reference|the image's|this image's|its) (?:art )?style",
+                         r"style of (?:this|the|that) (?:image|picture|photo|reference|painting)",
+                         r"in this style", r"same look")
+GENERATE = _words(r"generate", r"create", r"draw", r"paint", r"design", r"make (?:a|an|me a)", r"produce",
+                  r"render (?:a|an)", r"a (?:photo|picture|poster|portrait|image) of", r"show (?:this|the same)")
+REFERENCE_SUBJECT = _words(r"(?:this|the same|same) (?:person|man|woman|girl|boy|child|dog|cat|pet|character|"
+                           r"product|logo|object|subject|toy|car|bag|shoe|model|face)", r"the subject",
+                           r"this (?:one|item)")
+NEW_SCENE = _words(r"on (?:a|the) (?:beach|street|mountain|moon|table|mug|shirt|t-shirt|poster|billboard|stage)",
+                   r"in (?:a|an|the) (?:forest|city|kitchen|office|park|cafe|desert|garden|studio|room|snow|space)",
+                   r"at (?:a|the) (?:beach|park|party|concert|station)", r"new scene", r"different scene",
+                   r"printed on", r"as a (?:sticker|poster|figurine|plush)")
+VIEWPOINT = _words(r"view(?:point)?", r"angle", r"perspective", r"rotate the (?:camera|view|scene)",
+                   r"from (?:the )?(?:side|back|behind|above|below|top|front|left|right)", r"zoom(?:ed)? (?:in|out)",
+                   r"close-?up", r"bird'?s-?eye", r"wide shot", r"(?:turn|rotate|move|tilt|pan) the camera",
+                   r"camera (?:angle|view|position)")
+POSE = _words(r"pose", r"posture", r"raise[sd]?", r"raising", r"wav(?:e|es|ing)", r"sit(?:ting)?(?: down)?",
+              r"stand(?:ing)?(?: up)?", r"kneel(?:ing)?", r"jump(?:ing)?", r"arms?", r"hands?", r"crossed", r"lying",
+              r"running", r"walking", r"danc(?:e|ing)", r"lean(?:ing)?", r"bend(?:ing)?", r"gesture", r"hung",
+              r"turn (?:his|her|its|their) head", r"look(?:ing)? (?:up|down|left|right|at the camera)")
+BACKGROUND = _words(r"background", r"backdrop", r"scenery", r"surroundings", r"sky", r"setting")
+LIGHT = _words(r"lighting", r"lights", r"lit", r"shadows?", r"sunset", r"sunrise", r"night(?:time)?", r"dusk", r"dawn",
+               r"golden hour", r"glow(?:ing)?", r"neon", r"candlelight", r"backlit", r"daytime", r"day time",
+               r"twilight", r"moonlight", r"exposure", r"brightness", r"(?:sun|day|moon|warm|cold|soft|hard) ?light")
+# "brighter", "darker", "dim" are about light when said of the whole scene, else about an object's colour.
+LIGHT_WEAK = _words(r"brighter", r"darker", r"dim(?:mer)?", r"light")
+SCENE = _words(r"image", r"photo", r"picture", r"scene", r"room", r"it", r"everything", r"sky")
+WEATHER = _words(r"weather", r"sunny", r"rain(?:y|ing)?", r"snow(?:y|ing)?", r"fog(?:gy)?", r"misty", r"stormy",
+                 r"cloudy", r"overcast", r"winter", r"summer", r"autumn", r"spring", r"season")
+GLOBAL = _words(r"(?:the )?whole (?:image|picture|photo|scene)", r"entire (?:image|picture|photo|scene)",
+                r"overall", r"everything", r"colou?r tone")
+OBJECT = _words(r"add(?:s|ed|ing)?", r"draw", r"remove[sd]?", r"removing", r"delete", r"erase", r"get rid of",
+                r"take away",
+                r"insert", r"put", r"place", r"replace[sd]?", r"swap", r"wear(?:s|ing)?", r"hold(?:s|ing)?",
+                r"carry(?:ing)?", r"without the", r"include", r"there (?:is|are)")
+COLOUR_WORDS = r"(?:red|blue|green|yellow|black|white|pink|purple|orange|brown|gold(?:en)?|silver|gr[ae]y|beige|" \
+               r"turquoise)\b"
+ATTRIBUTE = _words(r"colou?rs?", r"red", r"blue", r"green", r"yellow", r"black", r"white", r"pink", r"purple",
+                   r"orange", r"brown", r"golden", r"gold", r"silver", r"gr[ae]y", r"beige", r"turquoise",
+                   r"brighter", r"darker", r"lighter",
+                   r"wooden", r"metal(?:lic)?", r"glass", r"leather", r"marble", r"velvet", r"denim", r"silk",
+                   r"bigger", r"smaller", r"larger", r"taller", r"shorter", r"longer", r"thicker", r"thinner",
+                   r"older", r"younger", r"smil(?:e|es|ing)", r"sad", r"angry", r"happy", r"texture", r"material",
+                   r"shiny", r"matte", r"rusty", r"striped", r"polka", r"hair(?:style)?", r"curly", r"straight",
+                   r"beard", r"bald", r"tattoo")
+_EDIT_VERBS = (r"change", r"make", r"turn", r"add", r"remove", r"replace", r"put", r"place", r"let", r"give",
+               r"recolou?r", r"paint", r"convert", r"transform", r"delete", r"erase", r"swap", r"set")
+EDIT_VERB = _words(*_EDIT_VERBS)
+PERSON = _words(r"person", r"man", r"woman", r"girl", r"boy", r"child", r"kid", r"people", r"he", r"she", r"his",
+                r"her", r"lady", r"guy", r"face", r"portrait")
+KEEP = re.compile(r"\b(?:keep|keeping|preserve|preserving|maintain|retain|unchanged|don'?t change|do not change|"
+                  r"without changing|same)\b")
+KEEP_TARGETS = (
+    (_words(r"backgrounds?", r"scene", r"surroundings"), "background preservation"),
+    (_words(r"faces?", r"facial"), "face preservation"),
+    (_words(r"identity", r"person", r"character", r"subject", r"who"), "identity preservation"),
+    (_words(r"style", r"look", r"colou?rs", r"rendering"), "style preservation"),
+    (_words(r"layout", r"composition", r"structure", r"shapes?", r"pose", r"position"), "structure preservation"),
+)
+
+
+def _clauses(text: str) -> list[str]:
+    verbs = "|".join(_EDIT_VERBS + ("keep", "preserve", "maintain", "retain", "leave", "don't", "do not"))
+    parts = re.split(r"[;.]|,\s*(?:and\s+)?|\s+(?:and|but|while)\s+(?=(?:" + verbs + r")\b)|\s+then\s+", text)
+    return [p.strip() for p in parts if p and p.strip()]
+
+
+def _explicit_keeps(text: str) -> set[str]:
+    keeps: set[str] = set()
+    for match in KEEP.finditer(text):
+        window = text[match.start(): match.start() + 80]
+        for pattern, tag in KEEP_TARGETS:
+            if pattern.search(window):
+                keeps.add(tag)
+    return keeps
+
+
+def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
+    """Deterministic tags for an English instruction (``has_image`` False: text-to-image)."""
+    text = " ".join(str(instruction).lower().split())
+    if not has_image:
+        return TaskTags("image generation")
+    keeps = _explicit_keeps(text)
+    # Clauses that say what to keep are not edits ("keep the background, change the sky to red").
+    edit_text = ", ".join(c for c in _clauses(text) if not KEEP.search(c)) if keeps else text
+    edit_text = edit_text or text
+
+    def types_in(t: str) -> set[str]:
+        found: set[str] = set()
+        if STYLE.search(t):
+            found.add("style transfer")
+        if POSE.search(t):
+            found.add("pose editing")
+        if BACKGROUND.search(t) and not KEEP.search(t):
+            found.add("background editing")
+        colourless = re.sub(r"\b(?:light|dark|pale|bright|deep)(?:er)? (?=" + COLOUR_WORDS + r")", "", t)
+        if LIGHT.search(colourless) or WEATHER.search(colourless) or \
+                (LIGHT_WEAK.search(colourless) and SCENE.search(colourless)):
+            found.add("illumination editing")
+        verbs = {m.group(0).split()[0] for m in OBJECT.finditer(t)}
+        placing = {"put", "place", "replace", "replaced", "replaces", "swap"}
+        if verbs and not ("background editing" in found and verbs <= placing) \
+                and not ("illumination editing" in found and verbs <= {"add", "adds", "added", "adding"}):
+            found.add("object editing")  # but "put her in front of a new background", "add sunset light" are not
+        swapped = re.search(r"\b(?:replace[sd]?|swap)\b.*\bwith\b", t)  # "replace the cat with a golden retriever"
+        described = LIGHT_WEAK.sub("", t) if "illumination editing" in found else t  # "make the room darker"
+        if ATTRIBUTE.search(described) and "style transfer" not in found and not swapped:
+            found.add("attribute editing")
+        if not found and re.search(r"\b(?:change|turn|make)\b.*\b(?:into|to|a|an)\b", t):
+            found.add("object editing")  # "turn the cat into a dog": an object becomes another
+        return found
+
+    types = types_in(edit_text)
+    if REFERENCE_STYLE.search(text) and GENERATE.search(text):
+        return TaskTags("style customization", (), tuple(keeps | {"style preservation"}))
+    if REFERENCE_SUBJECT.search(text) and (NEW_SCENE.search(text) or GENERATE.search(text)):
+        keep = {"identity preservation"} | ({"face preservation"} if PERSON.search(text) else set())
+        return TaskTags("content customization", (), tuple(keeps | keep))
+    if VIEWPOINT.search(edit_text) and not STYLE.search(edit_text):
+        return TaskTags("viewpoint editing", (), tuple(keeps | {"identity preservation", "style preservation"}))
+
+    edit_clauses = [c for c in _clauses(edit_text) if EDIT_VERB.search(c) or types_in(c)]
+    if len(edit_clauses) >= 2:
+        scope = "multi region editing"
+    elif "style transfer" in types or GLOBAL.search(edit_text) or \
+            ("illumination editing" in types and "object editing" not in types):
+        scope = "global editing"
+    else:
+        scope = "local editing"
+
+    if not types:
+        types = {"attribute editing"} if scope == "local editing" else set()
+    if "style transfer" in types:
+        types.discard("attribute editing")
+        keep = {"structure preservation", "identity preservation"}
+    elif scope == "global editing":
+        keep = {"structure preservation", "identity preservation"}
+    elif "background editing" in types and len(types) == 1:
+        keep = {"identity preservation", "style preservation"}
+    else:
+        keep = {"identity preservation", "background preservation", "style preservation"}
+        if "background editing" in types:
+            keep.discard("background preservation")
+    return TaskTags(scope, tuple(types), tuple(keep | keeps))
