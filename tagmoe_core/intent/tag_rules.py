@@ -90,6 +90,29 @@ def _clauses(text: str) -> list[str]:
     return [p.strip() for p in parts if p and p.strip()]
 
 
+# A clause that opens with an edit verb on "it" / "them" goes on with the previous edit ("change the
+# shirt to red, make it striped"); so does one with no verb of its own ("..., bright red", "..., with
+# grey hair"), unless it names a thing of its own that changes ("..., the girl's hands hung at her sides").
+LEADING_VERB = re.compile(r"^(?:(?:and|also|then|please|now)\s+)*(?:" + "|".join(_EDIT_VERBS) + r")\b")
+SAME_THING = re.compile(r"^(?:(?:and|also|then|please|now)\s+)*\w+\s+(?:it|them|this|that|one)\b")
+OWN_SUBJECT = re.compile(r"^(?:the|her|his|their|its|my)\s+(?!one\b|same\b|rest\b)\w")
+
+
+def _separate_edits(clauses: list[str], types_in) -> int:
+    """How many separate edits the clauses hold (2 or more: multi region editing)."""
+    count = 0
+    for clause in clauses:
+        if not (EDIT_VERB.search(clause) or types_in(clause)):
+            continue
+        if count == 0:
+            count = 1
+        elif LEADING_VERB.search(clause):
+            count += 0 if SAME_THING.search(clause) else 1
+        elif OWN_SUBJECT.search(clause) and types_in(clause):
+            count += 1
+    return count
+
+
 def _explicit_keeps(text: str) -> set[str]:
     keeps: set[str] = set()
     for match in KEEP.finditer(text):
@@ -144,8 +167,7 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
     if VIEWPOINT.search(edit_text) and not STYLE.search(edit_text):
         return TaskTags("viewpoint editing", (), tuple(keeps | {"identity preservation", "style preservation"}))
 
-    edit_clauses = [c for c in _clauses(edit_text) if EDIT_VERB.search(c) or types_in(c)]
-    if len(edit_clauses) >= 2:
+    if _separate_edits(_clauses(edit_text), types_in) >= 2:
         scope = "multi region editing"
     elif "style transfer" in types or GLOBAL.search(edit_text) or \
             ("illumination editing" in types and "object editing" not in types):
