@@ -30,3 +30,23 @@ def local(*types: str, keeps: tuple[str, ...] = LOCAL_KEEP) -> TaskTags:
 ])
 def test_commas_inside_one_edit(instruction, tags):
     assert rule_tags(instruction) == tags, rule_tags(instruction).to_text()
+
+
+# The colour or material of a thing that is added describes the new thing: object editing only. And a
+# body part named as the place of the new thing is not a pose edit.
+@pytest.mark.parametrize("instruction, tags", [
+    ("add a red hat", local("object editing")),
+    ("Put a wooden bench in front of the fountain", local("object editing")),
+    ("Make the man hold a white umbrella", local("object editing")),
+    ("Give him a black leather jacket", local("object editing")),
+    ("Swap the coffee mug for a glass of orange juice", local("object editing")),
+    ("Add a blue balloon to the girl's hand", local("object editing")),
+    ("Put a gold ring on her finger", local("object editing")),
+    # the colour of a thing that is there already is still an attribute edit
+    ("Give the cat green eyes", local("attribute editing")),
+    ("Add a red hat and make the scarf blue", TaskTags("multi region editing", ("object editing",
+                                                                               "attribute editing"), LOCAL_KEEP)),
+    ("Make the girl raise her right hand", local("pose editing")),
+])
+def test_colours_of_added_things(instruction, tags):
+    assert rule_tags(instruction) == tags, rule_tags(instruction).to_text()

@@ -54,10 +54,12 @@ WEATHER = _words(r"weather", r"sunny", r"rain(?:y|ing)?", r"snow(?:y|ing)?", r"f
                  r"cloudy", r"overcast", r"winter", r"summer", r"autumn", r"spring", r"season")
 GLOBAL = _words(r"(?:the )?whole (?:image|picture|photo|scene)", r"entire (?:image|picture|photo|scene)",
                 r"overall", r"everything", r"colou?r tone")
+_LIVING = r"(?:man|woman|boy|girl|person|child|kid|baby|lady|guy|dog|cat|horse|bird|snowman|statue|character)"
 OBJECT = _words(r"add(?:s|ed|ing)?", r"draw", r"remove[sd]?", r"removing", r"delete", r"erase", r"get rid of",
                 r"take away",
                 r"insert", r"put", r"place", r"replace[sd]?", r"swap", r"wear(?:s|ing)?", r"hold(?:s|ing)?",
-                r"carry(?:ing)?", r"without the", r"include", r"there (?:is|are)")
+                r"carry(?:ing)?", r"without the", r"include", r"there (?:is|are)",
+                r"give (?:him|her|them|the " + _LIVING + r") (?:a|an|some|the same)")
 COLOUR_WORDS = r"(?:red|blue|green|yellow|black|white|pink|purple|orange|brown|gold(?:en)?|silver|gr[ae]y|beige|" \
                r"turquoise)\b"
 ATTRIBUTE = _words(r"colou?rs?", r"red", r"blue", r"green", r"yellow", r"black", r"white", r"pink", r"purple",
@@ -68,6 +70,16 @@ ATTRIBUTE = _words(r"colou?rs?", r"red", r"blue", r"green", r"yellow", r"black",
                    r"older", r"younger", r"smil(?:e|es|ing)", r"sad", r"angry", r"happy", r"texture", r"material",
                    r"shiny", r"matte", r"rusty", r"striped", r"polka", r"hair(?:style)?", r"curly", r"straight",
                    r"beard", r"bald", r"tattoo")
+# The noun phrase of a thing that is added ("add a red hat", "hold a white umbrella", "swap the mug for a
+# glass of orange juice"): its colour or material describes the new thing, not an attribute edit.
+ADDED = re.compile(r"\b(?:add(?:s|ed|ing)?|insert|put|place|draw|wear(?:s|ing)?|hold(?:s|ing)?|carry(?:ing)?|"
+                   r"give (?:him|her|them|the \w+)|(?:swap|exchange)\b[^,;]*?\bfor)"
+                   r"\s+(?:a|an|some|another|one|two|three|the same)\b[^,;]*?"
+                   r"(?=\s+(?:to|on|onto|in|into|at|next|beside|near|around|over|under|behind|between|from|and)\b"
+                   r"|[,;]|$)")
+# A body part named as the place of a new thing ("add a balloon to the girl's hand") is not a pose.
+POSE_PLACE = re.compile(r"\b(?:to|on|onto|in|into|around|at)\s+(?:the\s+)?(?:\w+'s\s+|his\s+|her\s+|their\s+|its\s+)?"
+                        r"(?:left\s+|right\s+)?(?:hands?|arms?|fingers?|wrists?|legs?|feet|foot|neck|head)\b")
 _EDIT_VERBS = (r"change", r"make", r"turn", r"add", r"remove", r"replace", r"put", r"place", r"let", r"give",
                r"recolou?r", r"paint", r"convert", r"transform", r"delete", r"erase", r"swap", r"set")
 EDIT_VERB = _words(*_EDIT_VERBS)
@@ -137,7 +149,7 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
         found: set[str] = set()
         if STYLE.search(t):
             found.add("style transfer")
-        if POSE.search(t):
+        if POSE.search(POSE_PLACE.sub(" ", t)):
             found.add("pose editing")
         if BACKGROUND.search(t) and not KEEP.search(t):
             found.add("background editing")
@@ -151,7 +163,9 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
                 and not ("illumination editing" in found and verbs <= {"add", "adds", "added", "adding"}):
             found.add("object editing")  # but "put her in front of a new background", "add sunset light" are not
         swapped = re.search(r"\b(?:replace[sd]?|swap)\b.*\bwith\b", t)  # "replace the cat with a golden retriever"
-        described = LIGHT_WEAK.sub("", t) if "illumination editing" in found else t  # "make the room darker"
+        described = ADDED.sub(" ", t)
+        if "illumination editing" in found:
+            described = LIGHT_WEAK.sub("", described)  # "make the room darker"
         if ATTRIBUTE.search(described) and "style transfer" not in found and not swapped:
             found.add("attribute editing")
         if not found and re.search(r"\b(?:change|turn|make)\b.*\b(?:into|to|a|an)\b", t):
