@@ -50,3 +50,19 @@ def test_commas_inside_one_edit(instruction, tags):
 ])
 def test_colours_of_added_things(instruction, tags):
     assert rule_tags(instruction) == tags, rule_tags(instruction).to_text()
+
+
+# "from the left" after a removal says where the thing is, and light "from the left" says where it
+# comes from: neither is another camera position. "Show ... from the side" still is.
+@pytest.mark.parametrize("instruction, tags", [
+    ("Remove the cup from the left of the table", local("object editing")),
+    ("Remove the car from the right side of the street", local("object editing")),
+    ("Remove the sticker from the front of the laptop", local("object editing")),
+    ("Remove the book from the top of the shelf", local("object editing")),
+    ("Add warm light from the left", TaskTags("global editing", ("illumination editing",),
+                                                     ("structure preservation", "identity preservation"))),
+    ("Show the car from the side", TaskTags("viewpoint editing", (), ("identity preservation", "style preservation"))),
+    ("Show the house from above", TaskTags("viewpoint editing", (), ("identity preservation", "style preservation"))),
+])
+def test_from_the_left_is_not_a_viewpoint(instruction, tags):
+    assert rule_tags(instruction) == tags, rule_tags(instruction).to_text()

@@ -36,9 +36,14 @@ NEW_SCENE = _words(r"on (?:a|the) (?:beach|street|mountain|moon|table|mug|shirt|
                    r"at (?:a|the) (?:beach|park|party|concert|station)", r"new scene", r"different scene",
                    r"printed on", r"as a (?:sticker|poster|figurine|plush)")
 VIEWPOINT = _words(r"view(?:point)?", r"angle", r"perspective", r"rotate the (?:camera|view|scene)",
-                   r"from (?:the )?(?:side|back|behind|above|below|top|front|left|right)", r"zoom(?:ed)? (?:in|out)",
-                   r"close-?up", r"bird'?s-?eye", r"wide shot", r"(?:turn|rotate|move|tilt|pan) the camera",
-                   r"camera (?:angle|view|position)")
+                   r"zoom(?:ed)? (?:in|out)", r"close-?up", r"bird'?s-?eye", r"wide shot",
+                   r"(?:turn|rotate|move|tilt|pan) the camera", r"camera (?:angle|view|position)")
+# "from the left" is a camera position only when something is shown or seen from there: after
+# "remove ... from the left of the table" it says where the thing is, after "light" where it comes from.
+VIEW_FROM = re.compile(r"\bfrom (?:the )?(?:side|back|behind|above|below|top|front|left|right|rear)\b"
+                       r"(?! (?:side |corner |edge )?of\b)")
+SEEING = _words(r"show(?:s|n|ing)?", r"see", r"seen", r"view(?:ed)?", r"shot", r"photograph(?:ed)?", r"film(?:ed)?",
+                r"capture[sd]?", r"depict(?:ed)?", r"looking", r"as if")
 POSE = _words(r"pose", r"posture", r"raise[sd]?", r"raising", r"wav(?:e|es|ing)", r"sit(?:ting)?(?: down)?",
               r"stand(?:ing)?(?: up)?", r"kneel(?:ing)?", r"jump(?:ing)?", r"arms?", r"hands?", r"crossed", r"lying",
               r"running", r"walking", r"danc(?:e|ing)", r"lean(?:ing)?", r"bend(?:ing)?", r"gesture", r"hung",
@@ -178,7 +183,8 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
     if REFERENCE_SUBJECT.search(text) and (NEW_SCENE.search(text) or GENERATE.search(text)):
         keep = {"identity preservation"} | ({"face preservation"} if PERSON.search(text) else set())
         return TaskTags("content customization", (), tuple(keeps | keep))
-    if VIEWPOINT.search(edit_text) and not STYLE.search(edit_text):
+    seen_from = VIEW_FROM.search(edit_text) and SEEING.search(edit_text)
+    if (VIEWPOINT.search(edit_text) or seen_from) and not STYLE.search(edit_text):
         return TaskTags("viewpoint editing", (), tuple(keeps | {"identity preservation", "style preservation"}))
 
     if _separate_edits(_clauses(edit_text), types_in) >= 2:
