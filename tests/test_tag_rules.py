@@ -66,3 +66,30 @@ def test_colours_of_added_things(instruction, tags):
 ])
 def test_from_the_left_is_not_a_viewpoint(instruction, tags):
     assert rule_tags(instruction) == tags, rule_tags(instruction).to_text()
+
+
+# What a clause keeps is not an edit, with or without "the same": keeping the view is no viewpoint edit,
+# keeping everything else no global edit, keeping the lighting no second region. "The same" inside an
+# edit ("the same colour as the house") keeps nothing.
+@pytest.mark.parametrize("instruction, tags", [
+    ("keep the same background, change the shirt to blue", local("attribute editing")),
+    ("Keep the same view, change the shirt to blue", local("attribute editing",
+                                                           keeps=LOCAL_KEEP + ("structure preservation",))),
+    ("keep the same camera angle and make the car red", local("attribute editing",
+                                                              keeps=LOCAL_KEEP + ("structure preservation",))),
+    ("Keep the same perspective, remove the lamp", local("object editing",
+                                                         keeps=LOCAL_KEEP + ("structure preservation",))),
+    ("change the shirt to blue, everything else the same", local("attribute editing")),
+    ("keep everything the same except the hat, make it blue", local("attribute editing")),
+    ("Keep the same lighting and make the dress red", local("attribute editing")),
+    ("Make a red version of the car, same style", local("attribute editing")),
+    ("Keep the pose, change the background to a beach", TaskTags(
+        "local editing", ("background editing",), ("structure preservation", "identity preservation",
+                                                   "style preservation"))),
+    ("Make the jacket green while preserving the pose", local("attribute editing",
+                                                              keeps=LOCAL_KEEP + ("structure preservation",))),
+    ("Change the car to the same color as the house", local("attribute editing")),
+    ("Paint a city skyline in the same style", TaskTags("style customization", (), ("style preservation",))),
+])
+def test_what_is_kept_is_not_an_edit(instruction, tags):
+    assert rule_tags(instruction) == tags, rule_tags(instruction).to_text()

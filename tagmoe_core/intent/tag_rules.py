@@ -90,20 +90,29 @@ _EDIT_VERBS = (r"change", r"make", r"turn", r"add", r"remove", r"replace", r"put
 EDIT_VERB = _words(*_EDIT_VERBS)
 PERSON = _words(r"person", r"man", r"woman", r"girl", r"boy", r"child", r"kid", r"people", r"he", r"she", r"his",
                 r"her", r"lady", r"guy", r"face", r"portrait")
-KEEP = re.compile(r"\b(?:keep|keeping|preserve|preserving|maintain|retain|unchanged|don'?t change|do not change|"
-                  r"without changing|same)\b")
+_KEEP_VERB = (r"(?:keep|keeping|preserve|preserving|maintain|maintaining|retain|retaining|leave|leaving|"
+              r"don'?t (?:change|touch|alter)|do not (?:change|touch|alter)|without (?:changing|altering))")
+# A clause that says what stays is not an edit: it opens with a keep verb ("keep the same view",
+# "preserving the pose") or with "same" ("same style"), or ends by saying its thing stays ("everything
+# else the same", "the background stays unchanged"). "The same" inside an edit ("the same colour as the
+# house", "in the same style") keeps nothing.
+KEEP_CLAUSE = re.compile(r"^(?:(?:and|but|while|whilst|please|also)\s+)*(?:" + _KEEP_VERB + r"|same)\b"
+                         r"|\b(?:the same|unchanged|untouched|as (?:it is|they are|before))$")
 KEEP_TARGETS = (
     (_words(r"backgrounds?", r"scene", r"surroundings"), "background preservation"),
     (_words(r"faces?", r"facial"), "face preservation"),
     (_words(r"identity", r"person", r"character", r"subject", r"who"), "identity preservation"),
     (_words(r"style", r"look", r"colou?rs", r"rendering"), "style preservation"),
-    (_words(r"layout", r"composition", r"structure", r"shapes?", r"pose", r"position"), "structure preservation"),
+    (_words(r"layout", r"composition", r"structure", r"shapes?", r"pose", r"position", r"view(?:point)?",
+            r"(?:camera )?angle", r"perspective", r"framing", r"camera"), "structure preservation"),
 )
 
 
 def _clauses(text: str) -> list[str]:
-    verbs = "|".join(_EDIT_VERBS + ("keep", "preserve", "maintain", "retain", "leave", "don't", "do not"))
-    parts = re.split(r"[;.]|,\s*(?:and\s+)?|\s+(?:and|but|while)\s+(?=(?:" + verbs + r")\b)|\s+then\s+", text)
+    verbs = "|".join(_EDIT_VERBS + (_KEEP_VERB,))
+    parts = re.split(r"[;.]|,\s*(?:and\s+|but\s+)?|\s+(?:and|but|while|whilst)\s+(?=(?:" + verbs + r")\b)"
+                     r"|\s+(?=(?:keeping|preserving|maintaining|retaining|without (?:changing|altering))\b)"
+                     r"|\s+then\s+", text)
     return [p.strip() for p in parts if p and p.strip()]
 
 
@@ -130,14 +139,8 @@ def _separate_edits(clauses: list[str], types_in) -> int:
     return count
 
 
-def _explicit_keeps(text: str) -> set[str]:
-    keeps: set[str] = set()
-    for match in KEEP.finditer(text):
-        window = text[match.start(): match.start() + 80]
-        for pattern, tag in KEEP_TARGETS:
-            if pattern.search(window):
-                keeps.add(tag)
-    return keeps
+def _explicit_keeps(keep_clauses: list[str]) -> set[str]:
+    return {tag for clause in keep_clauses for pattern, tag in KEEP_TARGETS if pattern.search(clause)}
 
 
 def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
@@ -145,10 +148,10 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
     text = " ".join(str(instruction).lower().split())
     if not has_image:
         return TaskTags("image generation")
-    keeps = _explicit_keeps(text)
-    # Clauses that say what to keep are not edits ("keep the background, change the sky to red").
-    edit_text = ", ".join(c for c in _clauses(text) if not KEEP.search(c)) if keeps else text
-    edit_text = edit_text or text
+    clauses = _clauses(text)
+    keeps = _explicit_keeps([c for c in clauses if KEEP_CLAUSE.search(c)])
+    # Clauses that say what to keep are not edits ("keep the same view, change the shirt to blue").
+    edit_text = ", ".join(c for c in clauses if not KEEP_CLAUSE.search(c))
 
     def types_in(t: str) -> set[str]:
         found: set[str] = set()
@@ -156,7 +159,7 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
             found.add("style transfer")
         if POSE.search(POSE_PLACE.sub(" ", t)):
             found.add("pose editing")
-        if BACKGROUND.search(t) and not KEEP.search(t):
+        if BACKGROUND.search(t):
             found.add("background editing")
         colourless = re.sub(r"\b(?:light|dark|pale|bright|deep)(?:er)? (?=" + COLOUR_WORDS + r")", "", t)
         if LIGHT.search(colourless) or WEATHER.search(colourless) or \
@@ -178,9 +181,9 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
         return found
 
     types = types_in(edit_text)
-    if REFERENCE_STYLE.search(text) and GENERATE.search(text):
+    if REFERENCE_STYLE.search(edit_text) and GENERATE.search(edit_text):
         return TaskTags("style customization", (), tuple(keeps | {"style preservation"}))
-    if REFERENCE_SUBJECT.search(text) and (NEW_SCENE.search(text) or GENERATE.search(text)):
+    if REFERENCE_SUBJECT.search(edit_text) and (NEW_SCENE.search(edit_text) or GENERATE.search(edit_text)):
         keep = {"identity preservation"} | ({"face preservation"} if PERSON.search(text) else set())
         return TaskTags("content customization", (), tuple(keeps | keep))
     seen_from = VIEW_FROM.search(edit_text) and SEEING.search(edit_text)
