@@ -50,10 +50,14 @@ def test_task_tags_manual(nodes):
 
 
 def test_task_tags_auto(nodes, model):
-    (tags, text), _ = run_node(nodes["TagMoETaskTags"], mode="auto (rules)", scope="local editing", tags="",
-                               instruction=PROMPT)
+    (tags, text), ui = run_node(nodes["TagMoETaskTags"], mode="auto (rules)", scope="local editing", tags="",
+                                instruction=PROMPT)
     assert text == "local editing, attribute editing, background preservation, identity preservation, " \
                    "style preservation"
+    assert ui["text"][0].splitlines()[1].startswith("source: rules; confidence: scope ")
+    (_, _), ui = run_node(nodes["TagMoETaskTags"], mode="auto (rules)", scope="local editing", tags="",
+                          instruction="把斗篷改成红色")
+    assert "warning: the instruction does not look like English" in ui["text"][0]
     (t2i, _), _ = run_node(nodes["TagMoETaskTags"], mode="auto (rules)", scope="local editing", tags="",
                            edits_an_image=False, instruction="a cat")
     assert t2i.scope == "image generation"

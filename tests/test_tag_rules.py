@@ -1,11 +1,20 @@
-"""The rule tagger's known misreads, each fixed with the cases that showed it."""
+"""The rule tagger: its known misreads, each fixed with the cases that showed it, and its labelling as
+the English-only fallback (warnings and low confidence where it cannot read)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from tagmoe_core.intent.language import looks_english
+from tagmoe_core.intent.tag_eval import load_eval_table
+from tagmoe_core.intent.tag_result import TierConfidence
+from tagmoe_core.intent.tag_rules import RULES_DEFAULT, RULES_NOT_ENGLISH, RULES_READ, tag_with_rules
 from tagmoe_core.intent.tagging import rule_tags
 from tagmoe_core.taxonomy import TaskTags
+
+TABLE = Path(__file__).resolve().parent / "data" / "tag_eval.jsonl"
 
 LOCAL_KEEP = ("identity preservation", "background preservation", "style preservation")
 
@@ -93,3 +102,47 @@ def test_from_the_left_is_not_a_viewpoint(instruction, tags):
 ])
 def test_what_is_kept_is_not_an_edit(instruction, tags):
     assert rule_tags(instruction) == tags, rule_tags(instruction).to_text()
+
+
+# -- the labelled fallback: warnings and low confidence where the rules cannot read -------------------------
+def test_rules_that_read_the_instruction_say_so():
+    result = tag_with_rules("Change the cloak to red color")
+    assert result.tags == rule_tags("Change the cloak to red color") and result.source == "rules"
+    assert result.confidence == TierConfidence.uniform(RULES_READ) and not result.warnings
+    generation = tag_with_rules("一只猫", has_image=False)  # no image: the scope follows, in any language
+    assert generation.tags == TaskTags("image generation") and generation.confidence == TierConfidence.uniform(1.0)
+
+
+def test_instructions_in_other_languages_are_never_a_confident_guess():
+    rows = [r for r in load_eval_table(TABLE) if r.has_image]
+    for row in rows:
+        result = tag_with_rules(row.instruction)
+        english_warning = any("does not look like English" in w for w in result.warnings)
+        assert english_warning == (not row.english), row.instruction
+        if not row.english:
+            assert result.confidence == TierConfidence.uniform(RULES_NOT_ENGLISH)
+            assert max(result.confidence.to_dict().values()) < RULES_DEFAULT < RULES_READ
+
+
+@pytest.mark.parametrize("instruction, missing", [
+    ("Do something nice with it", "scope and type and preservation"),
+    ("Brighten the whole image", "type"),  # the scope is read ("whole image"), no edit type is
+])
+def test_instructions_no_rule_reads_are_flagged(instruction, missing):
+    result = tag_with_rules(instruction)
+    assert result.warnings == [f"no rule read the {missing} of this instruction: the rules' default guess, "
+                               "low confidence"]
+    levels = result.confidence.to_dict()
+    assert all(levels[tier] == RULES_DEFAULT for tier in missing.split(" and "))
+    assert all(levels[tier] == RULES_READ for tier in levels if tier not in missing)
+
+
+@pytest.mark.parametrize("text, english", [
+    ("Mach das Auto rot", False), ("Pon el coche rojo", False), ("Rendi il cielo blu", False),
+    ("Enlève le chapeau", False), ("Maak de lucht blauw", False), ("Убери шляпу", False), ("把车变成红色", False),
+    ("車を赤くして", False), ("모자를 지워줘", False),
+    ("hair -> pink", True), ("Put a café sign above the door", True), ("Make it look like a Van Gogh painting", True),
+    ("don't change the face, make the hair red", True), ("remove bg", True),
+])
+def test_language_guess(text, english):
+    assert looks_english(text) is english

@@ -42,6 +42,7 @@ class TagMoETaskTags:
 
     def tags(self, mode, scope, tags, edits_an_image=True, instruction=None, model=None, image=None, unique_id=None):
         warnings: list[str] = []
+        report: list[str] = []
         if mode == "manual":
             try:
                 result = TaskTags.from_text(f"{scope}, {tags}")
@@ -51,9 +52,10 @@ class TagMoETaskTags:
             if not instruction or not str(instruction).strip():
                 raise InputError("auto tagging needs an instruction: connect a STRING to 'instruction'")
             if mode == "auto (rules)":
-                from ...tagmoe_core.intent.tagging import rule_tags
+                from ...tagmoe_core.intent.tag_rules import tag_with_rules
 
-                result = rule_tags(instruction, has_image=edits_an_image)
+                tagged = tag_with_rules(instruction, has_image=edits_an_image)
+                result, warnings, report = tagged.tags, tagged.warnings, tagged.report_lines()[1:2]
             else:
                 if model is None:
                     raise InputError("auto (VLM) needs the TAG-MoE model (its text encoder is the VLM)")
@@ -64,7 +66,7 @@ class TagMoETaskTags:
                 with pipe.using("text_encoder") as text_encoder:
                     tagged = tag_with_vlm(TextEncoderVLM(text_encoder, pipe.tokenizer, pipe.vlm_image_processor),
                                           instruction, picture, has_image=edits_an_image)
-                result, warnings = tagged.tags, tagged.warnings
+                result, warnings, report = tagged.tags, tagged.warnings, tagged.report_lines()[1:2]
         text = result.to_text()
-        ui = [text] + [f"warning: {w}" for w in warnings]
+        ui = [text] + report + [f"warning: {w}" for w in warnings]
         return {"ui": {"text": ["\n".join(ui)], "tags": [result.to_dict()]}, "result": (result, text)}

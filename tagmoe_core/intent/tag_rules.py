@@ -4,14 +4,22 @@ The rules follow the paper's annotation examples ("Change the cloak to red color
 editing, attribute editing, identity/background/style preservation; "Make the person wear
 sunglasses" -> local editing, object editing, identity/background/style preservation) and
 extend them by keyword families. They are meant to be predictable, not clever: the VLM tagger
-is there for instructions the rules read wrongly.
+is there for instructions the rules read wrongly. ``tag_with_rules`` is the labelled fallback: it
+says so, with low confidence, when the instruction is not English or no rule read a tier.
 """
 
 from __future__ import annotations
 
 import re
 
-from ..taxonomy import TaskTags
+from ..taxonomy import IMAGE_GENERATION, TaskTags, Tier
+from .language import looks_english
+from .tag_result import TagResult, TierConfidence
+
+# The rule tagger's confidence levels (fixed levels, not probabilities).
+RULES_READ = 0.7  # a rule read the tier
+RULES_DEFAULT = 0.3  # no rule did: the default
+RULES_NOT_ENGLISH = 0.1  # the rules read English only
 
 
 def _words(*items: str) -> re.Pattern:
@@ -145,9 +153,31 @@ def _explicit_keeps(keep_clauses: list[str]) -> set[str]:
 
 def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
     """Deterministic tags for an English instruction (``has_image`` False: text-to-image)."""
-    text = " ".join(str(instruction).lower().split())
     if not has_image:
-        return TaskTags("image generation")
+        return TaskTags(IMAGE_GENERATION)
+    return _read(instruction)[0]
+
+
+def tag_with_rules(instruction: str, has_image: bool = True) -> TagResult:
+    """The rule tagger as a labelled fallback: its tags, with a warning and low confidence where the
+    instruction is not English or no rule read a tier (never a confident guess)."""
+    if not has_image:
+        return TagResult(TaskTags(IMAGE_GENERATION), "rules", TierConfidence.uniform(1.0))
+    tags, read = _read(instruction)
+    if not looks_english(instruction):
+        return TagResult(tags, "rules", TierConfidence.uniform(RULES_NOT_ENGLISH), [
+            "the instruction does not look like English and the rule tagger reads English only: these tags are a "
+            "guess (connect a model with a text encoder to tag with the VLM)"])
+    confidence = TierConfidence(*(RULES_READ if tier in read else RULES_DEFAULT for tier in Tier))
+    missing = [tier.value for tier in Tier if tier not in read]
+    warnings = [f"no rule read the {' and '.join(missing)} of this instruction: the rules' default guess, "
+                f"low confidence"] if missing else []
+    return TagResult(tags, "rules", confidence, warnings)
+
+
+def _read(instruction: str) -> tuple[TaskTags, set[Tier]]:
+    """The tags, and the tiers a rule read (the others are defaults)."""
+    text = " ".join(str(instruction).lower().split())
     clauses = _clauses(text)
     keeps = _explicit_keeps([c for c in clauses if KEEP_CLAUSE.search(c)])
     # Clauses that say what to keep are not edits ("keep the same view, change the shirt to blue").
@@ -181,14 +211,16 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
         return found
 
     types = types_in(edit_text)
+    every = set(Tier)
     if REFERENCE_STYLE.search(edit_text) and GENERATE.search(edit_text):
-        return TaskTags("style customization", (), tuple(keeps | {"style preservation"}))
+        return TaskTags("style customization", (), tuple(keeps | {"style preservation"})), every
     if REFERENCE_SUBJECT.search(edit_text) and (NEW_SCENE.search(edit_text) or GENERATE.search(edit_text)):
         keep = {"identity preservation"} | ({"face preservation"} if PERSON.search(text) else set())
-        return TaskTags("content customization", (), tuple(keeps | keep))
+        return TaskTags("content customization", (), tuple(keeps | keep)), every
     seen_from = VIEW_FROM.search(edit_text) and SEEING.search(edit_text)
     if (VIEWPOINT.search(edit_text) or seen_from) and not STYLE.search(edit_text):
-        return TaskTags("viewpoint editing", (), tuple(keeps | {"identity preservation", "style preservation"}))
+        return TaskTags("viewpoint editing", (), tuple(keeps | {"identity preservation", "style preservation"})), \
+            every
 
     if _separate_edits(_clauses(edit_text), types_in) >= 2:
         scope = "multi region editing"
@@ -198,6 +230,8 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
     else:
         scope = "local editing"
 
+    read = ({Tier.TYPE} if types else set()) | ({Tier.SCOPE, Tier.PRESERVATION}
+                                                 if types or scope != "local editing" else set())
     if not types:
         types = {"attribute editing"} if scope == "local editing" else set()
     if "style transfer" in types:
@@ -211,4 +245,4 @@ def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
         keep = {"identity preservation", "background preservation", "style preservation"}
         if "background editing" in types:
             keep.discard("background preservation")
-    return TaskTags(scope, tuple(types), tuple(keep | keeps))
+    return TaskTags(scope, tuple(types), tuple(keep | keeps)), read

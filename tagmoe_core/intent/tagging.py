@@ -9,8 +9,11 @@ import logging
 import re
 
 from ..taxonomy import PRESERVATIONS, SCOPES, TAG_DEFINITIONS, TAG_TIERS, TYPES, TagError, TaskTags, Tier, canonical_tag
-from .tag_result import TagResult
-from .tag_rules import rule_tags
+from .tag_result import TagResult, TierConfidence
+from .tag_rules import rule_tags, tag_with_rules
+
+# A free-form answer carries no probability: tiers the VLM answered get this fixed level.
+VLM_ANSWERED = 0.6
 
 __all__ = ["TagResult", "extract_json_object", "rule_tags", "tags_from_vlm_answer", "vlm_tagging_prompt"]
 
@@ -90,7 +93,7 @@ def tags_from_vlm_answer(answer: str, instruction: str, has_image: bool = True) 
     if data is None:
         warning = "the VLM's answer held no JSON object; using the rule-based tags"
         log.warning(warning)
-        return TagResult(rule_tags(instruction, has_image), "rules", [warning])
+        return _fallback(tag_with_rules(instruction, has_image), [warning])
     lowered = {str(k).strip().lower(): v for k, v in data.items()}
     warnings: list[str] = []
     picked: dict[Tier, list[str]] = {Tier.SCOPE: [], Tier.TYPE: [], Tier.PRESERVATION: []}
@@ -107,18 +110,19 @@ def tags_from_vlm_answer(answer: str, instruction: str, has_image: bool = True) 
                 warnings.append(f"unknown tag {str(raw).strip()!r} dropped")
                 continue
             picked[TAG_TIERS[name]].append(name)
-    rules = rule_tags(instruction, has_image)
+    rules = tag_with_rules(instruction, has_image)
+    scope_conf = VLM_ANSWERED
     scopes = list(dict.fromkeys(picked[Tier.SCOPE]))
     if not has_image:
         scopes = ["image generation"]
     if len(scopes) != 1:
         warnings.append(f"the VLM gave {len(scopes)} scopes ({', '.join(scopes) or 'none'}); using the rules' "
-                        f"'{rules.scope}'")
-        scopes = [rules.scope]
+                        f"'{rules.tags.scope}'")
+        scopes, scope_conf = [rules.tags.scope], rules.confidence.scope
     if has_image and scopes[0] == "image generation":
         warning = "the VLM chose 'image generation' although there is an input image; using the rule-based tags"
         log.warning(warning)
-        return TagResult(rules, "rules", warnings + [warning])
+        return _fallback(rules, warnings + [warning])
     types = list(dict.fromkeys(picked[Tier.TYPE]))
     if scopes[0] == "image generation" and types:
         warnings.append(f"edit types dropped for image generation: {', '.join(types)}")
@@ -130,7 +134,11 @@ def tags_from_vlm_answer(answer: str, instruction: str, has_image: bool = True) 
         tags = TaskTags(scopes[0], tuple(types), tuple(dict.fromkeys(picked[Tier.PRESERVATION])))
     except TagError as exc:
         warnings.append(f"the VLM's tags break the rules ({exc}); using the rule-based tags")
-        return TagResult(rules, "rules", warnings)
+        return _fallback(rules, warnings)
     for warning in warnings:
         log.warning("VLM tagging: %s", warning)
-    return TagResult(tags, "vlm+rules" if warnings else "vlm", warnings)
+    return TagResult(tags, "vlm", TierConfidence(scope_conf, VLM_ANSWERED, VLM_ANSWERED), warnings)
+
+
+def _fallback(rules: TagResult, warnings: list[str]) -> TagResult:
+    return TagResult(rules.tags, "rules", rules.confidence, warnings + rules.warnings)
