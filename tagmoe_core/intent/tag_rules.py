@@ -167,7 +167,7 @@ def tag_with_rules(instruction: str, has_image: bool = True) -> TagResult:
     if not looks_english(instruction):
         return TagResult(tags, "rules", TierConfidence.uniform(RULES_NOT_ENGLISH), [
             "the instruction does not look like English and the rule tagger reads English only: these tags are a "
-            "guess (connect a model with a text encoder to tag with the VLM)"])
+            "guess (the VLM scorer, with a model's text encoder, reads other languages)"])
     confidence = TierConfidence(*(RULES_READ if tier in read else RULES_DEFAULT for tier in Tier))
     missing = [tier.value for tier in Tier if tier not in read]
     warnings = [f"no rule read the {' and '.join(missing)} of this instruction: the rules' default guess, "
