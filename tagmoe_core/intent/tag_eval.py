@@ -2,12 +2,14 @@
 
 Per tier: micro precision / recall / F1 over tag instances (for the scope tier, where every row
 has exactly one gold and one predicted tag, all three equal the scope accuracy); over rows: scope
-accuracy and exact-set accuracy (all three tiers right).
+accuracy and exact-set accuracy (all three tiers right). Precision is undefined (NaN; None in
+``as_dict``) for a tier where nothing was predicted, recall where nothing was to be found.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -58,16 +60,16 @@ class TierScore:
 
     @property
     def precision(self) -> float:
-        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0
+        """NaN when nothing was predicted (undefined, not perfect)."""
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else math.nan
 
     @property
     def recall(self) -> float:
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else math.nan
 
     @property
     def f1(self) -> float:
-        p, r = self.precision, self.recall
-        return 2 * p * r / (p + r) if p + r else 0.0
+        return 2 * self.tp / (2 * self.tp + self.fp + self.fn) if self.tp + self.fp + self.fn else math.nan
 
 
 @dataclass
@@ -88,7 +90,8 @@ class EvalReport:
 
     def as_dict(self) -> dict:
         return {"rows": self.rows, "scope_accuracy": self.scope_accuracy, "exact_accuracy": self.exact_accuracy,
-                **{tier.value: {"precision": s.precision, "recall": s.recall, "f1": s.f1}
+                **{tier.value: {k: None if math.isnan(v) else v
+                                for k, v in (("precision", s.precision), ("recall", s.recall), ("f1", s.f1))}
                    for tier, s in self.tiers.items()}}
 
 
