@@ -61,7 +61,6 @@ class _Prefix:
     length: int
     next_position: int  # the (text) position of the first token after the prefix
     cache: object
-    last_logits: torch.Tensor  # [V], predicts the first token after the prefix
 
 
 class TagScorer:
@@ -142,12 +141,12 @@ class TagScorer:
             if self._mrope:
                 positions = positions[None].expand(3, 1, -1)
         if self._keep_logits:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = 1  # the prefix's logits are not needed: every answer follows a question
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions, use_cache=True,
                          **kwargs)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         length = ids.shape[1]
-        return _Prefix(length, length + int(delta), cache, out.logits[0, -1].float())
+        return _Prefix(length, length + int(delta), cache)
 
     def _score(self, prefix: _Prefix, instruction: str, with_image: bool,
                candidates: list[tuple[str, str]]) -> list[float]:
