@@ -1,4 +1,4 @@
-"""``tagmoe`` / ``python -m tagmoe_core``: edit, generate and refine instructions from the command line.
+"""``tagmoe`` / ``python -m tagmoe_core``: edit, generate, tag, refine and convert from the command line.
 
 The flags of the reference ``infer.py`` are accepted as they are (``--pretrained_model_path``,
 ``--transformer_model_path``, ``--transformer_weight_name``, ...) and in dashed form.
@@ -76,7 +76,77 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--root", default=None, help="where to build it (default: the user cache)")
     _add_refine(sub)
     _add_convert(sub)
+    _tags_parser(sub)
     return parser
+
+
+# -- tagmoe tags ---------------------------------------------------------------------------------------------
+def _tags_parser(sub) -> None:
+    tags = sub.add_parser("tags", help="TAG-MoE task tags for an instruction: scored by a model's text encoder "
+                                       "(a VLM), or read by the English keyword rules without a model")
+    tags.add_argument("instruction", help="the edit instruction (or, with --no-image, the description)")
+    tags.add_argument("--no-image", action="store_true", help="text-to-image: there is no input image")
+    tags.add_argument("--image", default=None, metavar="IMG", help="the input image, for the VLM to look at")
+    tags.add_argument("--json", action="store_true", help="print one JSON object: tags, source, confidence, warnings")
+    src = tags.add_argument_group("model (without one: the rules)")
+    src.add_argument("--tiny", action="store_true",
+                     help="score with the embedded tiny model's text encoder (random weights: the tags are noise)")
+    _flag(src, "pretrained_model_path", metavar="BASE",
+          help="score with the text encoder (Qwen2.5-VL) of this Qwen-Image folder or hub repo id")
+    _flag(src, "local_files_only", action="store_true", help="never download; use the local hub cache only")
+    _flag(src, "device", default="auto", help="'auto', 'cpu', '0', 'cuda:1' (the scorer runs on one device)")
+
+
+def _tag_scorer(args):
+    from .intent.tag_scoring import TagScorer
+    from .pipeline.builder import load_text_encoder, load_tokenizer
+    from .runtime.devices import resolve_devices
+
+    device = resolve_devices(args.device)
+    if args.tiny:
+        from .tiny import ensure_tiny_bundle
+
+        base = str(ensure_tiny_bundle().base)
+    else:
+        base = args.pretrained_model_path
+        if not Path(base).expanduser().is_dir() and (Path(base).expanduser().exists() or base.count("/") != 1):
+            raise TagMoEError(f"the base model folder '{base}' does not exist (give a Qwen-Image folder or a hub "
+                              "repo id such as Qwen/Qwen-Image)")
+    try:
+        encoder = load_text_encoder(base, device.default_dtype, device.primary, args.local_files_only)
+        tokenizer = load_tokenizer(base, args.local_files_only)
+    except (OSError, ValueError) as exc:
+        raise TagMoEError(f"cannot load the text encoder of '{base}': {str(exc).splitlines()[0]}") from exc
+    return TagScorer(encoder, tokenizer)
+
+
+def run_tags(args) -> int:
+    import json
+
+    from .intent.tag_rules import tag_with_rules
+
+    if not args.instruction.strip():
+        raise TagMoEError("the instruction is empty")
+    if args.no_image and args.image:
+        raise TagMoEError("--image and --no-image contradict each other")
+    image = _open_image(args.image) if args.image else None
+    if args.tiny or args.pretrained_model_path:
+        result = _tag_scorer(args).tag(args.instruction, image, has_image=not args.no_image)
+    else:
+        result = tag_with_rules(args.instruction, has_image=not args.no_image)
+        if image is not None:
+            result.warnings.append("the rules do not look at the image: give --tiny or --pretrained_model_path "
+                                   "to tag with a VLM")
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        ids = ", ".join(str(i) for i in result.tags.ids)
+        print(f"tags: {result.tags.to_text()} (ids {ids})")
+        print(f"source: {result.source}")
+        print(f"confidence: {result.confidence.to_text()}")
+        for warning in result.warnings:
+            print(f"warning: {warning}")
+    return 0
 
 
 def _sources(args) -> tuple[str, str]:
@@ -357,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             return refine(args)
         if args.command == "convert":
             return convert(args)
+        if args.command == "tags":
+            return run_tags(args)
         return run(args)
     except TagMoEError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -50,21 +50,35 @@ def test_task_tags_manual(nodes):
 
 
 def test_task_tags_auto(nodes, model):
-    (tags, text), _ = run_node(nodes["TagMoETaskTags"], mode="auto (rules)", scope="local editing", tags="",
-                               instruction=PROMPT)
+    (tags, text), ui = run_node(nodes["TagMoETaskTags"], mode="auto (rules)", scope="local editing", tags="",
+                                instruction=PROMPT)
     assert text == "local editing, attribute editing, background preservation, identity preservation, " \
                    "style preservation"
+    assert ui["text"][0].splitlines()[1].startswith("source: rules; confidence: scope ")
+    (_, _), ui = run_node(nodes["TagMoETaskTags"], mode="auto (rules)", scope="local editing", tags="",
+                          instruction="把斗篷改成红色")
+    assert "warning: the instruction does not look like English" in ui["text"][0]
     (t2i, _), _ = run_node(nodes["TagMoETaskTags"], mode="auto (rules)", scope="local editing", tags="",
                            edits_an_image=False, instruction="a cat")
     assert t2i.scope == "image generation"
-    # the tiny model's VLM answers noise: the rules take over, with a warning on the node
+    # with a model, its text encoder scores every tag (random tiny weights: the tags are noise, the scoring real)
+    from tagmoe_core.intent.tag_scoring import TagScorer
+
+    pipe = model.require()
     (vlm_tags, _), ui = run_node(nodes["TagMoETaskTags"], mode="auto (VLM)", scope="local editing", tags="",
                                  instruction=PROMPT, model=model, image=image())
-    assert vlm_tags == tags and "warning" in ui["text"][0]
+    picture = load_pack().nodes.conversions.image_batch_to_pil(image())[0]
+    direct = TagScorer(pipe.text_encoder, pipe.tokenizer, pipe.vlm_image_processor).tag(PROMPT, picture)
+    assert vlm_tags.to_dict() == direct.tags.to_dict() and ui["tagging"][0]["source"] == "vlm"
+    assert ui["tagging"][0]["confidence"] == direct.confidence.to_dict()
+    assert ui["text"][0].splitlines()[1] == "source: vlm; confidence: " + direct.confidence.to_text()
     with pytest.raises(PACK_ERROR, match="needs an instruction"):
         run_node(nodes["TagMoETaskTags"], mode="auto (rules)", scope="local editing", tags="")
-    with pytest.raises(PACK_ERROR, match="needs the TAG-MoE model"):
-        run_node(nodes["TagMoETaskTags"], mode="auto (VLM)", scope="local editing", tags="", instruction=PROMPT)
+    # without a model: the rules, saying so
+    (fallback, _), ui = run_node(nodes["TagMoETaskTags"], mode="auto (VLM)", scope="local editing", tags="",
+                                 instruction=PROMPT)
+    assert fallback == tags and ui["tagging"][0]["source"] == "rules"
+    assert "warning: auto (VLM) without a model with a text encoder: rule-based tags" in ui["text"][0]
 
 
 def test_prompt_refine_with_the_text_encoder(nodes, model):

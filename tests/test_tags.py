@@ -142,8 +142,9 @@ def test_messy_vlm_answers_parse(answer):
 def test_unknown_tags_are_dropped_with_a_warning():
     result = tags_from_vlm_answer('{"scope": "local editing", "type": ["colour change", "object editing"], '
                                   '"preservation": ["vibe preservation"]}', "Remove the hat")
-    assert result.tags == TaskTags("local editing", ("object editing",))
-    assert result.source == "vlm+rules" and len(result.warnings) == 2
+    # the emptied preservation tier is filled by the rules (tests/test_tag_answers.py)
+    assert result.tags == TaskTags("local editing", ("object editing",), rule_tags("Remove the hat").preservations)
+    assert result.source == "vlm" and len(result.warnings) == 3
 
 
 @pytest.mark.parametrize("answer, reason", [
@@ -175,3 +176,18 @@ def test_json_extraction_edge_cases():
 def test_vlm_prompt_has_the_definitions_and_the_instruction():
     prompt = vlm_tagging_prompt("Remove the umbrella")
     assert all(name in prompt for name in TAG_IDS) and "Remove the umbrella" in prompt and "JSON" in prompt
+
+
+def test_tag_results_check_their_source_and_confidence():
+    from tagmoe_core.intent.tag_result import TagResult, TierConfidence
+
+    tags = TaskTags("local editing", ("object editing",))
+    result = TagResult(tags, "rules", TierConfidence(0.7, 0.3, 0.7), ["w"])
+    assert result.to_dict() == {"tags": tags.to_dict(), "source": "rules",
+                                "confidence": {"scope": 0.7, "type": 0.3, "preservation": 0.7}, "warnings": ["w"]}
+    assert result.report_lines() == [tags.to_text(), "source: rules; confidence: scope 0.70, type 0.30, "
+                                                     "preservation 0.70", "warning: w"]
+    with pytest.raises(ValueError, match="source must be one of rules, vlm"):
+        TagResult(tags, "vlm+rules", TierConfidence.uniform(0.5))
+    with pytest.raises(ValueError, match="type confidence must lie in 0..1"):
+        TierConfidence(0.5, 1.5, 0.5)

@@ -11,7 +11,9 @@ MODES = ["manual", "auto (rules)", "auto (VLM)"]
 
 class TagMoETaskTags:
     DESCRIPTION = ("Describes the edit with TAG-MoE's task tags: one scope, any edit types, any preservations. "
-                   "'auto' reads them off the instruction (rules, or the model's VLM with the rules as fallback).")
+                   "'auto' reads them off the instruction: 'auto (VLM)' scores every tag with the connected model's "
+                   "text encoder (a VLM), 'auto (rules)' - and 'auto (VLM)' without a model - uses the English "
+                   "keyword rules. The node shows where the tags came from, how sure the tagger is, and warnings.")
     CATEGORY = "TAG-MoE"
     FUNCTION = "tags"
     RETURN_TYPES = ("TAGMOE_TAGS", "STRING")
@@ -23,7 +25,8 @@ class TagMoETaskTags:
         return {
             "required": {
                 "mode": (MODES, {"default": "manual", "tooltip": "manual: the scope and tags below; auto: tag the "
-                                                                 "instruction"}),
+                                                                 "instruction (VLM: with the model's text encoder "
+                                                                 "when one is connected, else the rules)"}),
                 "scope": (list(SCOPES), {"default": "local editing", "tooltip": "exactly one scope (manual mode)"}),
                 "tags": ("STRING", {"default": "identity preservation, background preservation, style preservation",
                                     "multiline": True,
@@ -34,37 +37,42 @@ class TagMoETaskTags:
             },
             "optional": {
                 "instruction": ("STRING", {"forceInput": True, "tooltip": "the instruction to tag (auto modes)"}),
-                "model": ("TAGMOE_MODEL", {"tooltip": "auto (VLM): its text encoder answers"}),
+                "model": ("TAGMOE_MODEL", {"tooltip": "auto (VLM): its text encoder scores the tags"}),
                 "image": ("IMAGE", {"tooltip": "auto (VLM): the image the VLM looks at"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def tags(self, mode, scope, tags, edits_an_image=True, instruction=None, model=None, image=None, unique_id=None):
-        warnings: list[str] = []
         if mode == "manual":
             try:
                 result = TaskTags.from_text(f"{scope}, {tags}")
             except TagError as exc:
                 raise InputError(f"task tags: {exc}") from exc
-        else:
-            if not instruction or not str(instruction).strip():
-                raise InputError("auto tagging needs an instruction: connect a STRING to 'instruction'")
-            if mode == "auto (rules)":
-                from ...tagmoe_core.intent.tagging import rule_tags
+            text = result.to_text()
+            return {"ui": {"text": [text], "tags": [result.to_dict()]}, "result": (result, text)}
+        if not instruction or not str(instruction).strip():
+            raise InputError("auto tagging needs an instruction: connect a STRING to 'instruction'")
+        tagged = self._auto(mode, instruction, edits_an_image, model, image)
+        text = tagged.tags.to_text()
+        return {"ui": {"text": ["\n".join(tagged.report_lines())], "tags": [tagged.tags.to_dict()],
+                       "tagging": [tagged.to_dict()]},
+                "result": (tagged.tags, text)}
 
-                result = rule_tags(instruction, has_image=edits_an_image)
-            else:
-                if model is None:
-                    raise InputError("auto (VLM) needs the TAG-MoE model (its text encoder is the VLM)")
-                from ...tagmoe_core.intent.refine import TextEncoderVLM, tag_with_vlm
+    @staticmethod
+    def _auto(mode, instruction, edits_an_image, model, image):
+        from ...tagmoe_core.intent.tag_rules import tag_with_rules
 
-                pipe = model.require()
-                picture = image_batch_to_pil(image)[0] if image is not None and edits_an_image else None
-                with pipe.using("text_encoder") as text_encoder:
-                    tagged = tag_with_vlm(TextEncoderVLM(text_encoder, pipe.tokenizer, pipe.vlm_image_processor),
-                                          instruction, picture, has_image=edits_an_image)
-                result, warnings = tagged.tags, tagged.warnings
-        text = result.to_text()
-        ui = [text] + [f"warning: {w}" for w in warnings]
-        return {"ui": {"text": ["\n".join(ui)], "tags": [result.to_dict()]}, "result": (result, text)}
+        if mode == "auto (rules)":
+            return tag_with_rules(instruction, has_image=edits_an_image)
+        pipe = model.require() if model is not None else None
+        if pipe is None or getattr(pipe, "text_encoder", None) is None:
+            result = tag_with_rules(instruction, has_image=edits_an_image)
+            result.warnings.insert(0, "auto (VLM) without a model with a text encoder: rule-based tags")
+            return result
+        from ...tagmoe_core.intent.tag_scoring import TagScorer
+
+        picture = image_batch_to_pil(image)[0] if image is not None and edits_an_image else None
+        with pipe.using("text_encoder") as text_encoder:
+            scorer = TagScorer(text_encoder, pipe.tokenizer, pipe.vlm_image_processor)
+            return scorer.tag(instruction, picture, has_image=edits_an_image)

@@ -1,188 +1,27 @@
-"""Task tags from an instruction: deterministic English rules, and robust parsing of a VLM's
-JSON answer (with the rules as the fallback).
-
-The rules follow the paper's annotation examples ("Change the cloak to red color" -> local
-editing, attribute editing, identity/background/style preservation; "Make the person wear
-sunglasses" -> local editing, object editing, identity/background/style preservation) and
-extend them by keyword families. They are meant to be predictable, not clever: the VLM tagger
-is there for instructions the rules read wrongly.
-"""
+"""Task tags from a VLM's free-form JSON answer, parsed robustly, with the rule tagger as the
+fallback; and the question put to the VLM. (``rule_tags`` and ``TagResult`` are re-exported
+from here for the callers that always imported them from this module.)"""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..taxonomy import PRESERVATIONS, SCOPES, TAG_DEFINITIONS, TAG_TIERS, TYPES, TagError, TaskTags, Tier, canonical_tag
+from ..taxonomy import PRESERVATIONS, SCOPES, TAG_DEFINITIONS, TAG_TIERS, TYPES, TagError, TaskTags, Tier
+from .json_scan import extract_json_object, json_objects
+from .tag_names import resolve_tag
+from .tag_result import TagResult, TierConfidence
+from .tag_rules import rule_tags, tag_with_rules
+
+# A free-form answer carries no probability: tiers the VLM answered get this fixed level.
+VLM_ANSWERED = 0.6
+
+__all__ = ["TagResult", "extract_json_object", "rule_tags", "tags_from_vlm_answer", "vlm_tagging_prompt"]
 
 log = logging.getLogger("tagmoe")
 
 
-def _words(*items: str) -> re.Pattern:
-    return re.compile(r"\b(?:" + "|".join(items) + r")\b")
-
-
-STYLE = _words(r"styles?", r"stylized?", r"watercolou?r", r"oil painting", r"painting", r"painted", r"sketch(?:ed)?",
-               r"drawing", r"anime", r"manga", r"cartoon(?:ish)?", r"pixel art", r"van gogh", r"ghibli", r"ukiyo-e",
-               r"impressionis[mt]", r"comic(?: book)?", r"3d render", r"claymation", r"pencil", r"charcoal",
-               r"vaporwave", r"art deco", r"pop art", r"low poly", r"line art", r"cubis[mt]", r"pastel",
-               r"vintage", r"sepia", r"black and white", r"monochrome", r"film look", r"colou?r grad(?:e|ed|ing)")
-REFERENCE_STYLE = _words(r"(?:this|that|the same|same|the reference|the image's|this image's|its) (?:art )?style",
-                         r"style of (?:this|the|that) (?:image|picture|photo|reference|painting)",
-                         r"in this style", r"same look")
-GENERATE = _words(r"generate", r"create", r"draw", r"paint", r"design", r"make (?:a|an|me a)", r"produce",
-                  r"render (?:a|an)", r"a (?:photo|picture|poster|portrait|image) of", r"show (?:this|the same)")
-REFERENCE_SUBJECT = _words(r"(?:this|the same|same) (?:person|man|woman|girl|boy|child|dog|cat|pet|character|"
-                           r"product|logo|object|subject|toy|car|bag|shoe|model|face)", r"the subject",
-                           r"this (?:one|item)")
-NEW_SCENE = _words(r"on (?:a|the) (?:beach|street|mountain|moon|table|mug|shirt|t-shirt|poster|billboard|stage)",
-                   r"in (?:a|an|the) (?:forest|city|kitchen|office|park|cafe|desert|garden|studio|room|snow|space)",
-                   r"at (?:a|the) (?:beach|park|party|concert|station)", r"new scene", r"different scene",
-                   r"printed on", r"as a (?:sticker|poster|figurine|plush)")
-VIEWPOINT = _words(r"view(?:point)?", r"angle", r"perspective", r"rotate the (?:camera|view|scene)",
-                   r"from (?:the )?(?:side|back|behind|above|below|top|front|left|right)", r"zoom(?:ed)? (?:in|out)",
-                   r"close-?up", r"bird'?s-?eye", r"wide shot", r"(?:turn|rotate|move|tilt|pan) the camera",
-                   r"camera (?:angle|view|position)")
-POSE = _words(r"pose", r"posture", r"raise[sd]?", r"raising", r"wav(?:e|es|ing)", r"sit(?:ting)?(?: down)?",
-              r"stand(?:ing)?(?: up)?", r"kneel(?:ing)?", r"jump(?:ing)?", r"arms?", r"hands?", r"crossed", r"lying",
-              r"running", r"walking", r"danc(?:e|ing)", r"lean(?:ing)?", r"bend(?:ing)?", r"gesture", r"hung",
-              r"turn (?:his|her|its|their) head", r"look(?:ing)? (?:up|down|left|right|at the camera)")
-BACKGROUND = _words(r"background", r"backdrop", r"scenery", r"surroundings", r"sky", r"setting")
-LIGHT = _words(r"lighting", r"lights", r"lit", r"shadows?", r"sunset", r"sunrise", r"night(?:time)?", r"dusk", r"dawn",
-               r"golden hour", r"glow(?:ing)?", r"neon", r"candlelight", r"backlit", r"daytime", r"day time",
-               r"twilight", r"moonlight", r"exposure", r"brightness", r"(?:sun|day|moon|warm|cold|soft|hard) ?light")
-# "brighter", "darker", "dim" are about light when said of the whole scene, else about an object's colour.
-LIGHT_WEAK = _words(r"brighter", r"darker", r"dim(?:mer)?", r"light")
-SCENE = _words(r"image", r"photo", r"picture", r"scene", r"room", r"it", r"everything", r"sky")
-WEATHER = _words(r"weather", r"sunny", r"rain(?:y|ing)?", r"snow(?:y|ing)?", r"fog(?:gy)?", r"misty", r"stormy",
-                 r"cloudy", r"overcast", r"winter", r"summer", r"autumn", r"spring", r"season")
-GLOBAL = _words(r"(?:the )?whole (?:image|picture|photo|scene)", r"entire (?:image|picture|photo|scene)",
-                r"overall", r"everything", r"colou?r tone")
-OBJECT = _words(r"add(?:s|ed|ing)?", r"draw", r"remove[sd]?", r"removing", r"delete", r"erase", r"get rid of",
-                r"take away",
-                r"insert", r"put", r"place", r"replace[sd]?", r"swap", r"wear(?:s|ing)?", r"hold(?:s|ing)?",
-                r"carry(?:ing)?", r"without the", r"include", r"there (?:is|are)")
-COLOUR_WORDS = r"(?:red|blue|green|yellow|black|white|pink|purple|orange|brown|gold(?:en)?|silver|gr[ae]y|beige|" \
-               r"turquoise)\b"
-ATTRIBUTE = _words(r"colou?rs?", r"red", r"blue", r"green", r"yellow", r"black", r"white", r"pink", r"purple",
-                   r"orange", r"brown", r"golden", r"gold", r"silver", r"gr[ae]y", r"beige", r"turquoise",
-                   r"brighter", r"darker", r"lighter",
-                   r"wooden", r"metal(?:lic)?", r"glass", r"leather", r"marble", r"velvet", r"denim", r"silk",
-                   r"bigger", r"smaller", r"larger", r"taller", r"shorter", r"longer", r"thicker", r"thinner",
-                   r"older", r"younger", r"smil(?:e|es|ing)", r"sad", r"angry", r"happy", r"texture", r"material",
-                   r"shiny", r"matte", r"rusty", r"striped", r"polka", r"hair(?:style)?", r"curly", r"straight",
-                   r"beard", r"bald", r"tattoo")
-_EDIT_VERBS = (r"change", r"make", r"turn", r"add", r"remove", r"replace", r"put", r"place", r"let", r"give",
-               r"recolou?r", r"paint", r"convert", r"transform", r"delete", r"erase", r"swap", r"set")
-EDIT_VERB = _words(*_EDIT_VERBS)
-PERSON = _words(r"person", r"man", r"woman", r"girl", r"boy", r"child", r"kid", r"people", r"he", r"she", r"his",
-                r"her", r"lady", r"guy", r"face", r"portrait")
-KEEP = re.compile(r"\b(?:keep|keeping|preserve|preserving|maintain|retain|unchanged|don'?t change|do not change|"
-                  r"without changing|same)\b")
-KEEP_TARGETS = (
-    (_words(r"backgrounds?", r"scene", r"surroundings"), "background preservation"),
-    (_words(r"faces?", r"facial"), "face preservation"),
-    (_words(r"identity", r"person", r"character", r"subject", r"who"), "identity preservation"),
-    (_words(r"style", r"look", r"colou?rs", r"rendering"), "style preservation"),
-    (_words(r"layout", r"composition", r"structure", r"shapes?", r"pose", r"position"), "structure preservation"),
-)
-
-
-@dataclass
-class TagResult:
-    tags: TaskTags
-    source: str  # "rules", "vlm", or "vlm+rules" (the VLM's answer needed fixing)
-    warnings: list[str] = field(default_factory=list)
-
-
-def _clauses(text: str) -> list[str]:
-    verbs = "|".join(_EDIT_VERBS + ("keep", "preserve", "maintain", "retain", "leave", "don't", "do not"))
-    parts = re.split(r"[;.]|,\s*(?:and\s+)?|\s+(?:and|but|while)\s+(?=(?:" + verbs + r")\b)|\s+then\s+", text)
-    return [p.strip() for p in parts if p and p.strip()]
-
-
-def _explicit_keeps(text: str) -> set[str]:
-    keeps: set[str] = set()
-    for match in KEEP.finditer(text):
-        window = text[match.start(): match.start() + 80]
-        for pattern, tag in KEEP_TARGETS:
-            if pattern.search(window):
-                keeps.add(tag)
-    return keeps
-
-
-def rule_tags(instruction: str, has_image: bool = True) -> TaskTags:
-    """Deterministic tags for an English instruction (``has_image`` False: text-to-image)."""
-    text = " ".join(str(instruction).lower().split())
-    if not has_image:
-        return TaskTags("image generation")
-    keeps = _explicit_keeps(text)
-    # Clauses that say what to keep are not edits ("keep the background, change the sky to red").
-    edit_text = ", ".join(c for c in _clauses(text) if not KEEP.search(c)) if keeps else text
-    edit_text = edit_text or text
-
-    def types_in(t: str) -> set[str]:
-        found: set[str] = set()
-        if STYLE.search(t):
-            found.add("style transfer")
-        if POSE.search(t):
-            found.add("pose editing")
-        if BACKGROUND.search(t) and not KEEP.search(t):
-            found.add("background editing")
-        colourless = re.sub(r"\b(?:light|dark|pale|bright|deep)(?:er)? (?=" + COLOUR_WORDS + r")", "", t)
-        if LIGHT.search(colourless) or WEATHER.search(colourless) or \
-                (LIGHT_WEAK.search(colourless) and SCENE.search(colourless)):
-            found.add("illumination editing")
-        verbs = {m.group(0).split()[0] for m in OBJECT.finditer(t)}
-        placing = {"put", "place", "replace", "replaced", "replaces", "swap"}
-        if verbs and not ("background editing" in found and verbs <= placing) \
-                and not ("illumination editing" in found and verbs <= {"add", "adds", "added", "adding"}):
-            found.add("object editing")  # but "put her in front of a new background", "add sunset light" are not
-        swapped = re.search(r"\b(?:replace[sd]?|swap)\b.*\bwith\b", t)  # "replace the cat with a golden retriever"
-        described = LIGHT_WEAK.sub("", t) if "illumination editing" in found else t  # "make the room darker"
-        if ATTRIBUTE.search(described) and "style transfer" not in found and not swapped:
-            found.add("attribute editing")
-        if not found and re.search(r"\b(?:change|turn|make)\b.*\b(?:into|to|a|an)\b", t):
-            found.add("object editing")  # "turn the cat into a dog": an object becomes another
-        return found
-
-    types = types_in(edit_text)
-    if REFERENCE_STYLE.search(text) and GENERATE.search(text):
-        return TaskTags("style customization", (), tuple(keeps | {"style preservation"}))
-    if REFERENCE_SUBJECT.search(text) and (NEW_SCENE.search(text) or GENERATE.search(text)):
-        keep = {"identity preservation"} | ({"face preservation"} if PERSON.search(text) else set())
-        return TaskTags("content customization", (), tuple(keeps | keep))
-    if VIEWPOINT.search(edit_text) and not STYLE.search(edit_text):
-        return TaskTags("viewpoint editing", (), tuple(keeps | {"identity preservation", "style preservation"}))
-
-    edit_clauses = [c for c in _clauses(edit_text) if EDIT_VERB.search(c) or types_in(c)]
-    if len(edit_clauses) >= 2:
-        scope = "multi region editing"
-    elif "style transfer" in types or GLOBAL.search(edit_text) or \
-            ("illumination editing" in types and "object editing" not in types):
-        scope = "global editing"
-    else:
-        scope = "local editing"
-
-    if not types:
-        types = {"attribute editing"} if scope == "local editing" else set()
-    if "style transfer" in types:
-        types.discard("attribute editing")
-        keep = {"structure preservation", "identity preservation"}
-    elif scope == "global editing":
-        keep = {"structure preservation", "identity preservation"}
-    elif "background editing" in types and len(types) == 1:
-        keep = {"identity preservation", "style preservation"}
-    else:
-        keep = {"identity preservation", "background preservation", "style preservation"}
-        if "background editing" in types:
-            keep.discard("background preservation")
-    return TaskTags(scope, tuple(types), tuple(keep | keeps))
-
-
-# -- the VLM tagger -------------------------------------------------------------------------------------
 def vlm_tagging_prompt(instruction: str, has_image: bool = True) -> str:
     """The question put to a vision-language model, with the tier definitions."""
     lines = ["You annotate image-editing instructions with task tags in three tiers.", ""]
@@ -205,87 +44,94 @@ def vlm_tagging_prompt(instruction: str, has_image: bool = True) -> str:
     return "\n".join(lines)
 
 
-def extract_json_object(text: str) -> dict | None:
-    """The first JSON object in a model's answer, tolerating code fences, prose around it,
-    single quotes, trailing commas and Python literals."""
-    if not text:
+# Keys that hold tags, with the tier they hold ("tags": any tier), and keys an answer may nest them under.
+TIER_KEYS: dict[str, Tier | None] = {
+    "scope": Tier.SCOPE, "scopes": Tier.SCOPE, "type": Tier.TYPE, "types": Tier.TYPE, "edit type": Tier.TYPE,
+    "edit types": Tier.TYPE, "preservation": Tier.PRESERVATION, "preservations": Tier.PRESERVATION,
+    "tags": None, "task tags": None, "labels": None}
+NESTS = ("tags", "task tags", "answer", "result", "output", "annotation", "labels", "response")
+
+
+@dataclass
+class _Reading:
+    """What one JSON object says, tier by tier."""
+
+    picked: dict[Tier, list[str]]
+    given: dict[Tier, int]  # entries listed under each tier's key (known or not)
+    warnings: list[str]
+
+    @property
+    def valid(self) -> bool:
+        return len(set(self.picked[Tier.SCOPE])) == 1
+
+
+def _tag_fields(data: dict) -> dict | None:
+    fields = {" ".join(str(k).strip().lower().replace("_", " ").split()): v for k, v in data.items()}
+    if any(k in TIER_KEYS and not isinstance(v, dict) for k, v in fields.items()):
+        return fields
+    inner = [v for k, v in fields.items() if isinstance(v, dict) and (k in NESTS or len(fields) == 1)]
+    return _tag_fields(inner[0]) if len(inner) == 1 and inner[0] is not data else None
+
+
+def _read_answer(data: dict) -> _Reading | None:
+    fields = _tag_fields(data)
+    if fields is None:
         return None
-    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S | re.I)
-    candidates = [fenced.group(1)] if fenced else []
-    start = text.find("{")
-    while start != -1:
-        depth, in_string, quote = 0, False, ""
-        for i in range(start, len(text)):
-            ch = text[i]
-            if in_string:
-                if ch == quote and text[i - 1] != "\\":
-                    in_string = False
-            elif ch in "\"'":
-                in_string, quote = True, ch
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    candidates.append(text[start:i + 1])
-                    break
-        start = text.find("{", start + 1)
-    for candidate in candidates:
-        for attempt in (candidate, _loosen(candidate)):
-            try:
-                value = json.loads(attempt)
-            except ValueError:
+    reading = _Reading({t: [] for t in Tier}, {t: 0 for t in Tier}, [])
+    for key, tier in TIER_KEYS.items():
+        value = fields.get(key)
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value] if isinstance(value, (int, float)) else \
+            re.split(r"[,;，、；]", str(value))
+        for raw in items:
+            if not str(raw).strip():
                 continue
-            if isinstance(value, dict):
-                return value
-    return None
-
-
-def _loosen(text: str) -> str:
-    text = re.sub(r",\s*([}\]])", r"\1", text)  # trailing commas
-    text = re.sub(r"\bTrue\b", "true", re.sub(r"\bFalse\b", "false", re.sub(r"\bNone\b", "null", text)))
-    if "'" in text and '"' not in text:
-        text = text.replace("'", '"')
-    return text
+            if tier is not None:
+                reading.given[tier] += 1
+            try:
+                name = resolve_tag(raw, tier)
+            except TagError:
+                reading.warnings.append(f"unknown tag {str(raw).strip()!r} dropped")
+                continue
+            reading.picked[TAG_TIERS[name]].append(name)
+    return reading
 
 
 def tags_from_vlm_answer(answer: str, instruction: str, has_image: bool = True) -> TagResult:
-    """Parse a VLM's answer into tags; unknown tags are dropped and broken answers fall back to
-    the rules, each with a warning (never an exception)."""
-    data = extract_json_object(answer)
-    if data is None:
-        warning = "the VLM's answer held no JSON object; using the rule-based tags"
+    """Parse a VLM's answer into tags: the last JSON object that validates (one scope) wins, else the
+    last that holds tags. Tag ids, short and Chinese names are read; unknown tags are dropped, and a
+    tier they leave empty is filled by the rules; broken answers fall back to the rules; each with a
+    warning (never an exception)."""
+    readings = [r for r in (_read_answer(obj) for obj in json_objects(answer)) if r is not None]
+    rules = tag_with_rules(instruction, has_image)
+    if not readings:
+        warning = "the VLM's answer held no JSON object with task tags; using the rule-based tags"
         log.warning(warning)
-        return TagResult(rule_tags(instruction, has_image), "rules", [warning])
-    lowered = {str(k).strip().lower(): v for k, v in data.items()}
-    warnings: list[str] = []
-    picked: dict[Tier, list[str]] = {Tier.SCOPE: [], Tier.TYPE: [], Tier.PRESERVATION: []}
-    for key in ("scope", "scopes", "type", "types", "preservation", "preservations", "tags"):
-        value = lowered.get(key)
-        if value is None:
-            continue
-        for raw in (value if isinstance(value, list) else re.split(r"[,;]", str(value))):
-            if not str(raw).strip():
-                continue
-            try:
-                name = canonical_tag(str(raw))
-            except TagError:
-                warnings.append(f"unknown tag {str(raw).strip()!r} dropped")
-                continue
-            picked[TAG_TIERS[name]].append(name)
-    rules = rule_tags(instruction, has_image)
+        return _fallback(rules, [warning])
+    valid = [r for r in readings if r.valid]
+    reading = valid[-1] if valid else readings[-1]
+    picked, warnings = reading.picked, list(reading.warnings)
+    confidence = {tier: VLM_ANSWERED for tier in Tier}
     scopes = list(dict.fromkeys(picked[Tier.SCOPE]))
     if not has_image:
         scopes = ["image generation"]
     if len(scopes) != 1:
         warnings.append(f"the VLM gave {len(scopes)} scopes ({', '.join(scopes) or 'none'}); using the rules' "
-                        f"'{rules.scope}'")
-        scopes = [rules.scope]
+                        f"'{rules.tags.scope}'")
+        scopes, confidence[Tier.SCOPE] = [rules.tags.scope], rules.confidence.scope
     if has_image and scopes[0] == "image generation":
         warning = "the VLM chose 'image generation' although there is an input image; using the rule-based tags"
         log.warning(warning)
-        return TagResult(rules, "rules", warnings + [warning])
+        return _fallback(rules, warnings + [warning])
     types = list(dict.fromkeys(picked[Tier.TYPE]))
+    keeps = list(dict.fromkeys(picked[Tier.PRESERVATION]))
+    from_rules = {Tier.TYPE: list(rules.tags.types), Tier.PRESERVATION: list(rules.tags.preservations)}
+    for tier, chosen in ((Tier.TYPE, types), (Tier.PRESERVATION, keeps)):
+        if reading.given[tier] and not chosen and from_rules[tier] and scopes[0] != "image generation":
+            chosen.extend(from_rules[tier])
+            confidence[tier] = getattr(rules.confidence, tier.value)
+            warnings.append(f"none of the VLM's {tier.value} tags is known; using the rules' {tier.value} tags")
     if scopes[0] == "image generation" and types:
         warnings.append(f"edit types dropped for image generation: {', '.join(types)}")
         types = []
@@ -293,10 +139,14 @@ def tags_from_vlm_answer(answer: str, instruction: str, has_image: bool = True) 
         types.remove("attribute editing")
         warnings.append("'attribute editing' dropped: it cannot go with 'style transfer'")
     try:
-        tags = TaskTags(scopes[0], tuple(types), tuple(dict.fromkeys(picked[Tier.PRESERVATION])))
+        tags = TaskTags(scopes[0], tuple(types), tuple(keeps))
     except TagError as exc:
         warnings.append(f"the VLM's tags break the rules ({exc}); using the rule-based tags")
-        return TagResult(rules, "rules", warnings)
+        return _fallback(rules, warnings)
     for warning in warnings:
         log.warning("VLM tagging: %s", warning)
-    return TagResult(tags, "vlm+rules" if warnings else "vlm", warnings)
+    return TagResult(tags, "vlm", TierConfidence(*(confidence[t] for t in Tier)), warnings)
+
+
+def _fallback(rules: TagResult, warnings: list[str]) -> TagResult:
+    return TagResult(rules.tags, "rules", rules.confidence, warnings + rules.warnings)
