@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--vram-budget-gib", type=float, help="CUDA: leave ComfyUI this much (as --reserve-vram)")
     parser.add_argument("--weight-dtype", default="default", help="as TAG-MoE Load Diffusion Model's weight_dtype")
+    parser.add_argument("--pytorch-attention", action="store_true",
+                        help="ComfyUI with --use-pytorch-cross-attention (its default on NVIDIA; on the CPU it splits)")
     parser.add_argument("--layers", type=int, default=60, help="release: fewer blocks for a smoke run (MoE: the "
                                                                  "last min(10, layers - 1))")
     args = parser.parse_args()
@@ -57,6 +59,7 @@ def main() -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = args.device == "cpu"
+    comfy.cli_args.args.use_pytorch_cross_attention = args.pytorch_attention
     import comfy.samplers
     import torch
     from node_harness import load_pack
@@ -135,7 +138,7 @@ def main() -> None:
     print(f"model: {params:.1f}M parameters ({MEDIUM['num_layers']} blocks, inner dim "
           f"{MEDIUM['num_attention_heads'] * MEDIUM['attention_head_dim']}, last 2 blocks 4-expert MoE), fp32, "
           f"{args.size}x{args.size} ({seq} image tokens), true CFG (2 passes per step), {args.steps} steps, "
-          f"{args.rounds} rounds")
+          f"{args.rounds} rounds; ComfyUI attention: {'pytorch' if args.pytorch_attention else 'its default'}")
     print("| path | s/step (median) | min | max |\n| --- | ---: | ---: | ---: |")
     for name, label in (("core", "tagmoe_core (diffusers transformer)"), ("native", "native ComfyUI MODEL")):
         print(f"| {label} | {statistics.median(times[name]):.3f} | {min(times[name]):.3f} | {max(times[name]):.3f} |")
