@@ -100,16 +100,10 @@ def _parse_region(text: str | None) -> tuple[float, ...] | None:
 
 
 def _open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
+    """The input image, upright (EXIF orientation), checked: ``images.open_image``."""
+    from .images import open_image
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError as exc:
-        raise TagMoEError(f"input image '{path}' does not exist") from exc
-    except (UnidentifiedImageError, OSError) as exc:
-        raise TagMoEError(f"input image '{path}' cannot be read as an image ({exc})") from exc
+    return open_image(path)
 
 
 def _outputs(output: str, count: int) -> list[Path]:

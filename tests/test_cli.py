@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -70,6 +71,21 @@ def test_not_an_image(tiny_bundle, tmp_path, capsys):
     (tmp_path / "in.png").write_text("not an image")
     assert main(["edit", "--tiny", "--prompt", "x", "--image", str(tmp_path / "in.png"), "--output", "o.png"]) == 2
     assert "cannot be read as an image" in capsys.readouterr().err
+
+
+def test_a_phone_photo_is_edited_upright(tiny_bundle, photo, tmp_path):
+    """EXIF orientation 6 (stored sideways, "rotate 90 CW to view"): the same edit as the upright picture."""
+    upright = photo.transpose(Image.Transpose.ROTATE_270)
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "phone.png", exif=exif)
+    for name in ("upright", "phone"):
+        assert main(["edit", "--tiny", "--prompt", "Make it night", "--image", str(tmp_path / f"{name}.png"),
+                     "--width", "32", "--height", "48", "--steps", "1", "--seed", "2",
+                     "--output", str(tmp_path / f"{name}-out.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "phone-out.png")),
+                          np.asarray(Image.open(tmp_path / "upright-out.png")))
 
 
 def test_module_entry_point_runs(tiny_bundle, tmp_path):
