@@ -7,6 +7,7 @@ import os
 import re
 import warnings
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
@@ -54,10 +55,54 @@ def open_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS) 
         raise InputError(f"input image '{path}' cannot be read as an image ({exc})") from exc
 
 
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_KEYED_MODES = ("P", "L", "RGB")  # a transparent index or colour in ``info["transparency"]`` (PNG tRNS)
+
+
+def _high_depth_to_8_bit(image: Image.Image) -> Image.Image:
+    """Modes I;16*, I and F as 8-bit L (see :func:`to_rgb` for the rule)."""
+    values = np.asarray(image)  # numpy reads the byte order of I;16B and I;16N
+    if image.mode == "F" or values.dtype.kind == "f":
+        values = values.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise InputError("the image has NaN or infinite pixel values; it cannot be shown as a picture")
+        low, high = (0.0, 1.0) if values.size == 0 or (values.min() >= 0.0 and values.max() <= 1.0) \
+            else (float(values.min()), float(values.max()))
+    else:
+        values = values.astype(np.int64)
+        in_16_bits = values.size == 0 or (values.min() >= 0 and values.max() <= 65535)
+        low, high = (0, 65535) if in_16_bits else (int(values.min()), int(values.max()))
+    if high == low:  # a flat picture outside 0..1 (or 16 bits): as its value clipped to the nominal range
+        nominal = 1.0 if image.mode == "F" else 65535
+        scaled = np.clip(values / nominal, 0.0, 1.0)
+    else:
+        scaled = (values - low) / (high - low)
+    return Image.fromarray(np.round(scaled * 255).astype(np.uint8), "L")
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency composited on white (RGBA, LA and palette images alike)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+    """The picture ``image`` shows, as 8-bit RGB, from any PIL mode.
+
+    * Alpha (RGBA, RGBa, LA, La, PA) and a transparent palette index or colour (P, L and RGB with
+      ``info["transparency"]``, PNG's tRNS) are composited on white.
+    * 16-bit grayscale (I;16, I;16L, I;16B, I;16N) is scaled from 0..65535, so a 16-bit picture
+      gives the same pixels as its 8-bit version (values x 257). Mode I (32-bit integers, what
+      PIL widens 16-bit files to) likewise when every value is within 0..65535, else stretched
+      from its minimum to its maximum.
+    * Floats (F) are scaled from 0..1 when every value is within 0..1, else stretched from their
+      minimum to their maximum; NaN or infinite values are refused (:class:`InputError`).
+    * 1, L, P, RGB, RGBX, CMYK, YCbCr, LAB and HSV are converted by PIL.
+    """
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        return _high_depth_to_8_bit(image).convert("RGB")
+    if mode == "La":  # premultiplied: PIL converts it only to LA
+        image, mode = image.convert("LA"), "LA"
+    if mode in _ALPHA_MODES or (mode in _KEYED_MODES and "transparency" in image.info):
+        return _on_white(image.convert("RGBA"))
     return image.convert("RGB")
