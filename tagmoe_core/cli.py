@@ -119,7 +119,7 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from .pipeline.builder import load_pipeline
-    from .pipeline.pipeline import check_size
+    from .pipeline.pipeline import check_number, check_size, target_size
     from .pipeline.regions import region_from_pixel_box
     from .runtime.devices import resolve_devices
 
@@ -129,6 +129,8 @@ def run(args) -> int:
             check_size(f"--{name}", getattr(args, name))
     if args.steps < 1 or args.num_images < 1:
         raise TagMoEError("--steps and --num_images must be at least 1")
+    check_number("--cfg", args.cfg, minimum=0)
+    region_px = _parse_region(getattr(args, "region", None))
     resolve_devices(args.device)
     base, tagmoe = _sources(args)
     image = None
@@ -141,7 +143,9 @@ def run(args) -> int:
             image = demo_image()
         else:
             image = _open_image(args.image)
-    region_px = _parse_region(getattr(args, "region", None))
+    region = None
+    if region_px is not None:  # finite, inside the image: checked on the grid the edit will use
+        region = region_from_pixel_box(region_px, image.size, target_size(image, args.width, args.height))
     dtype = DTYPES[args.dtype]
 
     start = time.perf_counter()
@@ -165,8 +169,6 @@ def run(args) -> int:
             bar.update(1)
 
         if args.command == "edit":
-            width, height = pipe.target_size(image, args.width, args.height)
-            region = region_from_pixel_box(region_px, image.size, (width, height)) if region_px else None
             result = pipe.edit(image, args.prompt, args.negative_prompt, width=args.width, height=args.height,
                                steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=args.num_images,
                                keep_original_size=args.keep_original_size, region=region, use_vlm=args.use_vlm,

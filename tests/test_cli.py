@@ -67,6 +67,27 @@ def test_errors_are_one_line_messages(tiny_bundle, tmp_path, monkeypatch, capsys
     assert last.startswith("error: ") and message in last and "Traceback" not in err
 
 
+NO_MODEL = ["--pretrained_model_path", "/nonexistent/base", "--transformer_model_path", "/nonexistent/w"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cfg", "nan"], "--cfg must be a finite number"),
+    (["--cfg", "inf"], "--cfg must be a finite number"),
+    (["--cfg", "-1"], "--cfg must not be negative"),
+    (["--region", "0,0,nan,20"], "must be four finite numbers"),
+    (["--region", "0,0,inf,20"], "must be four finite numbers"),
+    (["--region", "0,0,40,40"], "must lie inside the 32x24 image"),
+])
+def test_bad_numbers_are_refused_before_loading(tmp_path, monkeypatch, capsys, extra, message):
+    """Checked before the model loads: the model paths here do not exist, so a check made after
+    loading would report those instead."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (32, 24)).save(tmp_path / "in.png")
+    assert main(["edit", *NO_MODEL, "--prompt", "x", "--image", "in.png", "--output", "o.png", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err and "does not exist" not in err
+
+
 def test_not_an_image(tiny_bundle, tmp_path, capsys):
     (tmp_path / "in.png").write_text("not an image")
     assert main(["edit", "--tiny", "--prompt", "x", "--image", str(tmp_path / "in.png"), "--output", "o.png"]) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ from ..taxonomy import TaskTags
 from .buckets import nearest_bucket
 from .condition import condition_pixels, vae_input
 from .latents import PIXELS_PER_TOKEN, denormalize, normalize, pack, unpack
+from .regions import check_patch_box
 from .sampling import DenoiseInputs, StepCallback, denoise, make_schedule
+from .schedule import check_denoise
 from .text_encoding import PromptEmbeds, encode_prompt_with_image, encode_prompts, normalize_negative_prompt
 
 log = logging.getLogger("tagmoe")
@@ -103,6 +106,36 @@ def check_size(name: str, value: int) -> int:
         raise InputError(f"{name} must be a positive multiple of {PIXELS_PER_TOKEN} pixels, got {value} "
                          f"(try {lower} or {lower + PIXELS_PER_TOKEN})")
     return value
+
+
+def check_number(name: str, value: float, minimum: float | None = None) -> float:
+    """``value`` as a finite float (NaN and infinities refused: a NaN cfg silently disabled
+    guidance, an infinite one made a black image), and at least ``minimum``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    if minimum is not None and number < minimum:
+        bound = "must not be negative" if minimum == 0 else f"must be at least {minimum:g}"
+        raise InputError(f"{name} {bound}, got {value}")
+    return number
+
+
+def target_size(image: Image.Image | None, width: int | None, height: int | None,
+                init_latents: torch.Tensor | None = None) -> tuple[int, int]:
+    """Output size: given, else that of ``init_latents``, else the condition's bucket (edit)
+    or 1024 (text-to-image). Needs no model: front ends check sizes before loading one."""
+    if init_latents is not None and (width is None or height is None):
+        height, width = init_latents.shape[-2] * 8, init_latents.shape[-1] * 8
+    if image is not None:
+        bucket = nearest_bucket(*image.size) if (width is None or height is None) else None
+        width = bucket[0] if width is None else width
+        height = bucket[1] if height is None else height
+    width = DEFAULT_SIZE if width is None else width
+    height = DEFAULT_SIZE if height is None else height
+    return check_size("width", width), check_size("height", height)
 
 
 class TagMoEPipeline:
@@ -193,15 +226,7 @@ class TagMoEPipeline:
                     init_latents: torch.Tensor | None = None) -> tuple[int, int]:
         """Output size: given, else that of ``init_latents``, else the condition's bucket (edit)
         or 1024 (text-to-image)."""
-        if init_latents is not None and (width is None or height is None):
-            height, width = init_latents.shape[-2] * 8, init_latents.shape[-1] * 8
-        if image is not None:
-            bucket = nearest_bucket(*image.size) if (width is None or height is None) else None
-            width = bucket[0] if width is None else width
-            height = bucket[1] if height is None else height
-        width = DEFAULT_SIZE if width is None else width
-        height = DEFAULT_SIZE if height is None else height
-        return check_size("width", width), check_size("height", height)
+        return target_size(image, width, height, init_latents)
 
     @torch.inference_mode()
     def prepare_condition(self, image: Image.Image, width: int, height: int,
@@ -249,13 +274,16 @@ class TagMoEPipeline:
             raise InputError(f"steps must be at least 1, got {steps}")
         if not isinstance(num_images, (int, np.integer)) or num_images < 1:
             raise InputError(f"num_images must be at least 1, got {num_images}")
-        if not 0.0 < float(denoise_strength) <= 1.0:
-            raise InputError(f"denoise strength must be in (0, 1], got {denoise_strength}")
-        if float(cfg) < 0:
-            raise InputError(f"cfg must not be negative, got {cfg}")
+        # Every check that needs no work runs before the condition image is encoded.
+        denoise_strength = check_denoise(denoise_strength)
+        cfg = check_number("cfg", cfg, minimum=0)
+        tag_guidance = check_number("tag_guidance", tag_guidance)
         if region is not None and image is None:
             raise InputError("a region edit needs a condition image")
         width, height = self.target_size(image, width, height, init_latents)
+        if region is not None:
+            region = check_patch_box(region)
+            RegionShape(height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN, region)  # fits the grid
         seed = resolve_seed(seed)
         device, dtype = self.device, self.dtype
         generator = torch.Generator(device=device).manual_seed(seed)
