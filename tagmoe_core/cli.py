@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -115,11 +116,71 @@ def _outputs(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(count)]
 
 
+def _check_outputs(paths: list[Path]) -> None:
+    """Refuse, before the run, outputs the images could not be written to: a folder, a name whose
+    extension PIL cannot write an RGB picture as, or a place this process cannot write."""
+    import io
+    import tempfile
+
+    from PIL import Image
+
+    checked: set[tuple[str, Path]] = set()
+    for path in paths:
+        if path.is_dir():
+            raise TagMoEError(f"--output '{path}' is a folder: give a file name, such as '{path / 'result.png'}'")
+        if path.exists():
+            try:
+                open(path, "ab").close()  # appends nothing: the file stays as it is
+            except OSError as exc:
+                raise TagMoEError(f"--output '{path}': cannot write in '{path}' ({exc.strerror or exc})") from None
+        if (path.suffix.lower(), path.parent) in checked:
+            continue
+        checked.add((path.suffix.lower(), path.parent))
+        fmt = Image.registered_extensions().get(path.suffix.lower())
+        try:
+            if fmt is None or fmt not in Image.SAVE:
+                raise ValueError
+            Image.new("RGB", (16, 16)).save(io.BytesIO(), format=fmt)  # e.g. XBM writes only 1-bit pictures
+        except (ValueError, OSError, KeyError):
+            raise TagMoEError(f"--output '{path}': '{path.suffix}' is not an image format PIL can write an RGB "
+                              "picture as; use .png, .jpg or .webp") from None
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise TagMoEError(f"--output '{path}': '{folder}' is a file, not a folder")
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            raise TagMoEError(f"--output '{path}': cannot write in '{folder}' ({exc.strerror or exc})") from None
+
+
+def _save(images, paths: list[Path], seed: int) -> None:
+    """Write the results; one that cannot be written (disk full, ...) goes to the temporary
+    folder instead, and the error says where, so a finished run is never lost."""
+    import tempfile
+
+    failed = []
+    for path, im in zip(paths, images):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            im.save(path)
+        except (OSError, ValueError) as exc:
+            handle, kept = tempfile.mkstemp(prefix=f"tagmoe-seed{seed}-", suffix=".png")
+            os.close(handle)
+            im.save(kept)
+            failed.append(f"{path} ({getattr(exc, 'strerror', None) or exc}): saved to {kept} instead")
+            continue
+        print(f"Saved to {path} ({im.width}x{im.height}, seed {seed})")
+    if failed:
+        raise TagMoEError("could not write " + "; ".join(failed))
+
+
 def run(args) -> int:
     from tqdm.auto import tqdm
 
     from .pipeline.builder import load_pipeline
-    from .pipeline.pipeline import check_number, check_size, target_size
+    from .pipeline.pipeline import check_number, check_size, resolve_seed, target_size
     from .pipeline.regions import region_from_pixel_box
     from .runtime.devices import resolve_devices
 
@@ -130,7 +191,10 @@ def run(args) -> int:
     if args.steps < 1 or args.num_images < 1:
         raise TagMoEError("--steps and --num_images must be at least 1")
     check_number("--cfg", args.cfg, minimum=0)
+    seed = resolve_seed(args.seed)
     region_px = _parse_region(getattr(args, "region", None))
+    outputs = _outputs(args.output, args.num_images)
+    _check_outputs(outputs)
     resolve_devices(args.device)
     base, tagmoe = _sources(args)
     image = None
@@ -170,17 +234,14 @@ def run(args) -> int:
 
         if args.command == "edit":
             result = pipe.edit(image, args.prompt, args.negative_prompt, width=args.width, height=args.height,
-                               steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=args.num_images,
+                               steps=args.steps, cfg=args.cfg, seed=seed, num_images=args.num_images,
                                keep_original_size=args.keep_original_size, region=region, use_vlm=args.use_vlm,
                                callback=on_step)
         else:
             result = pipe.generate(args.prompt, args.negative_prompt, width=args.width or 1024,
-                                   height=args.height or 1024, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                                   height=args.height or 1024, steps=args.steps, cfg=args.cfg, seed=seed,
                                    num_images=args.num_images, callback=on_step)
-    for path, im in zip(_outputs(args.output, len(result.images)), result.images):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        im.save(path)
-        print(f"Saved to {path} ({im.width}x{im.height}, seed {result.seed})")
+    _save(result.images, outputs, result.seed)
     return 0
 
 
