@@ -176,6 +176,40 @@ def _save(images, paths: list[Path], seed: int) -> None:
         raise TagMoEError("could not write " + "; ".join(failed))
 
 
+def _check_run_memory(args, base: str, devices, dtype, width: int, height: int, edit: bool,
+                      region: tuple[int, int, int, int] | None) -> None:
+    """The pipeline's memory check of the run (activations and VAE), made before loading from the
+    base model's configs (the release's shapes for a hub id not downloaded yet). It leaves out the
+    weights, which are not loaded yet; the pipeline checks again, exactly, before sampling."""
+    import json
+
+    from .pipeline.placement import ALL_PHASES, QWEN_VAE_BASE_DIM, RELEASE_TRANSFORMER, RunEstimate, check_run_fits
+    from .pipeline.text_encoding import MAX_PROMPT_TOKENS
+    from .runtime.memory import available_bytes
+
+    def config(component: str) -> dict:
+        path = Path(base).expanduser() / component / "config.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+
+    transformer = config("transformer") or RELEASE_TRANSFORMER
+    hidden = transformer.get("num_attention_heads", 24) * transformer.get("attention_head_dim", 128)
+    estimate = RunEstimate(hidden, dtype.itemsize, config("vae").get("base_dim", QWEN_VAE_BASE_DIM), dtype.itemsize,
+                           tiled_decode=devices.kind == "cuda")
+    share = 1.0 if edit else 0.0
+    if region is not None:
+        x1, y1, x2, y2 = region
+        share = (x2 - x1 + 1) * (y2 - y1 + 1) / ((width // 16) * (height // 16))
+    # Byte-level BPE: a prompt has at most as many tokens as UTF-8 bytes (plus the template's end).
+    text = min(MAX_PROMPT_TOKENS, max(len(p.encode()) for p in (args.prompt, args.negative_prompt or " ")) + 8)
+    device = str(devices.primary)
+    check_run_fits(estimate, width, height, args.num_images, share, text,
+                   {device: ALL_PHASES},
+                   {device: available_bytes(devices.primary)}, "edit" if edit else "text-to-image")
+
+
 def run(args) -> int:
     from tqdm.auto import tqdm
 
@@ -195,7 +229,7 @@ def run(args) -> int:
     region_px = _parse_region(getattr(args, "region", None))
     outputs = _outputs(args.output, args.num_images)
     _check_outputs(outputs)
-    resolve_devices(args.device)
+    devices = resolve_devices(args.device)
     base, tagmoe = _sources(args)
     image = None
     if args.command == "edit":
@@ -207,10 +241,12 @@ def run(args) -> int:
             image = demo_image()
         else:
             image = _open_image(args.image)
+    width, height = target_size(image, args.width, args.height)
     region = None
     if region_px is not None:  # finite, inside the image: checked on the grid the edit will use
-        region = region_from_pixel_box(region_px, image.size, target_size(image, args.width, args.height))
+        region = region_from_pixel_box(region_px, image.size, (width, height))
     dtype = DTYPES[args.dtype]
+    _check_run_memory(args, base, devices, dtype or devices.default_dtype, width, height, image is not None, region)
 
     start = time.perf_counter()
     with tqdm(total=100, desc="loading", unit="%", leave=False) as bar:
@@ -238,9 +274,8 @@ def run(args) -> int:
                                keep_original_size=args.keep_original_size, region=region, use_vlm=args.use_vlm,
                                callback=on_step)
         else:
-            result = pipe.generate(args.prompt, args.negative_prompt, width=args.width or 1024,
-                                   height=args.height or 1024, steps=args.steps, cfg=args.cfg, seed=seed,
-                                   num_images=args.num_images, callback=on_step)
+            result = pipe.generate(args.prompt, args.negative_prompt, width=width, height=height, steps=args.steps,
+                                   cfg=args.cfg, seed=seed, num_images=args.num_images, callback=on_step)
     _save(result.images, outputs, result.seed)
     return 0
 

@@ -133,6 +133,20 @@ def test_run_settings_are_checked_before_loading(tmp_path, monkeypatch, capsys, 
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err and "does not exist" not in err
 
 
+@pytest.mark.parametrize("model", [NO_MODEL, ["--tiny"]], ids=["release-shapes", "tiny"])
+@pytest.mark.parametrize("extra", [["--width", "32768", "--height", "32768"],
+                                   ["--width", "1024", "--height", "1024", "--num-images", "100000"]])
+def test_runs_that_cannot_fit_are_refused_before_loading(tiny_bundle, tmp_path, monkeypatch, capsys, model, extra):
+    """Estimated from the configs (the release's shapes when the base is not at hand) before the
+    weights are read: the release-shapes case names model paths that do not exist."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", *model, "--prompt", "a cat", "--output", "o.png", *extra]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "needs ~" in last and "would fit" in last and "Traceback" not in err and "does not exist" not in err
+    assert "loaded in" not in err
+
+
 def test_a_result_that_cannot_be_written_is_kept(tiny_bundle, tmp_path, capsys):
     """The disk fills up after the run (a link to /dev/full): the image goes to the temporary
     folder, and the error says where."""

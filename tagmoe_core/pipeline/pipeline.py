@@ -26,10 +26,12 @@ from ..intent.routing import tag_guidance as guided_routing
 from ..intent.vlm import default_vlm_image_processor
 from ..model.positions import RegionShape
 from ..runtime.devices import module_device
+from ..runtime.memory import available_bytes
 from ..taxonomy import TaskTags
 from .buckets import nearest_bucket
 from .condition import condition_pixels, vae_input
 from .latents import PIXELS_PER_TOKEN, denormalize, normalize, pack, unpack
+from .placement import QWEN_VAE_BASE_DIM, TEXT_TOKENS, RunEstimate, check_run_fits
 from .regions import check_patch_box
 from .sampling import DenoiseInputs, StepCallback, denoise, make_schedule
 from .schedule import check_denoise
@@ -281,9 +283,14 @@ class TagMoEPipeline:
         if region is not None and image is None:
             raise InputError("a region edit needs a condition image")
         width, height = self.target_size(image, width, height, init_latents)
+        share = 0.0 if image is None else 1.0  # condition tokens per target token
         if region is not None:
             region = check_patch_box(region)
-            RegionShape(height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN, region)  # fits the grid
+            box = RegionShape(height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN, region)  # fits the grid
+            share = box.num_tokens / (box.height * box.width)
+        text_tokens = max(conditioning.positive.embeds.shape[1], conditioning.negative.embeds.shape[1])
+        self.check_run_memory(width, height, num_images, share, text_tokens,
+                              "edit" if image is not None else "text-to-image")
         seed = resolve_seed(seed)
         device, dtype = self.device, self.dtype
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -327,6 +334,37 @@ class TagMoEPipeline:
         vae_latents = denormalize(unpack(out, height, width).to(self.vae.dtype), self.vae.config)
         return SampleOutput(vae_latents.float(), seed, width, height, condition.original_size if condition else None,
                             g_star)
+
+    def run_estimate(self) -> RunEstimate:
+        """What a run allocates beyond the weights, from this model's shapes and dtypes."""
+        config = getattr(self.transformer, "config", {})
+        hidden = getattr(self.transformer, "inner_dim", None) or \
+            config["num_attention_heads"] * config["attention_head_dim"]
+        vae_device = next(self.vae.parameters()).device
+        return RunEstimate(int(hidden), self.dtype.itemsize, int(self.vae.config.get("base_dim", QWEN_VAE_BASE_DIM)),
+                           self.vae.dtype.itemsize, tiled_decode=vae_device.type == "cuda")
+
+    def check_run_memory(self, width: int, height: int, num_images: int = 1, condition_share: float = 1.0,
+                         text_tokens: int = TEXT_TOKENS, what: str = "run") -> None:
+        """Refuse a run (sampling and decoding) that does not fit the memory left on the devices it
+        allocates on, the CPU included, naming a size that would (``placement.check_run_fits``).
+        A transformer that visits the GPU to run (model-offload) or streams its blocks through it
+        (block-swap) adds its weights, or two blocks, to the execution device's share."""
+        execution = self.device
+        vae_device = next(self.vae.parameters()).device
+        visiting = 0  # weights that come to the execution device for the denoising only
+        if "transformer" in self.offloaded:
+            visiting = sum(p.numel() * p.element_size() for p in self.transformer.parameters())
+        elif getattr(getattr(self, "placement", None), "mode", None) == "block-swap":
+            visiting = 2 * max(sum(p.numel() * p.element_size() for p in block.parameters())
+                               for block in self.transformer.transformer_blocks)
+        devices: dict[str, dict[str, int]] = {str(execution): {"denoising": visiting}}
+        for device in {p.device for p in self.transformer.parameters() if p.device.type == "cuda"} - {execution}:
+            devices[str(device)] = {"denoising": 0}  # multi-gpu: every GPU holding blocks sees the activations
+        devices.setdefault(str(vae_device), {}).update({"encoding the image": 0, "decoding": 0})
+        available = {name: available_bytes(name) for name in devices}
+        check_run_fits(self.run_estimate(), width, height, num_images, condition_share, text_tokens, devices,
+                       available, what)
 
     def _noised_init(self, init_latents, noise_tokens, scheduler, timesteps, num_images, h, w) -> torch.Tensor:
         if tuple(init_latents.shape[-2:]) != (h, w) or init_latents.shape[1] != 16:
