@@ -30,7 +30,12 @@ def mask_batch(mask: torch.Tensor) -> torch.Tensor:
 
 
 def latent_to_batch(latent: dict) -> torch.Tensor:
-    """A ComfyUI LATENT's samples as [B, 16, 1, h, w] (accepts 4-D, and VAE Encode's frames)."""
+    """A ComfyUI LATENT's samples as [B, 16, 1, h, w] (4-D latents get their frame axis).
+
+    Latents of several frames are refused: ComfyUI's VAE Encode makes one video of an IMAGE batch,
+    and Qwen-Image's VAE compresses time 4x after the first frame (two images give one frame, five
+    give two, the second mixing four images), so frames are not images, and nothing in the LATENT
+    tells an image batch's video from any other."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise InputError("expected a LATENT (a dict with 'samples')")
     samples = latent["samples"]
@@ -39,8 +44,10 @@ def latent_to_batch(latent: dict) -> torch.Tensor:
     if samples.ndim != 5 or samples.shape[1] != 16:
         raise InputError(f"this LATENT has shape {tuple(samples.shape)}: TAG-MoE (Qwen-Image) latents have 16 "
                          "channels, [batch, 16, 1, height/8, width/8]. Was it made with another model's VAE?")
-    if samples.shape[2] > 1:  # ComfyUI's VAE Encode turns an image batch into the frames of one video
-        samples = samples.permute(0, 2, 1, 3, 4).reshape(-1, 16, 1, *samples.shape[-2:])
+    if samples.shape[2] > 1:
+        raise InputError(f"this LATENT holds {samples.shape[2]} frames (a video): TAG-MoE takes single images. VAE "
+                         "Encode makes one video of an IMAGE batch, whose frames are not its images: encode one "
+                         "image at a time (Rebatch Images with batch_size 1 before VAE Encode)")
     return samples
 
 

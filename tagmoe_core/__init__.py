@@ -1,8 +1,8 @@
 """TAG-MoE (Task-Aware Gating MoE on Qwen-Image) as a library, independent of ComfyUI.
 
-    from tagmoe_core import load_pipeline
+    from tagmoe_core import load_pipeline, open_image
     pipe = load_pipeline("Qwen/Qwen-Image", "YUXU915/TAG-MoE", device="0,1")
-    result = pipe.edit(Image.open("in.png"), "Change the cloak to red color", seed=0)
+    result = pipe.edit(open_image("in.png"), "Change the cloak to red color", seed=0)
 
 Heavy modules (torch, diffusers, transformers) are imported on first use of a name below.
 """
@@ -25,6 +25,7 @@ _EXPORTS = {
     "StepInfo": "pipeline.sampling",
     "resolve_devices": "runtime.devices", "parse_device_spec": "runtime.devices", "DeviceSpec": "runtime.devices",
     "nearest_bucket": "pipeline.buckets", "PREFERRED_BUCKETS": "pipeline.buckets",
+    "open_image": "images", "to_rgb": "images",
     "build_tiny_bundle": "tiny", "ensure_tiny_bundle": "tiny",
     "TAG_NAMES": "taxonomy", "TAG_IDS": "taxonomy",
 }

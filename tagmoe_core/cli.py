@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -174,16 +175,10 @@ def _parse_region(text: str | None) -> tuple[float, ...] | None:
 
 
 def _open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
+    """The input image, upright (EXIF orientation), checked: ``images.open_image``."""
+    from .images import open_image
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError as exc:
-        raise TagMoEError(f"input image '{path}' does not exist") from exc
-    except (UnidentifiedImageError, OSError) as exc:
-        raise TagMoEError(f"input image '{path}' cannot be read as an image ({exc})") from exc
+    return open_image(path)
 
 
 def _outputs(output: str, count: int) -> list[Path]:
@@ -195,11 +190,106 @@ def _outputs(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(count)]
 
 
+def _check_outputs(paths: list[Path]) -> None:
+    """Refuse, before the run, outputs the images could not be written to: a folder, a name whose
+    extension PIL cannot write an RGB picture as, or a place this process cannot write."""
+    import io
+    import tempfile
+
+    from PIL import Image
+
+    checked: set[tuple[str, Path]] = set()
+    for path in paths:
+        if path.is_dir():
+            raise TagMoEError(f"--output '{path}' is a folder: give a file name, such as '{path / 'result.png'}'")
+        if path.exists():
+            try:
+                open(path, "ab").close()  # appends nothing: the file stays as it is
+            except OSError as exc:
+                raise TagMoEError(f"--output '{path}': cannot write in '{path}' ({exc.strerror or exc})") from None
+        if (path.suffix.lower(), path.parent) in checked:
+            continue
+        checked.add((path.suffix.lower(), path.parent))
+        fmt = Image.registered_extensions().get(path.suffix.lower())
+        try:
+            if fmt is None or fmt not in Image.SAVE:
+                raise ValueError
+            Image.new("RGB", (16, 16)).save(io.BytesIO(), format=fmt)  # e.g. XBM writes only 1-bit pictures
+        except (ValueError, OSError, KeyError):
+            raise TagMoEError(f"--output '{path}': '{path.suffix}' is not an image format PIL can write an RGB "
+                              "picture as; use .png, .jpg or .webp") from None
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise TagMoEError(f"--output '{path}': '{folder}' is a file, not a folder")
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            raise TagMoEError(f"--output '{path}': cannot write in '{folder}' ({exc.strerror or exc})") from None
+
+
+def _save(images, paths: list[Path], seed: int) -> None:
+    """Write the results; one that cannot be written (disk full, ...) goes to the temporary
+    folder instead, and the error says where, so a finished run is never lost."""
+    import tempfile
+
+    failed = []
+    for path, im in zip(paths, images):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            im.save(path)
+        except (OSError, ValueError) as exc:
+            handle, kept = tempfile.mkstemp(prefix=f"tagmoe-seed{seed}-", suffix=".png")
+            os.close(handle)
+            im.save(kept)
+            failed.append(f"{path} ({getattr(exc, 'strerror', None) or exc}): saved to {kept} instead")
+            continue
+        print(f"Saved to {path} ({im.width}x{im.height}, seed {seed})")
+    if failed:
+        raise TagMoEError("could not write " + "; ".join(failed))
+
+
+def _check_run_memory(args, base: str, devices, dtype, width: int, height: int, edit: bool,
+                      region: tuple[int, int, int, int] | None) -> None:
+    """The pipeline's memory check of the run (activations and VAE), made before loading from the
+    base model's configs (the release's shapes for a hub id not downloaded yet). It leaves out the
+    weights, which are not loaded yet; the pipeline checks again, exactly, before sampling."""
+    import json
+
+    from .pipeline.placement import ALL_PHASES, QWEN_VAE_BASE_DIM, RELEASE_TRANSFORMER, RunEstimate, check_run_fits
+    from .pipeline.text_encoding import MAX_PROMPT_TOKENS
+    from .runtime.memory import available_bytes
+
+    def config(component: str) -> dict:
+        path = Path(base).expanduser() / component / "config.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+
+    transformer = config("transformer") or RELEASE_TRANSFORMER
+    hidden = transformer.get("num_attention_heads", 24) * transformer.get("attention_head_dim", 128)
+    estimate = RunEstimate(hidden, dtype.itemsize, config("vae").get("base_dim", QWEN_VAE_BASE_DIM), dtype.itemsize,
+                           tiled_decode=devices.kind == "cuda")
+    share = 1.0 if edit else 0.0
+    if region is not None:
+        x1, y1, x2, y2 = region
+        share = (x2 - x1 + 1) * (y2 - y1 + 1) / ((width // 16) * (height // 16))
+    # Byte-level BPE: a prompt has at most as many tokens as UTF-8 bytes (plus the template's end).
+    text = min(MAX_PROMPT_TOKENS, max(len(p.encode()) for p in (args.prompt, args.negative_prompt or " ")) + 8)
+    device = str(devices.primary)
+    check_run_fits(estimate, width, height, args.num_images, share, text,
+                   {device: ALL_PHASES},
+                   {device: available_bytes(devices.primary)}, "edit" if edit else "text-to-image")
+
+
 def run(args) -> int:
     from tqdm.auto import tqdm
 
     from .pipeline.builder import load_pipeline
     from .pipeline.latents import check_size
+    from .pipeline.pipeline import check_number, resolve_seed, target_size
     from .pipeline.regions import region_from_pixel_box
     from .runtime.devices import resolve_devices
 
@@ -209,7 +299,12 @@ def run(args) -> int:
             check_size(f"--{name}", getattr(args, name))
     if args.steps < 1 or args.num_images < 1:
         raise TagMoEError("--steps and --num_images must be at least 1")
-    resolve_devices(args.device)
+    check_number("--cfg", args.cfg, minimum=0)
+    seed = resolve_seed(args.seed)
+    region_px = _parse_region(getattr(args, "region", None))
+    outputs = _outputs(args.output, args.num_images)
+    _check_outputs(outputs)
+    devices = resolve_devices(args.device)
     base, tagmoe = _sources(args)
     image = None
     if args.command == "edit":
@@ -221,8 +316,12 @@ def run(args) -> int:
             image = demo_image()
         else:
             image = _open_image(args.image)
-    region_px = _parse_region(getattr(args, "region", None))
+    width, height = target_size(image, args.width, args.height)
+    region = None
+    if region_px is not None:  # finite, inside the image: checked on the grid the edit will use
+        region = region_from_pixel_box(region_px, image.size, (width, height))
     dtype = DTYPES[args.dtype]
+    _check_run_memory(args, base, devices, dtype or devices.default_dtype, width, height, image is not None, region)
 
     start = time.perf_counter()
     with tqdm(total=100, desc="loading", unit="%", leave=False) as bar:
@@ -245,20 +344,14 @@ def run(args) -> int:
             bar.update(1)
 
         if args.command == "edit":
-            width, height = pipe.target_size(image, args.width, args.height)
-            region = region_from_pixel_box(region_px, image.size, (width, height)) if region_px else None
             result = pipe.edit(image, args.prompt, args.negative_prompt, width=args.width, height=args.height,
-                               steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=args.num_images,
+                               steps=args.steps, cfg=args.cfg, seed=seed, num_images=args.num_images,
                                keep_original_size=args.keep_original_size, region=region, use_vlm=args.use_vlm,
                                callback=on_step)
         else:
-            result = pipe.generate(args.prompt, args.negative_prompt, width=args.width or 1024,
-                                   height=args.height or 1024, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                                   num_images=args.num_images, callback=on_step)
-    for path, im in zip(_outputs(args.output, len(result.images)), result.images):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        im.save(path)
-        print(f"Saved to {path} ({im.width}x{im.height}, seed {result.seed})")
+            result = pipe.generate(args.prompt, args.negative_prompt, width=width, height=height, steps=args.steps,
+                                   cfg=args.cfg, seed=seed, num_images=args.num_images, callback=on_step)
+    _save(result.images, outputs, result.seed)
     return 0
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -66,10 +69,120 @@ def test_errors_are_one_line_messages(tiny_bundle, tmp_path, monkeypatch, capsys
     assert last.startswith("error: ") and message in last and "Traceback" not in err
 
 
+NO_MODEL = ["--pretrained_model_path", "/nonexistent/base", "--transformer_model_path", "/nonexistent/w"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cfg", "nan"], "--cfg must be a finite number"),
+    (["--cfg", "inf"], "--cfg must be a finite number"),
+    (["--cfg", "-1"], "--cfg must not be negative"),
+    (["--region", "0,0,nan,20"], "must be four finite numbers"),
+    (["--region", "0,0,inf,20"], "must be four finite numbers"),
+    (["--region", "0,0,40,40"], "must lie inside the 32x24 image"),
+])
+def test_bad_numbers_are_refused_before_loading(tmp_path, monkeypatch, capsys, extra, message):
+    """Checked before the model loads: the model paths here do not exist, so a check made after
+    loading would report those instead."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (32, 24)).save(tmp_path / "in.png")
+    assert main(["edit", *NO_MODEL, "--prompt", "x", "--image", "in.png", "--output", "o.png", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err and "does not exist" not in err
+
+
+def _read_only_folder(tmp_path):
+    """A folder this process cannot write in: chmod 555, or (root may write there) a sysfs folder."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    return Path("/sys/kernel")
+
+
+@pytest.mark.parametrize("output, message", [
+    ("out.txt", "'.txt' is not an image format"),
+    ("out.xbm", "'.xbm' is not an image format"),  # PIL writes XBM, but only 1-bit pictures
+    ("a-file/out.png", "is a file, not a folder"),
+    ("a-folder.png", "is a folder"),
+    ("READ-ONLY/out.png", "cannot write in"),
+])
+def test_unwritable_outputs_are_refused_before_loading(tmp_path, monkeypatch, capsys, output, message):
+    """They raised a traceback after the run, and the image was lost."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (32, 24)).save(tmp_path / "in.png")
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder.png").mkdir()
+    output = output.replace("READ-ONLY", str(_read_only_folder(tmp_path)))
+    assert main(["edit", *NO_MODEL, "--prompt", "x", "--image", "in.png", "--output", output]) == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err and "does not exist" not in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", str(2**64)], "seed must be -1 (random) or between 0 and"),
+    (["--seed", "-2"], "seed must be -1 (random) or between 0 and"),
+    (["--num-images", "0"], "at least 1"),
+    (["--width", "40"], "--width must be a positive multiple of 16"),
+])
+def test_run_settings_are_checked_before_loading(tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (32, 24)).save(tmp_path / "in.png")
+    assert main(["edit", *NO_MODEL, "--prompt", "x", "--image", "in.png", "--output", "o.png", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err and "does not exist" not in err
+
+
+@pytest.mark.parametrize("model", [NO_MODEL, ["--tiny"]], ids=["release-shapes", "tiny"])
+@pytest.mark.parametrize("extra", [["--width", "32768", "--height", "32768"],
+                                   ["--width", "1024", "--height", "1024", "--num-images", "100000"]])
+def test_runs_that_cannot_fit_are_refused_before_loading(tiny_bundle, tmp_path, monkeypatch, capsys, model, extra):
+    """Estimated from the configs (the release's shapes when the base is not at hand) before the
+    weights are read: the release-shapes case names model paths that do not exist."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", *model, "--prompt", "a cat", "--output", "o.png", *extra]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "needs ~" in last and "would fit" in last and "Traceback" not in err and "does not exist" not in err
+    assert "loaded in" not in err
+
+
+def test_a_result_that_cannot_be_written_is_kept(tiny_bundle, tmp_path, capsys):
+    """The disk fills up after the run (a link to /dev/full): the image goes to the temporary
+    folder, and the error says where."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    (tmp_path / "full.png").symlink_to("/dev/full")
+    code = main(["generate", "--tiny", "--prompt", "a cat", "--width", "32", "--height", "32", "--steps", "1",
+                 "--seed", "5", "--output", str(tmp_path / "full.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: could not write") and "saved to " in last
+    kept = Path(last.split("saved to ")[1].split(" instead")[0])
+    assert Image.open(kept).size == (32, 32)
+    kept.unlink()
+
+
 def test_not_an_image(tiny_bundle, tmp_path, capsys):
     (tmp_path / "in.png").write_text("not an image")
     assert main(["edit", "--tiny", "--prompt", "x", "--image", str(tmp_path / "in.png"), "--output", "o.png"]) == 2
     assert "cannot be read as an image" in capsys.readouterr().err
+
+
+def test_a_phone_photo_is_edited_upright(tiny_bundle, photo, tmp_path):
+    """EXIF orientation 6 (stored sideways, "rotate 90 CW to view"): the same edit as the upright picture."""
+    upright = photo.transpose(Image.Transpose.ROTATE_270)
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "phone.png", exif=exif)
+    for name in ("upright", "phone"):
+        assert main(["edit", "--tiny", "--prompt", "Make it night", "--image", str(tmp_path / f"{name}.png"),
+                     "--width", "32", "--height", "48", "--steps", "1", "--seed", "2",
+                     "--output", str(tmp_path / f"{name}-out.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "phone-out.png")),
+                          np.asarray(Image.open(tmp_path / "upright-out.png")))
 
 
 def test_module_entry_point_runs(tiny_bundle, tmp_path):

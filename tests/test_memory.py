@@ -86,3 +86,100 @@ def test_vae_estimate_covers_a_measured_decode():
     assert image.shape[-2:] == (64, 64)
     estimate = vae_work_bytes(64, 64, dtype_bytes=4)
     assert 0.5 * estimate < tracker.peak < 0.9 * estimate
+
+
+# -- memory left, and runs that do not fit -------------------------------------------------------------------------
+def test_available_host_memory_from_meminfo_and_a_cgroup_limit(tmp_path):
+    from tagmoe_core.runtime.memory import available_host_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24684092 kB\nMemFree:         1000000 kB\nMemAvailable:   22017580 kB\n")
+    no_cgroup = str(tmp_path / "none")
+    assert available_host_bytes(str(meminfo), no_cgroup, no_cgroup) == 22017580 * 1024
+    group = tmp_path / "cgroup" / "box"
+    group.mkdir(parents=True)
+    (tmp_path / "self_cgroup").write_text("0::/box\n")
+    (group / "memory.max").write_text("8589934592\n")  # an 8 GiB container on a 24 GB host
+    (group / "memory.current").write_text("3221225472\n")
+    (group / "memory.stat").write_text("anon 2147483648\ninactive_file 1073741824\n")
+    limited = available_host_bytes(str(meminfo), str(tmp_path / "cgroup"), str(tmp_path / "self_cgroup"))
+    assert limited == 8589934592 - 3221225472 + 1073741824
+    (group / "memory.max").write_text("max\n")
+    assert available_host_bytes(str(meminfo), str(tmp_path / "cgroup"), str(tmp_path / "self_cgroup")) == \
+        22017580 * 1024
+    # This machine: some memory, never more than it has.
+    here = available_host_bytes()
+    total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    assert here is not None and 0 < here <= total
+
+
+def test_the_run_estimate_covers_the_tiny_models_measured_run(tiny_pipe, photo):
+    """Measured on the tiny model's real classes: every phase's estimate covers its tensor count
+    (the shapes differ from the release's, which BENCHMARKS.md measures)."""
+    cond = tiny_pipe.encode("Change the cloak to red color")
+    text = cond.positive.embeds.shape[1]
+    estimate = tiny_pipe.run_estimate()
+    for image, share in ((photo, 1.0), (None, 0.0)):
+        with torch.inference_mode(), TensorMemoryTracker() as tracker:
+            out = tiny_pipe.sample(cond, image, width=256, height=192, steps=1, cfg=1.0, seed=0, num_images=2)
+            sampled = tracker.peak
+            tracker.reset_peak()
+            tiny_pipe.decode(out.latents)
+            decoded = tracker.peak - tracker.live
+        phases = estimate.phases(256, 192, 2, share, text)
+        sampling = max(v for k, v in phases.items() if k != "decoding")
+        assert 0.3 * sampling < sampled <= sampling, (sampled, phases)
+        assert 0.3 * phases["decoding"] < decoded <= phases["decoding"], (decoded, phases)
+
+
+def test_a_refused_run_names_a_size_and_a_count_that_fit():
+    from tagmoe_core.errors import InputError
+    from tagmoe_core.pipeline.placement import ALL_PHASES, RunEstimate, check_run_fits
+
+    estimate = RunEstimate(hidden_size=3072, dtype_bytes=2, vae_dtype_bytes=2, tiled_decode=False)
+    everything = ALL_PHASES
+
+    def need(w: int, h: int, n: int) -> int:
+        return max(estimate.phases(w, h, n, 1.0, 100).values())
+
+    free = need(1024, 768, 1) + 1
+    with pytest.raises(InputError) as info:
+        check_run_fits(estimate, 2048, 1536, 3, 1.0, 100, {"cuda:0": everything}, {"cuda:0": free}, "edit")
+    message = str(info.value)
+    assert message.startswith("a 2048x1536 edit of 3 images needs ~") and "on cuda:0 (decoding)" in message
+    size = message.split("available: ")[1].split(" would fit")[0]
+    w, h = (int(v) for v in size.split("x"))
+    assert w % 16 == 0 and h % 16 == 0 and abs(w / h - 4 / 3) < 0.02
+    assert need(w, h, 3) <= free < need(w + 16, round((w + 16) * 0.75 / 16) * 16, 3)
+    with pytest.raises(InputError, match="or 1 image at a time would fit") as info:
+        check_run_fits(estimate, 1024, 768, 3, 1.0, 100, {"cuda:0": everything}, {"cuda:0": free}, "edit")
+    # Within the memory: nothing to say; unknown memory (None): not checked.
+    check_run_fits(estimate, 1024, 768, 1, 1.0, 100, {"cuda:0": everything}, {"cuda:0": free})
+    check_run_fits(estimate, 8192, 8192, 9, 1.0, 100, {"mps": everything}, {"mps": None})
+    # Weights visiting the device for a phase count in that phase only.
+    phases = estimate.phases(1024, 768, 1, 1.0, 100)
+    room = free - phases["denoising"]
+    visiting = dict(everything, denoising=room + 1)
+    with pytest.raises(InputError, match=r"1024x768 .* \(denoising\)"):
+        check_run_fits(estimate, 1024, 768, 1, 1.0, 100, {"cuda:0": visiting}, {"cuda:0": free})
+    check_run_fits(estimate, 1024, 768, 1, 1.0, 100, {"cuda:0": dict(everything, denoising=room)}, {"cuda:0": free})
+
+
+@pytest.mark.parametrize("kwargs", [{"width": 32768, "height": 32768},
+                                    {"width": 1024, "height": 1024, "num_images": 100_000}])
+@pytest.mark.parametrize("edit", [True, False], ids=["edit", "text-to-image"])
+def test_runs_that_cannot_fit_are_refused_before_any_work(tiny_pipe, photo, kwargs, edit):
+    """A 4096x4096 run on the tiny model reached 4.8 GB on its first step with no message;
+    these would need terabytes: refused before the VAE or the transformer runs."""
+    from tagmoe_core.errors import InputError
+
+    calls = []
+    hooks = [tiny_pipe.transformer.register_forward_hook(lambda *a: calls.append("transformer")),
+             tiny_pipe.vae.encoder.register_forward_hook(lambda *a: calls.append("vae"))]
+    try:
+        with pytest.raises(InputError, match=r"needs ~[\d.]+ GiB on cpu .* is available: .*would fit"):
+            tiny_pipe.sample(tiny_pipe.encode("a cat"), photo if edit else None, steps=1, seed=0, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == []

@@ -261,9 +261,36 @@ def test_latent_in_comfy_formats(nodes, model, cond):
     four_d = {"samples": start["samples"][:, :, 0]}  # e.g. from an empty-latent node
     (image,), _ = run_node(decode, model=model, latent=four_d)
     assert image.shape == (1, 48, 32, 3)
-    frames = {"samples": torch.cat([start["samples"]] * 2).permute(1, 2, 0, 3, 4).reshape(1, 16, 2, 6, 4)}
-    (img2img, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=3, steps=4, latent=frames, denoise=0.5)
-    assert img2img["samples"].shape == (2, 16, 1, 6, 4)  # VAE Encode's frames became a batch, size from the latent
+    (img2img, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=3, steps=4, latent=four_d, denoise=0.5)
+    assert img2img["samples"].shape == (1, 16, 1, 6, 4)  # size from the latent
+    batch = {"samples": torch.cat([start["samples"]] * 2)}  # a batch of two single-frame latents
+    (img2img, _, _), _ = run_node(sampler, model=model, conditioning=cond, seed=3, steps=4, latent=batch, denoise=0.5)
+    assert img2img["samples"].shape == (2, 16, 1, 6, 4)
+
+
+def test_video_latents_are_refused(nodes, model, cond):
+    """A LATENT with several frames (ComfyUI's VAE Encode of an IMAGE batch: one video) is not a
+    batch of images, so it is refused, saying what to do; it was taken as two images."""
+    sampler, decode = nodes["TagMoESampler"], nodes["TagMoEDecode"]
+    frames = {"samples": torch.randn(1, 16, 2, 6, 4)}
+    with pytest.raises(PACK_ERROR, match="2 frames.*Rebatch Images"):
+        run_node(sampler, model=model, conditioning=cond, seed=3, steps=2, latent=frames, denoise=0.5)
+    with pytest.raises(PACK_ERROR, match="2 frames"):
+        run_node(decode, model=model, latent=frames)
+
+
+def test_video_frames_are_not_the_images_of_the_batch(model):
+    """Why: Qwen-Image's VAE (Wan 2.1's, what ComfyUI's VAE Encode runs) compresses time 4x after
+    the first frame. Two images encode to one frame (the second is lost), five to two frames, the
+    second mixing four images, so no frame but the first is an image's latent."""
+    vae = model.require().vae
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        video = lambda n: vae.encode(images[:n].permute(1, 0, 2, 3)[None]).latent_dist.mode()  # noqa: E731
+        alone = vae.encode(images[1:2, :, None]).latent_dist.mode()
+        two, five = video(2), video(5)
+    assert two.shape[2] == 1 and five.shape[2] == 2
+    assert (five[:, :, 1] - alone[:, :, 0]).abs().max() > 0.1
 
 
 def test_text_encode_with_image(nodes, model):

@@ -231,3 +231,45 @@ def test_a_failed_decode_leaves_no_feature_cache_behind(tiny_pipe, monkeypatch):
     with pytest.raises(DeviceError):
         tiny_pipe.decode(torch.randn(1, 16, 1, 8, 8), tiled=False)
     assert not any(f is not None for f in tiny_pipe.vae._feat_map)
+
+
+NOT_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("value", NOT_FINITE)
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("cfg", {}, "cfg must be a finite number"),
+    ("denoise_strength", {}, "denoise must be in"),
+    ("tag_guidance", {"tags": "style"}, "tag_guidance must be a finite number"),
+    ("region", {}, "region box .* whole numbers"),
+])
+def test_numbers_that_are_not_finite_are_refused_before_any_work(tiny_pipe, photo, name, kwargs, message, value):
+    """NaN cfg silently disabled CFG, an infinite one wrote a black PNG; NaN tag guidance made NaN
+    routing. Refused before the condition image is encoded or the transformer runs."""
+    from tagmoe_core.taxonomy import TaskTags
+
+    cond = tiny_pipe.encode(PROMPT)
+    args = {name: value if name != "region" else (0, 0, value, 1)}
+    if kwargs.get("tags"):
+        args["tags"] = TaskTags("local editing", ("style transfer",))
+    calls = []
+    hooks = [tiny_pipe.transformer.register_forward_hook(lambda *a: calls.append("transformer")),
+             tiny_pipe.vae.encoder.register_forward_hook(lambda *a: calls.append("vae"))]
+    try:
+        with pytest.raises(InputError, match=message):
+            tiny_pipe.sample(cond, photo, width=32, height=32, steps=2, seed=0, **args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == []
+
+
+def test_region_boxes_out_of_the_grid_are_refused_before_any_work(tiny_pipe, photo):
+    calls = []
+    hook = tiny_pipe.vae.encoder.register_forward_hook(lambda *a: calls.append("vae"))
+    try:
+        with pytest.raises(InputError, match="region box"):
+            tiny_pipe.sample(tiny_pipe.encode(PROMPT), photo, width=32, height=32, steps=1, region=(0, 0, 9, 9))
+    finally:
+        hook.remove()
+    assert calls == []

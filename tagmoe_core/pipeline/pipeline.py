@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,11 +26,15 @@ from ..intent.routing import tag_guidance as guided_routing
 from ..intent.vlm import default_vlm_image_processor
 from ..model.positions import RegionShape
 from ..runtime.devices import module_device
+from ..runtime.memory import available_bytes
 from ..taxonomy import TaskTags
 from .buckets import nearest_bucket
 from .condition import condition_pixels, vae_input
 from .latents import PIXELS_PER_TOKEN, check_size, denormalize, normalize, pack, unpack
+from .placement import QWEN_VAE_BASE_DIM, TEXT_TOKENS, RunEstimate, check_run_fits
+from .regions import check_patch_box
 from .sampling import DenoiseInputs, StepCallback, denoise, make_schedule
+from .schedule import check_denoise
 from .text_encoding import PromptEmbeds, encode_prompt_with_image, encode_prompts, normalize_negative_prompt
 
 log = logging.getLogger("tagmoe")
@@ -92,6 +97,36 @@ def resolve_seed(seed: int | None) -> int:
     if not 0 <= seed <= MAX_SEED:
         raise InputError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {seed}")
     return seed
+
+
+def check_number(name: str, value: float, minimum: float | None = None) -> float:
+    """``value`` as a finite float (NaN and infinities refused: a NaN cfg silently disabled
+    guidance, an infinite one made a black image), and at least ``minimum``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    if minimum is not None and number < minimum:
+        bound = "must not be negative" if minimum == 0 else f"must be at least {minimum:g}"
+        raise InputError(f"{name} {bound}, got {value}")
+    return number
+
+
+def target_size(image: Image.Image | None, width: int | None, height: int | None,
+                init_latents: torch.Tensor | None = None) -> tuple[int, int]:
+    """Output size: given, else that of ``init_latents``, else the condition's bucket (edit)
+    or 1024 (text-to-image). Needs no model: front ends check sizes before loading one."""
+    if init_latents is not None and (width is None or height is None):
+        height, width = init_latents.shape[-2] * 8, init_latents.shape[-1] * 8
+    if image is not None:
+        bucket = nearest_bucket(*image.size) if (width is None or height is None) else None
+        width = bucket[0] if width is None else width
+        height = bucket[1] if height is None else height
+    width = DEFAULT_SIZE if width is None else width
+    height = DEFAULT_SIZE if height is None else height
+    return check_size("width", width), check_size("height", height)
 
 
 class TagMoEPipeline:
@@ -182,15 +217,7 @@ class TagMoEPipeline:
                     init_latents: torch.Tensor | None = None) -> tuple[int, int]:
         """Output size: given, else that of ``init_latents``, else the condition's bucket (edit)
         or 1024 (text-to-image)."""
-        if init_latents is not None and (width is None or height is None):
-            height, width = init_latents.shape[-2] * 8, init_latents.shape[-1] * 8
-        if image is not None:
-            bucket = nearest_bucket(*image.size) if (width is None or height is None) else None
-            width = bucket[0] if width is None else width
-            height = bucket[1] if height is None else height
-        width = DEFAULT_SIZE if width is None else width
-        height = DEFAULT_SIZE if height is None else height
-        return check_size("width", width), check_size("height", height)
+        return target_size(image, width, height, init_latents)
 
     @torch.inference_mode()
     def prepare_condition(self, image: Image.Image, width: int, height: int,
@@ -238,13 +265,21 @@ class TagMoEPipeline:
             raise InputError(f"steps must be at least 1, got {steps}")
         if not isinstance(num_images, (int, np.integer)) or num_images < 1:
             raise InputError(f"num_images must be at least 1, got {num_images}")
-        if not 0.0 < float(denoise_strength) <= 1.0:
-            raise InputError(f"denoise strength must be in (0, 1], got {denoise_strength}")
-        if float(cfg) < 0:
-            raise InputError(f"cfg must not be negative, got {cfg}")
+        # Every check that needs no work runs before the condition image is encoded.
+        denoise_strength = check_denoise(denoise_strength)
+        cfg = check_number("cfg", cfg, minimum=0)
+        tag_guidance = check_number("tag_guidance", tag_guidance)
         if region is not None and image is None:
             raise InputError("a region edit needs a condition image")
         width, height = self.target_size(image, width, height, init_latents)
+        share = 0.0 if image is None else 1.0  # condition tokens per target token
+        if region is not None:
+            region = check_patch_box(region)
+            box = RegionShape(height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN, region)  # fits the grid
+            share = box.num_tokens / (box.height * box.width)
+        text_tokens = max(conditioning.positive.embeds.shape[1], conditioning.negative.embeds.shape[1])
+        self.check_run_memory(width, height, num_images, share, text_tokens,
+                              "edit" if image is not None else "text-to-image")
         seed = resolve_seed(seed)
         device, dtype = self.device, self.dtype
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -288,6 +323,37 @@ class TagMoEPipeline:
         vae_latents = denormalize(unpack(out, height, width).to(self.vae.dtype), self.vae.config)
         return SampleOutput(vae_latents.float(), seed, width, height, condition.original_size if condition else None,
                             g_star)
+
+    def run_estimate(self) -> RunEstimate:
+        """What a run allocates beyond the weights, from this model's shapes and dtypes."""
+        config = getattr(self.transformer, "config", {})
+        hidden = getattr(self.transformer, "inner_dim", None) or \
+            config["num_attention_heads"] * config["attention_head_dim"]
+        vae_device = next(self.vae.parameters()).device
+        return RunEstimate(int(hidden), self.dtype.itemsize, int(self.vae.config.get("base_dim", QWEN_VAE_BASE_DIM)),
+                           self.vae.dtype.itemsize, tiled_decode=vae_device.type == "cuda")
+
+    def check_run_memory(self, width: int, height: int, num_images: int = 1, condition_share: float = 1.0,
+                         text_tokens: int = TEXT_TOKENS, what: str = "run") -> None:
+        """Refuse a run (sampling and decoding) that does not fit the memory left on the devices it
+        allocates on, the CPU included, naming a size that would (``placement.check_run_fits``).
+        A transformer that visits the GPU to run (model-offload) or streams its blocks through it
+        (block-swap) adds its weights, or two blocks, to the execution device's share."""
+        execution = self.device
+        vae_device = next(self.vae.parameters()).device
+        visiting = 0  # weights that come to the execution device for the denoising only
+        if "transformer" in self.offloaded:
+            visiting = sum(p.numel() * p.element_size() for p in self.transformer.parameters())
+        elif getattr(getattr(self, "placement", None), "mode", None) == "block-swap":
+            visiting = 2 * max(sum(p.numel() * p.element_size() for p in block.parameters())
+                               for block in self.transformer.transformer_blocks)
+        devices: dict[str, dict[str, int]] = {str(execution): {"denoising": visiting}}
+        for device in {p.device for p in self.transformer.parameters() if p.device.type == "cuda"} - {execution}:
+            devices[str(device)] = {"denoising": 0}  # multi-gpu: every GPU holding blocks sees the activations
+        devices.setdefault(str(vae_device), {}).update({"encoding the image": 0, "decoding": 0})
+        available = {name: available_bytes(name) for name in devices}
+        check_run_fits(self.run_estimate(), width, height, num_images, condition_share, text_tokens, devices,
+                       available, what)
 
     def _noised_init(self, init_latents, noise_tokens, scheduler, timesteps, num_images, h, w) -> torch.Tensor:
         if tuple(init_latents.shape[-2:]) != (h, w) or init_latents.shape[1] != 16:

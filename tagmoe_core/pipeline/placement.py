@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..errors import TagMoEError
+from ..errors import InputError, TagMoEError
 from ..runtime.devices import GIB, RESERVE_BYTES, DeviceSpec
 
 MODES = ("auto", "single", "multi-gpu", "model-offload", "block-swap")
@@ -41,6 +42,8 @@ TEXT_TOKENS = 256  # a long prompt with the template
 # 128x128 to 512x512, linear in pixels: the causal 3D convolutions pad and cache whole feature
 # maps). 2304 adds a third for convolution workspaces; ComfyUI budgets 7000 for this VAE.
 VAE_ELEMENTS_PER_PIXEL = 2304
+QWEN_VAE_BASE_DIM = 96  # the channel width those were measured at (Qwen-Image's VAE)
+DECODED_BYTES_PER_PIXEL = 4 * 3 * 4  # the decoded picture's float32 copies (cast, scale, clamp, to the host)
 
 
 class PlacementError(TagMoEError):
@@ -128,15 +131,126 @@ def release_sizes(dtype: torch.dtype = torch.bfloat16) -> ComponentSizes:
     return _sizes(meta, RELEASE_TEXT_ENCODER, {}, dtype)
 
 
+def pass_activation_bytes(tokens: int, hidden_size: int, dtype_bytes: int) -> int:
+    """One transformer pass over ``tokens`` tokens (image and text, all samples of the batch)."""
+    return tokens * hidden_size * dtype_bytes * ACTIVATION_FACTOR
+
+
 def activation_bytes(sizes: ComponentSizes, width: int, height: int, edit: bool = True) -> int:
     """One transformer pass at ``width`` x ``height`` (target + condition tokens when editing)."""
     tokens = (width // 16) * (height // 16) * (2 if edit else 1) + TEXT_TOKENS
-    return tokens * sizes.hidden_size * sizes.dtype_bytes * ACTIVATION_FACTOR
+    return pass_activation_bytes(tokens, sizes.hidden_size, sizes.dtype_bytes)
 
 
-def vae_work_bytes(width: int, height: int, dtype_bytes: int = 2) -> int:
-    """One VAE decode at ``width`` x ``height`` in a dtype of ``dtype_bytes``."""
-    return width * height * VAE_ELEMENTS_PER_PIXEL * dtype_bytes
+def vae_work_bytes(width: int, height: int, dtype_bytes: int = 2, base_dim: int = QWEN_VAE_BASE_DIM) -> int:
+    """One VAE decode at ``width`` x ``height`` in a dtype of ``dtype_bytes``. The working set
+    scales with the VAE's channel width (``base_dim``; measured at Qwen-Image's 96; on the tiny
+    VAE's 8: 108 values per pixel measured, 192 estimated). An encode needs less (62% of a decode
+    on the tiny VAE), so this bounds both."""
+    return width * height * VAE_ELEMENTS_PER_PIXEL * base_dim // QWEN_VAE_BASE_DIM * dtype_bytes
+
+
+def vae_tiled_decode_bytes(width: int, height: int, dtype_bytes: int = 2, base_dim: int = QWEN_VAE_BASE_DIM,
+                           tile: int = 256, stride: int = 192) -> int:
+    """One VAE decode in ``tile`` px tiles every ``stride`` px (diffusers' defaults): one tile's
+    working set, plus the decoded tiles held until they are blended and the blended image."""
+    held = 3 * width * height * dtype_bytes * ((tile / stride) ** 2 + 1)
+    return vae_work_bytes(min(tile, width), min(tile, height), dtype_bytes, base_dim) + int(held)
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """Memory one run allocates beyond the loaded weights, from the model's shapes.
+
+    Phases, one after the other: encoding the condition image (the VAE, once), denoising (one
+    transformer pass over every sample's tokens; true CFG's two passes run one after the other),
+    decoding (the whole batch at once, or in tiles where ``tiled_decode``: a GPU decode falls back
+    to tiles when whole does not fit). Each covers what the tensor counts of BENCHMARKS.md measured
+    with the same headroom as the placement estimates.
+    """
+
+    hidden_size: int
+    dtype_bytes: int
+    vae_base_dim: int = QWEN_VAE_BASE_DIM
+    vae_dtype_bytes: int = 2
+    tiled_decode: bool = False
+
+    def phases(self, width: int, height: int, num_images: int = 1, condition_share: float = 1.0,
+               text_tokens: int = TEXT_TOKENS) -> dict[str, int]:
+        """Bytes of each phase; ``condition_share`` = condition tokens / target tokens (0 for
+        text-to-image, 1 for an edit, less for a region edit)."""
+        target = (width // 16) * (height // 16)
+        condition = int(round(target * condition_share))
+        state = num_images * (target + condition) * 64 * self.dtype_bytes * 4  # latents, noise, prediction
+        decode = (vae_tiled_decode_bytes if self.tiled_decode else vae_work_bytes)(
+            width, height, self.vae_dtype_bytes, self.vae_base_dim)
+        out = {
+            "denoising": state + pass_activation_bytes(num_images * (target + condition + text_tokens),
+                                                       self.hidden_size, self.dtype_bytes),
+            "decoding": state + num_images * (decode + width * height * DECODED_BYTES_PER_PIXEL),
+        }
+        if condition:
+            out["encoding the image"] = vae_work_bytes(width, height, self.vae_dtype_bytes, self.vae_base_dim)
+        return out
+
+
+def _amount(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.0f} MiB"
+
+
+ALL_PHASES = {"denoising": 0, "encoding the image": 0, "decoding": 0}
+
+
+def check_run_fits(estimate: RunEstimate, width: int, height: int, num_images: int, condition_share: float,
+                   text_tokens: int, devices: Mapping[str, Mapping[str, int]], available: Mapping[str, int | None],
+                   what: str = "run") -> None:
+    """Refuse a run that does not fit, naming a size (and a number of images) that would.
+
+    ``devices``: for each device, the phases that allocate there, each with the bytes it needs
+    there on top (weights that visit the device for that phase: model-offload's transformer);
+    ``available``: what each can still allocate (None: unknown, not checked). Set
+    ``TAGMOE_NO_MEMORY_CHECK=1`` to skip the check.
+    """
+    if os.environ.get("TAGMOE_NO_MEMORY_CHECK", "") not in ("", "0"):
+        return
+
+    def shortfall(w: int, h: int, n: int) -> tuple[str, int, int, str] | None:
+        phases = estimate.phases(w, h, n, condition_share, text_tokens)
+        for device, extras in devices.items():
+            free = available.get(device)
+            here = {k: v + extras[k] for k, v in phases.items() if k in extras}
+            if free is None or not here:
+                continue
+            phase = max(here, key=here.get)
+            if here[phase] > free:
+                return device, here[phase], free, phase
+        return None
+
+    short = shortfall(width, height, num_images)
+    if short is None:
+        return
+    device, need, free, phase = short
+    fits = None
+    for cols in range(width // 16 - 1, 0, -1):  # the largest size of the same shape that fits
+        w = cols * 16
+        h = max(16, int(round(height * w / width / 16)) * 16)
+        if shortfall(w, h, num_images) is None:
+            fits = f"{w}x{h} would fit"
+            break
+    fewer, low, high = None, 1, num_images - 1  # the most images at a time that fit: binary search
+    while low <= high:
+        middle = (low + high) // 2
+        if shortfall(width, height, middle) is None:
+            fewer, low = middle, middle + 1
+        else:
+            high = middle - 1
+    if fewer is not None:
+        alternative = f"{fewer} image{'s' if fewer > 1 else ''} at a time would fit"
+        fits = f"{fits}, or {alternative}" if fits else alternative
+    images = f"{num_images} images" if num_images > 1 else "one image"
+    raise InputError(f"a {width}x{height} {what} of {images} needs ~{_amount(need)} on {device} ({phase}) but "
+                     f"~{_amount(free)} is available: {fits or 'free memory first: even 16x16 would not fit'} "
+                     "(TAGMOE_NO_MEMORY_CHECK=1 runs it anyway)")
 
 
 @dataclass

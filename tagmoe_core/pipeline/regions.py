@@ -33,6 +33,20 @@ def region_from_pixel_box(box: Sequence[float], image_size: tuple[int, int],
     return px1, py1, min(px2, gw - 1), min(py2, gh - 1)
 
 
+def check_patch_box(box: Sequence[float]) -> tuple[int, int, int, int]:
+    """A patch box (x1, y1, x2, y2; inclusive, 16-pixel patches) as four whole numbers (NaN,
+    infinities and fractions refused; whether it fits the grid is ``RegionShape``'s check)."""
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 4 or not all(np.isfinite(values)) or any(v != int(v) for v in values):
+        shown = tuple(box) if isinstance(box, Sequence) else box
+        raise InputError(f"region box {shown} must be four whole numbers x1, y1, x2, y2 (16-pixel patches)")
+    x1, y1, x2, y2 = (int(v) for v in values)
+    return x1, y1, x2, y2
+
+
 def mask_box(mask: torch.Tensor, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """Pixel bounding box (x1, y1, x2, y2; x2/y2 exclusive) of ``mask > 0.5`` in an image of ``image_size``."""
     height, width = mask.shape[-2:]

@@ -70,11 +70,21 @@ def shifted_sigmas(steps: int, image_seq_len: int, config: Mapping[str, Any] = Q
     return sigmas
 
 
+def check_denoise(denoise: float) -> float:
+    """``denoise`` as a float in (0, 1] (NaN, infinities and non-numbers refused)."""
+    try:
+        value = float(denoise)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise InputError(f"denoise must be in (0, 1], got {denoise}")
+    return value
+
+
 def first_step(steps: int, denoise: float) -> int:
     """Index of the first step kept when ``denoise`` < 1: the last ``round(steps * denoise)``
     steps run (image-to-image from given latents), like diffusers' img2img pipelines."""
-    if not math.isfinite(float(denoise)) or not 0.0 < float(denoise) <= 1.0:
-        raise InputError(f"denoise must be in (0, 1], got {denoise}")
+    denoise = check_denoise(denoise)
     return steps - max(1, min(steps, int(round(steps * denoise)))) if denoise < 1.0 else 0
 
 

@@ -8,14 +8,18 @@ The image-aware variant (the reference's ``use_vlm``) also shows the condition i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from ..errors import InputError
 from ..intent.chat_template import QWEN_VL_CHAT_TEMPLATE
 from ..intent.vlm import vlm_image, vlm_inputs
 from ..runtime.devices import module_device
+
+log = logging.getLogger("tagmoe")
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -71,16 +75,49 @@ def _split_and_pad(hidden: torch.Tensor, mask: torch.Tensor, drop: int) -> Promp
     return PromptEmbeds(embeds, out_mask)
 
 
+def prompt_tokens(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token ids and attention mask [B, L] of ``prompts`` in the template, and the prefix length.
+
+    The encoder takes ``MAX_PROMPT_TOKENS`` tokens after the template's prefix (the reference's
+    ``max_length``). A longer prompt is cut at the end of the user's text, keeping the template's
+    closing tokens (``<|im_end|>\n<|im_start|>assistant\n``), with a warning; the reference's
+    tokenizer call cut the closing tokens as well, silently. Prompts within the limit get the
+    tokens (and the padding) that call gives."""
+    drop = template_prefix_length(tokenizer)
+    closing = tokenizer(PROMPT_TEMPLATE.split("{}")[1], add_special_tokens=False)["input_ids"]
+    keep = MAX_PROMPT_TOKENS - len(closing)  # tokens of the user's text that fit
+    rows = []
+    for prompt, ids in zip(prompts, tokenizer([PROMPT_TEMPLATE.format(p) for p in prompts])["input_ids"]):
+        user = len(ids) - drop - len(closing)
+        if user > keep:
+            if list(ids[-len(closing):]) != list(closing):  # a tokenizer merging across the template's end
+                raise InputError(f"the prompt is {user} tokens, more than the {keep} the text encoder takes; "
+                                 "shorten it")
+            log.warning("the prompt is %d tokens; the text encoder takes %d, so its end is cut (%r ...)", user, keep,
+                        prompt[:40])
+            ids = list(ids[:drop + keep]) + list(closing)
+        rows.append(list(ids))
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(length - len(row), length) if left else slice(0, len(row))
+        input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return input_ids, mask, drop
+
+
 @torch.inference_mode()
 def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> PromptEmbeds:
-    """Qwen-Image text embeddings of ``prompts`` (the reference's ``_get_qwen_prompt_embeds``)."""
-    drop = template_prefix_length(tokenizer)
-    texts = [PROMPT_TEMPLATE.format(p) for p in prompts]
+    """Qwen-Image text embeddings of ``prompts`` (the reference's ``_get_qwen_prompt_embeds``;
+    over-long prompts: see :func:`prompt_tokens`)."""
+    input_ids, mask, drop = prompt_tokens(tokenizer, prompts)
     device = module_device(text_encoder)
-    tokens = tokenizer(texts, max_length=MAX_PROMPT_TOKENS + drop, padding=True, truncation=True,
-                       return_tensors="pt").to(device)
-    out = _language_model(text_encoder)(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-    return _split_and_pad(out.last_hidden_state, tokens.attention_mask, drop)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    out = _language_model(text_encoder)(input_ids=input_ids, attention_mask=mask)
+    return _split_and_pad(out.last_hidden_state, mask, drop)
 
 
 @torch.inference_mode()

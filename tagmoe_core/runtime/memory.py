@@ -1,4 +1,4 @@
-"""Measuring the tensor memory a computation allocates, on any device.
+"""Measuring the tensor memory a computation allocates, on any device, and what is left to allocate.
 
 ``TensorMemoryTracker`` counts the bytes of every tensor storage that an operator returns inside
 its ``with`` block, until the storage is freed, and keeps the peak. Tensors that existed before
@@ -13,6 +13,7 @@ calibrated with it (``bench/bench_memory.py``) with headroom for that.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -60,3 +61,68 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def _freed(self, nbytes: int) -> None:
         self.live -= nbytes
+
+
+# -- memory left to allocate -----------------------------------------------------------------------------------
+def _meminfo_available(path: str) -> int | None:
+    """``MemAvailable`` of a /proc/meminfo file (the kernel's estimate of what can be allocated
+    without swapping: free memory plus the reclaimable caches), in bytes."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_available(root: str, self_cgroup: str) -> int | None:
+    """What a cgroup v2 memory limit leaves this process: ``memory.max`` - ``memory.current``
+    + the reclaimable file cache (``inactive_file``); None without a limit."""
+    try:
+        with open(self_cgroup) as f:
+            line = next((x for x in f if x.startswith("0::")), None)
+        folder = os.path.join(root, (line or "0::/").strip()[3:].lstrip("/"))
+        with open(os.path.join(folder, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(folder, "memory.current")) as f:
+            current = int(f.read().strip())
+        inactive = 0
+        with open(os.path.join(folder, "memory.stat")) as f:
+            for row in f:
+                if row.startswith("inactive_file "):
+                    inactive = int(row.split()[1])
+        return max(0, int(limit) - current + inactive)
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def available_host_bytes(meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup",
+                         self_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """Host memory this process can still allocate, in bytes: Linux's ``MemAvailable``, capped by
+    a cgroup v2 memory limit (containers); elsewhere the available physical pages ``os.sysconf``
+    reports; None where the system says neither (the caller then skips its check)."""
+    available = _meminfo_available(meminfo)
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+    limited = _cgroup_available(cgroup_root, self_cgroup)
+    return available if limited is None else min(available, limited)
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Memory a run can still allocate on ``device``: a GPU's free memory plus what torch's caching
+    allocator holds unused; the host's for the CPU; None for devices that do not say (mps)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return available_host_bytes()
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free = torch.cuda.mem_get_info(index)[0]
+        return free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    return None
