@@ -288,8 +288,9 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from .pipeline.builder import load_pipeline
-    from .pipeline.latents import check_size
-    from .pipeline.pipeline import check_number, resolve_seed, target_size
+    from .pipeline.buckets import target_size
+    from .pipeline.checks import check_number, check_size
+    from .pipeline.pipeline import resolve_seed
     from .pipeline.regions import region_from_pixel_box
     from .runtime.devices import resolve_devices
 

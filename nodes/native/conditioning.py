@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 
 from ...tagmoe_core.errors import InputError
-from ...tagmoe_core.pipeline.buckets import nearest_bucket
+from ...tagmoe_core.pipeline.buckets import target_size
 from ...tagmoe_core.pipeline.condition import condition_pixels
-from ...tagmoe_core.pipeline.latents import check_size
 from ...tagmoe_core.pipeline.regions import box_from_fractions, mask_box, region_from_pixel_box
 from .. import comfy_bridge as bridge
 from ..conversions import image_batch_to_pil, mask_batch
@@ -70,10 +69,7 @@ class TagMoEEditConditioning:
         pictures = image_batch_to_pil(image)
         if (width == 0) != (height == 0):
             raise InputError("set both width and height, or leave both at 0 (the image's preferred bucket)")
-        if width:
-            width, height = check_size("width", width), check_size("height", height)
-        else:
-            width, height = nearest_bucket(*pictures[0].size)
+        width, height = target_size(pictures[0], width or None, height or None)
         size = pictures[0].size
         boxes = {region_from_pixel_box(mask_box(m, size), size, (width, height)) for m in mask_batch(mask)} \
             if mask is not None else set()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-from ...tagmoe_core.errors import InputError
+from ...tagmoe_core.pipeline.checks import check_number
 from .. import comfy_bridge as bridge
 
 NO_LORAS = "(no LoRA files in models/loras)"
@@ -41,8 +39,7 @@ class TagMoELoraLoader:
     def load(self, model, lora_name, strength_model):
         from ..comfy_lora import apply_lora
 
-        if not math.isfinite(float(strength_model)):
-            raise InputError(f"strength_model must be a finite number, got {strength_model}")
+        strength_model = check_number("strength_model", strength_model)
         if strength_model == 0:
             return {"ui": {"text": ["strength 0: LoRA not applied"]}, "result": (model, "strength 0: not applied")}
         patched, report = apply_lora(model, str(bridge.file_path("loras", lora_name)), float(strength_model))

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 from ...tagmoe_core.errors import InputError
+from ...tagmoe_core.pipeline.checks import check_number
 
 
 def _heads(model):
@@ -41,8 +40,7 @@ class TagMoETagGuidance:
     def patch(self, model, tags, strength):
         from ..comfy_sampling import with_tag_guidance
 
-        if not math.isfinite(float(strength)):
-            raise InputError(f"tag guidance strength must be a finite number, got {strength}")
+        strength = check_number("tag guidance strength", strength, minimum=0)
         if not strength:
             return (model,)
         return (with_tag_guidance(model, _heads(model), tags, float(strength)),)

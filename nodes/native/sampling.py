@@ -3,17 +3,8 @@
 
 from __future__ import annotations
 
-import math
-
-from ...tagmoe_core.errors import InputError
-from ...tagmoe_core.pipeline.latents import check_size
+from ...tagmoe_core.pipeline.checks import check_number, check_size
 from ...tagmoe_core.pipeline.schedule import image_seq_len, reference_sigmas
-
-
-def _finite(name: str, value: float) -> float:
-    if not math.isfinite(float(value)):
-        raise InputError(f"{name} must be a finite number, got {value}")
-    return float(value)
 
 
 class TagMoEScheduler:
@@ -44,7 +35,7 @@ class TagMoEScheduler:
         }
 
     def sigmas(self, steps, denoise=1.0, latent=None, width=1024, height=1024):
-        _finite("denoise", denoise)
+        check_number("denoise", denoise)
         if latent is not None:
             samples = latent["samples"]
             height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
@@ -78,7 +69,7 @@ class TagMoECFGGuider:
 
         guider = ReferenceCFGGuider(model)
         guider.set_conds(positive, negative)
-        guider.set_cfg(_finite("cfg", cfg))
+        guider.set_cfg(check_number("cfg", cfg, minimum=0))
         return (guider,)
 
 

@@ -8,10 +8,7 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-
-from ..errors import InputError
 
 PATCH = 2  # latent pixels per token side
 VAE_SCALE = 8  # image pixels per latent pixel
@@ -52,14 +49,3 @@ def denormalize(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """Model space -> VAE latents, computed as the reference: ``x / (1 / std) + mean``."""
     mean, inv_std = _stats(vae_config, latents)
     return latents / inv_std + mean
-
-
-def check_size(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{name} must be a whole number of pixels, got {value!r}")
-    value = int(value)
-    if value < PIXELS_PER_TOKEN or value % PIXELS_PER_TOKEN:
-        lower = max(PIXELS_PER_TOKEN, value - value % PIXELS_PER_TOKEN)
-        raise InputError(f"{name} must be a positive multiple of {PIXELS_PER_TOKEN} pixels, got {value} "
-                         f"(try {lower} or {lower + PIXELS_PER_TOKEN})")
-    return value

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +27,10 @@ from ..model.positions import RegionShape
 from ..runtime.devices import module_device
 from ..runtime.memory import available_bytes
 from ..taxonomy import TaskTags
-from .buckets import nearest_bucket
+from .buckets import DEFAULT_SIZE, target_size
+from .checks import check_number
 from .condition import condition_pixels, vae_input
-from .latents import PIXELS_PER_TOKEN, check_size, denormalize, normalize, pack, unpack
+from .latents import PIXELS_PER_TOKEN, denormalize, normalize, pack, unpack
 from .placement import QWEN_VAE_BASE_DIM, TEXT_TOKENS, RunEstimate, check_run_fits
 from .regions import check_patch_box
 from .sampling import DenoiseInputs, StepCallback, denoise, make_schedule
@@ -41,7 +41,6 @@ log = logging.getLogger("tagmoe")
 
 DEFAULT_STEPS = 30
 DEFAULT_CFG = 4.0
-DEFAULT_SIZE = 1024
 MAX_SEED = 2**64 - 1
 
 
@@ -97,36 +96,6 @@ def resolve_seed(seed: int | None) -> int:
     if not 0 <= seed <= MAX_SEED:
         raise InputError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {seed}")
     return seed
-
-
-def check_number(name: str, value: float, minimum: float | None = None) -> float:
-    """``value`` as a finite float (NaN and infinities refused: a NaN cfg silently disabled
-    guidance, an infinite one made a black image), and at least ``minimum``."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise InputError(f"{name} must be a finite number, got {value}")
-    if minimum is not None and number < minimum:
-        bound = "must not be negative" if minimum == 0 else f"must be at least {minimum:g}"
-        raise InputError(f"{name} {bound}, got {value}")
-    return number
-
-
-def target_size(image: Image.Image | None, width: int | None, height: int | None,
-                init_latents: torch.Tensor | None = None) -> tuple[int, int]:
-    """Output size: given, else that of ``init_latents``, else the condition's bucket (edit)
-    or 1024 (text-to-image). Needs no model: front ends check sizes before loading one."""
-    if init_latents is not None and (width is None or height is None):
-        height, width = init_latents.shape[-2] * 8, init_latents.shape[-1] * 8
-    if image is not None:
-        bucket = nearest_bucket(*image.size) if (width is None or height is None) else None
-        width = bucket[0] if width is None else width
-        height = bucket[1] if height is None else height
-    width = DEFAULT_SIZE if width is None else width
-    height = DEFAULT_SIZE if height is None else height
-    return check_size("width", width), check_size("height", height)
 
 
 class TagMoEPipeline:
