@@ -15,14 +15,15 @@ import comfy.utils
 _SUFFIX = re.compile(r"\.(?:lora_(?:up|down|A|B|mid)\.weight|lora\.(?:up|down)\.weight|alpha|dora_scale|diff|diff_b|"
                      r"set_weight|reshape_weight|w_norm|b_norm|hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|"
                      r"lokr_t2|oft_blocks|oft_diag|rescale|weight|bias)$")
-_DENSE_FFN = re.compile(r"transformer_blocks\.(\d+)\.img_mlp\.net\.")
+# The dense FFN of a block, in dotted (diffusers) and underscored (kohya: lora_unet_...) key names.
+_DENSE_FFN = re.compile(r"transformer_blocks[._](\d+)[._]img_mlp[._]net[._]")
 
 
 @dataclass
 class LoraReport:
     applied: int
     not_applied: list[str] = field(default_factory=list)
-    moe_blocks: list[int] = field(default_factory=list)
+    num_experts: int = 4
 
     def text(self) -> str:
         lines = [f"applied to {self.applied} layers"]
@@ -31,7 +32,7 @@ class LoraReport:
             blocks = sorted({int(_DENSE_FFN.search(k).group(1)) for k in dense})
             if dense:
                 lines.append(f"not applied: {len(dense)} keys for the dense FFN of blocks {blocks} (TAG-MoE replaces "
-                             "it there with 4 experts; a Qwen-Image LoRA has no weights for them):")
+                             f"it there with {self.num_experts} experts; a Qwen-Image LoRA has no weights for them):")
                 lines += [f"  {k}" for k in dense]
             other = [k for k in self.not_applied if k not in dense]
             if other:
@@ -51,4 +52,5 @@ def apply_lora(model, path: str, strength: float):
     stems = _stems(comfy.lora_convert.convert_lora(dict(lora)).keys())
     not_applied = sorted(s for s in stems if s not in key_map)
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
-    return patched, LoraReport(len(stems) - len(not_applied), not_applied)
+    experts = {getattr(m, "num_experts", None) for m in model.model.diffusion_model.modules()} - {None}
+    return patched, LoraReport(len(stems) - len(not_applied), not_applied, max(experts, default=4))

@@ -20,6 +20,7 @@ these modules import ComfyUI. Imported when a native node runs, never at ComfyUI
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -63,6 +64,7 @@ DEFAULT_SHIFT = shift_for(image_seq_len(1024, 1024), QWEN_IMAGE_SCHEDULER)
 class PositionPlan:
     target: tuple[int, int]
     conditions: list[tuple[int, int] | RegionShape]
+    text_len: int | None = None  # from the call's context; None: not known
     used: bool = False
 
     @property
@@ -94,21 +96,31 @@ class ReferencePositions(nn.Module):
         plan = _PLAN.get()
         if plan is not None:
             text_len = ids.shape[1] - plan.image_tokens
-            if text_len >= 0:
-                ours = reference_ids(plan.target, plan.conditions, text_len).to(ids.device, ids.dtype)
-                ids = ours[None].expand(ids.shape[0], -1, -1)
+            if text_len >= 0 and plan.text_len in (None, text_len):
+                ids = _reference_ids(plan.target, tuple(plan.conditions), text_len, ids.device,
+                                     ids.dtype).expand(ids.shape[0], -1, -1)
                 plan.used = True
             else:
-                _warn_once("tokens", "TAG-MoE: the model got more image tokens than its inputs explain (another "
-                                     "patch adds some?); its rotary positions are ComfyUI's, not the reference's")
+                _warn_once("tokens", "TAG-MoE: the model got other tokens than its inputs explain (another patch "
+                                     "adds some?); its rotary positions are ComfyUI's, not the reference's")
         return self.embedder(ids)
+
+
+@functools.lru_cache(maxsize=64)
+def _reference_ids(target, conditions, text_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return reference_ids(target, list(conditions), text_len).to(device, dtype)[None]
 
 
 def _grid(latent: torch.Tensor) -> tuple[int, int]:
     return (latent.shape[-2] + 1) // 2, (latent.shape[-1] + 1) // 2
 
 
-def position_plan(x: torch.Tensor, ref_latents, method, region) -> PositionPlan | None:
+def current_plan() -> PositionPlan | None:
+    """The position plan of the model call in progress (set by TagMoEQwenImage.apply_model)."""
+    return _PLAN.get()
+
+
+def position_plan(x: torch.Tensor, ref_latents, method, region, context=None) -> PositionPlan | None:
     if method not in (None, "index"):  # another pack's layout (e.g. "offset"): leave it alone
         return None
     conditions: list[tuple[int, int] | RegionShape] = [_grid(r) for r in (ref_latents or [])]
@@ -119,7 +131,7 @@ def position_plan(x: torch.Tensor, ref_latents, method, region) -> PositionPlan 
                                  "the region's positions")
         else:
             conditions = [shape]
-    return PositionPlan(_grid(x), conditions)
+    return PositionPlan(_grid(x), conditions, context.shape[1] if context is not None else None)
 
 
 # -- the model -------------------------------------------------------------------------------------------------
@@ -155,7 +167,8 @@ class TagMoEQwenImage(comfy.model_base.QwenImage):
         return out
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        plan = position_plan(x, kwargs.get("ref_latents"), kwargs.get("ref_latents_method"), kwargs.get(REGION_KEY))
+        plan = position_plan(x, kwargs.get("ref_latents"), kwargs.get("ref_latents_method"), kwargs.get(REGION_KEY),
+                             c_crossattn)
         token = _PLAN.set(plan)
         try:
             out = super().apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -234,20 +247,38 @@ def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     ckpt = LinearExpertsCheckpoint.open(path)
-    model, unet_dtype, manual_cast_dtype = new_tagmoe_model(ckpt.dims, ckpt.spec, ckpt.blocks, weight_dtype,
-                                                            ckpt.num_parameters, ckpt.weight_dtype())
-    diffusion_model = model.diffusion_model
-    ckpt.check({k: tuple(v.shape) for k, v in diffusion_model.state_dict().items()})
-    total = ckpt.nbytes
-    for chunk, done in ckpt.chunks():
-        diffusion_model.load_state_dict(chunk, strict=False)
-        if progress is not None:
-            progress(done, total)
-    heads = TagHeads.from_state_dict(ckpt.tag_state()) if ckpt.has_tag_modules else None
-    ckpt.close()
+    try:
+        storage = WEIGHT_DTYPES[weight_dtype][0] or ckpt.weight_dtype()
+        _check_host_memory(ckpt.num_parameters * storage.itemsize, weight_dtype)
+        model, unet_dtype, manual_cast_dtype = new_tagmoe_model(ckpt.dims, ckpt.spec, ckpt.blocks, weight_dtype,
+                                                                ckpt.num_parameters, ckpt.weight_dtype())
+        diffusion_model = model.diffusion_model
+        ckpt.check({k: tuple(v.shape) for k, v in diffusion_model.state_dict().items()})
+        total = ckpt.nbytes
+        for chunk, done in ckpt.chunks():
+            mm.throw_exception_if_processing_interrupted()
+            diffusion_model.load_state_dict(chunk, strict=False)
+            if progress is not None:
+                progress(done, total)
+        heads = TagHeads.from_state_dict(ckpt.tag_state()) if ckpt.has_tag_modules else None
+    finally:
+        ckpt.close()
     notes = [] if heads is not None else [
         "no tag_embedding/router_head in the checkpoint: routing analysis and tag guidance are off"]
     return LoadedModel(manage(model, heads), ckpt, unet_dtype, manual_cast_dtype, notes)
+
+
+def _check_host_memory(needed: int, weight_dtype: str) -> None:
+    """ComfyUI keeps the weights in host memory (and streams what does not fit the GPU): refuse a
+    model that cannot be held there with a message, before the OOM killer ends ComfyUI."""
+    from ..tagmoe_core.errors import DeviceError
+    from ..tagmoe_core.runtime.memory import available_host_bytes
+
+    available = available_host_bytes()
+    if available is not None and needed > available:
+        hint = "" if weight_dtype.startswith("fp8") else " (weight_dtype fp8_e4m3fn needs half)"
+        raise DeviceError(f"TAG-MoE's weights need {needed / 2**30:.1f} GiB of host memory, {available / 2**30:.1f} "
+                          f"GiB are available{hint}: close other programs, or add memory or swap")
 
 
 def tag_heads(model: comfy.model_patcher.ModelPatcher) -> TagHeads | None:

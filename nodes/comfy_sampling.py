@@ -14,11 +14,12 @@ import comfy.patcher_extension as pe
 import comfy.samplers
 import torch
 
-from ..tagmoe_core.intent.routing import RoutingCapture, RoutingRecorder, tag_guidance
+from ..tagmoe_core.intent.routing import RoutingCapture, RoutingRecorder, guidance_bias
+from ..tagmoe_core.model.run_state import routing_run
 from ..tagmoe_core.model.positions import RegionShape
 from ..tagmoe_core.pipeline.guidance import true_cfg_latents, uses_cfg
 from ..tagmoe_core.taxonomy import TaskTags
-from .comfy_model import REGION_KEY, position_plan
+from .comfy_model import current_plan
 
 GUIDANCE_KEY = "tagmoe_tag_guidance"
 RECORD_KEY = "tagmoe_record_routing"
@@ -62,6 +63,11 @@ class ReferenceNoise:
 
     def generate_noise(self, input_latent: dict) -> torch.Tensor:
         samples = input_latent["samples"]
+        if samples.ndim == 5 and samples.shape[2] != 1:
+            from ..tagmoe_core.errors import InputError
+
+            raise InputError(f"this LATENT has {samples.shape[2]} frames: TAG-MoE makes single images "
+                             "([batch, 16, 1, height/8, width/8])")
         b, c, h, w = samples.shape[0], samples.shape[1], samples.shape[-2], samples.shape[-1]
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         noise = torch.randn((b, 1, c, h, w), generator=generator, device=self.device, dtype=self.dtype)
@@ -77,15 +83,17 @@ def model_compute(model) -> tuple[torch.device, torch.dtype]:
 
 # -- per-run routing patches -------------------------------------------------------------------------------
 def with_tag_guidance(model, heads, tags: TaskTags, strength: float):
-    """A clone whose sampling runs steer the routers toward the tags (``intent.routing.tag_guidance``)."""
+    """A clone whose model calls steer the routers toward the tags: g* is found once, here, and
+    its bias (``intent.routing.guidance_bias``) is set around each call, on whatever thread makes it."""
     device, dtype = model_compute(model)
+    _, bias = guidance_bias(heads, tags, strength, device, dtype)
 
-    def outer_sample(executor, *args, **kwargs):
-        with tag_guidance(heads, tags, strength, device, dtype):
+    def apply_model(executor, *args, **kwargs):
+        with routing_run(logit_bias=bias):
             return executor(*args, **kwargs)
 
     patched = model.clone()
-    patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, GUIDANCE_KEY, outer_sample)
+    patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, GUIDANCE_KEY, apply_model)
     return patched
 
 
@@ -102,27 +110,28 @@ def with_routing_recorder(model, capture: RoutingCapture):
     state: dict[str, RoutingRecorder | None] = {"recorder": None}
 
     def outer_sample(executor, *args, **kwargs):
-        recorder = RoutingRecorder()
-        state["recorder"] = recorder
+        state["recorder"] = RoutingRecorder()
         try:
-            with recorder.attached():
-                out = executor(*args, **kwargs)
+            out = executor(*args, **kwargs)
+            capture.recording, capture.runs = state["recorder"].recording, capture.runs + 1
         finally:
             state["recorder"] = None
-        capture.recording, capture.runs = recorder.recording, capture.runs + 1
         return out
 
     def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                     **kwargs):
         recorder = state["recorder"]
-        if recorder is not None:
-            passes = ["cond" if i == 0 else "uncond" for i in transformer_options.get("cond_or_uncond", [0])]
-            recorder.before_pass(_step_of(transformer_options, t), passes)
-            plan = position_plan(x, kwargs.get("ref_latents"), None, kwargs.get(REGION_KEY))
+        if recorder is None:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        passes = ["cond" if i == 0 else "uncond" for i in transformer_options.get("cond_or_uncond", [0])]
+        recorder.before_pass(_step_of(transformer_options, t), passes)
+        plan = current_plan()
+        if plan is not None and "cond" in passes:  # the maps show the conditional pass's layout
             first = plan.conditions[0] if plan.conditions else None
             condition = (first.rows, first.cols) if isinstance(first, RegionShape) else first
             recorder.set_layout(plan.target[0] * plan.target[1], plan.target, condition)
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        with recorder.attached():  # around the call: on the thread that makes it
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     patched = model.clone()
     patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, RECORD_KEY, outer_sample)

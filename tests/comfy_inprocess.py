@@ -115,6 +115,44 @@ def main() -> None:
     fp8_out = full(fp8_patcher)  # fp8 storage, cast to the compute dtype per forward
     result["fp8_relative_error"] = float((fp8_out.float() - plain).norm() / plain.norm())
 
+    # Record Routing and Tag Guidance as per-run patches, sampled by ComfyUI (positive with a reference
+    # latent, negative without one: the recorded layout must be the conditional pass's)
+    comfy_sampling = importlib.import_module(pack.__name__ + ".nodes.comfy_sampling")
+    routing = importlib.import_module(pack.__name__ + ".tagmoe_core.intent.routing")
+    taxonomy = importlib.import_module(pack.__name__ + ".tagmoe_core.taxonomy")
+    from comfy.samplers import sampler_object
+
+    heads = comfy_model.tag_heads(patcher)
+    capture = routing.RoutingCapture(heads)
+    recorded = comfy_sampling.with_routing_recorder(patcher, capture)
+    tags = taxonomy.TaskTags.from_text("global editing, style transfer, structure preservation")
+    latent = torch.zeros(1, 16, 1, 6, 8)
+    steps = 3
+
+    def sample(p, refs=(ref,)):
+        guider = comfy_sampling.ReferenceCFGGuider(p)
+        guider.set_conds([[context, {"reference_latents": list(refs)}]], [[context[:, :3], {}]])
+        guider.set_cfg(4.0)
+        with torch.inference_mode():
+            return guider.sample(x.clone(), latent, sampler_object("euler"),
+                                 torch.linspace(1, 0, steps + 1), disable_pbar=True, seed=1)
+
+    base_out = sample(recorded)
+    rec = capture.recording
+    result["recording"] = {"passes": sorted({r.pass_name for r in rec.records}), "steps": rec.steps,
+                           "records": len(rec.records), "target_grid": list(rec.target_grid),
+                           "condition_grid": list(rec.condition_grid or []), "num_target": rec.num_target}
+    maps_target, maps_condition = rec.expert_maps()
+    result["maps"] = [list(maps_target.shape), list(maps_condition.shape) if maps_condition is not None else None]
+    sample(recorded, refs=(ref, ref))  # two reference latents: the maps still draw (the first)
+    result["maps_two_refs"] = list(capture.recording.expert_maps()[1].shape)
+    result["analysis"] = routing.analyse(capture.recording, heads, tags).report().splitlines()[0]
+    guided = comfy_sampling.with_tag_guidance(patcher, heads, tags, 3.0)
+    result["guidance_changes_output"] = float((sample(guided) - base_out).abs().max())
+    result["guidance_leaves_the_model_alone"] = float((sample(patcher) - base_out).abs().max())
+    result["weight_dtypes_match"] = list(comfy_model.WEIGHT_DTYPES) == importlib.import_module(
+        pack.__name__ + ".nodes.native.loader").WEIGHT_DTYPES
+
     (out / "result.json").write_text(json.dumps(result))
 
 

@@ -200,3 +200,16 @@ def test_concurrent_runs_on_one_pipeline_keep_their_own_routing(tiny_pipe, photo
     for latents in results["plain"]:
         assert torch.equal(latents, want_plain)
     assert not torch.equal(want_guided[0], want_plain)
+
+
+def test_expert_maps_draw_the_first_condition_when_several_were_recorded():
+    """A native run may carry two reference latents: the maps show the first, they do not crash."""
+    from tagmoe_core.intent.routing import LayerRouting, RoutingRecording
+
+    rec = RoutingRecording(num_experts=2, num_target=4, target_grid=(2, 2), condition_grid=(2, 2), steps=1)
+    experts = torch.tensor([[0, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.uint8)  # 4 + 4 + 6 tokens
+    rec.records.append(LayerRouting(0, "cond", 5, experts, torch.ones(1, 14, dtype=torch.float16),
+                                    torch.full((1, 2), 0.5)))
+    target, condition = rec.expert_maps()
+    assert target.shape == (2, 2, 2) and condition.shape == (2, 2, 2)
+    assert torch.equal(condition[1], torch.ones(2, 2))  # the first condition's 4 tokens all chose expert 1

@@ -71,8 +71,11 @@ class TagMoEEditConditioning:
             raise InputError("set both width and height, or leave both at 0 (the image's preferred bucket)")
         width, height = target_size(pictures[0], width or None, height or None)
         size = pictures[0].size
-        boxes = {region_from_pixel_box(mask_box(m, size), size, (width, height)) for m in mask_batch(mask)} \
-            if mask is not None else set()
+        masks = mask_batch(mask) if mask is not None else None
+        if masks is not None and masks.shape[0] not in (1, len(pictures)):
+            raise InputError(f"{masks.shape[0]} masks for {len(pictures)} images: give one mask, or one per image")
+        boxes = {region_from_pixel_box(mask_box(m, size), size, (width, height)) for m in masks} \
+            if masks is not None else set()
         if len(boxes) > 1:
             raise InputError(f"{len(boxes)} different mask regions in one batch: a run edits one region; split the "
                              "batch or use one mask")

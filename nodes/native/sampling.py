@@ -36,11 +36,12 @@ class TagMoEScheduler:
 
     def sigmas(self, steps, denoise=1.0, latent=None, width=1024, height=1024):
         check_number("denoise", denoise)
-        if latent is not None:
-            samples = latent["samples"]
-            height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
-        height, width = check_size("height", height), check_size("width", width)
-        return (reference_sigmas(int(steps), image_seq_len(height, width), float(denoise)),)
+        if latent is not None:  # its tokens as the transformer counts them (it pads to whole 2x2 patches)
+            h, w = latent["samples"].shape[-2:]
+            tokens = ((h + 1) // 2) * ((w + 1) // 2)
+        else:
+            tokens = image_seq_len(check_size("height", height), check_size("width", width))
+        return (reference_sigmas(int(steps), tokens, float(denoise)),)
 
 
 class TagMoECFGGuider:

@@ -78,9 +78,11 @@ class RoutingRecording:
         rows, cols = self.target_grid
         target = onehot[:self.num_target].T.reshape(self.num_experts, rows, cols)
         condition = None
-        if self.condition_grid is not None and onehot.shape[0] > self.num_target:
+        if self.condition_grid is not None:
             crow, ccol = self.condition_grid
-            condition = onehot[self.num_target:].T.reshape(self.num_experts, crow, ccol)
+            tokens = onehot[self.num_target:self.num_target + crow * ccol]  # the first condition image's
+            if tokens.shape[0] == crow * ccol:
+                condition = tokens.T.reshape(self.num_experts, crow, ccol)
         return target, condition
 
 
@@ -236,6 +238,16 @@ def optimal_gate_distribution(transformer, tags: TaskTags, steps: int = 100, lr:
         return logits.detach().softmax(-1)
 
 
+def guidance_bias(heads, tags: TaskTags | None, strength: float, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g*, strength * log g*)``: the gate distribution that best expresses ``tags`` and the bias
+    that steers every router toward it (on ``device`` in ``dtype``, where the routers compute)."""
+    if tags is None:
+        raise TagMoEError("tag guidance needs task tags (connect a TAG-MoE Task Tags node)")
+    g_star = optimal_gate_distribution(heads, tags)
+    return g_star, (float(strength) * torch.log(g_star.clamp_min(1e-6))).to(device=device, dtype=dtype)
+
+
 @contextlib.contextmanager
 def tag_guidance(heads, tags: TaskTags | None, strength: float, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
@@ -247,9 +259,6 @@ def tag_guidance(heads, tags: TaskTags | None, strength: float, device: torch.de
     if not strength:
         yield None
         return
-    if tags is None:
-        raise TagMoEError("tag guidance needs task tags (connect a TAG-MoE Task Tags node)")
-    g_star = optimal_gate_distribution(heads, tags)
-    bias = (float(strength) * torch.log(g_star.clamp_min(1e-6))).to(device=device, dtype=dtype)
+    g_star, bias = guidance_bias(heads, tags, strength, device, dtype)
     with routing_run(logit_bias=bias):
         yield g_star

@@ -66,9 +66,9 @@ class LinearExpertsCheckpoint:
     def weight_dtype(self) -> torch.dtype:
         """The dtype holding most of the weights (what ComfyUI's loaders call the weight dtype)."""
         sizes: dict[torch.dtype, int] = {}
-        for piece in self.plan.values():
-            info = self.reader.infos[piece.source]
-            sizes[info.dtype] = sizes.get(info.dtype, 0) + self.reader.nbytes([piece.source])
+        for source in {piece.source for piece in self.plan.values()}:  # a split expert tensor counts once
+            info = self.reader.infos[source]
+            sizes[info.dtype] = sizes.get(info.dtype, 0) + self.reader.nbytes([source])
         return max(sizes, key=sizes.get)
 
     @property

@@ -29,7 +29,7 @@ def true_cfg(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> to
 def true_cfg_latents(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`true_cfg` on latent-layout predictions [B, C, H, W] or [B, C, T, H, W] (every frame
     on its own), with the tokens the transformer sees: 2x2 patches of all channels. An odd height
-    or width is padded with zeros for the norms, as the transformer pads its input."""
+    or width (not a size the reference makes) is padded with zeros, which add nothing to the norms."""
     if not uses_cfg(scale):
         return positive
     frames = positive.ndim == 5
