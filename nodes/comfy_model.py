@@ -19,8 +19,6 @@ these modules import ComfyUI. Imported when a native node runs, never at ComfyUI
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -34,18 +32,18 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models
 import torch
-from torch import nn
 
+from ..tagmoe_core.errors import MissingKeysError, UnexpectedKeysError
 from ..tagmoe_core.model.expert_checkpoint import LinearExpertsCheckpoint
 from ..tagmoe_core.model.moe_linear import LinearExpertsMoE
-from ..tagmoe_core.model.positions import RegionShape, reference_ids
 from ..tagmoe_core.model.tag_heads import TagHeads
 from ..tagmoe_core.pipeline.schedule import QWEN_IMAGE_SCHEDULER, image_seq_len, shift_for
+from . import comfy_positions
+from .comfy_positions import REGION_KEY, ReferencePositions
 
 log = logging.getLogger("tagmoe")
 
 HEADS_ATTACHMENT = "tagmoe_heads"
-REGION_KEY = "tagmoe_region"  # conditioning key set by TAG-MoE Edit Conditioning with a mask
 # weight_dtype as ComfyUI's Load Diffusion Model offers it: (storage dtype, fp8 matmuls)
 WEIGHT_DTYPES: dict[str, tuple[torch.dtype | None, bool]] = {
     "default": (None, False),
@@ -59,79 +57,17 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 DEFAULT_SHIFT = shift_for(image_seq_len(1024, 1024), QWEN_IMAGE_SCHEDULER)
 
 
-# -- rotary positions ----------------------------------------------------------------------------------------
-@dataclass
-class PositionPlan:
-    target: tuple[int, int]
-    conditions: list[tuple[int, int] | RegionShape]
-    text_len: int | None = None  # from the call's context; None: not known
-    used: bool = False
-
-    @property
-    def image_tokens(self) -> int:
-        def count(c):
-            return c.num_tokens if isinstance(c, RegionShape) else c[0] * c[1]
-        return self.target[0] * self.target[1] + sum(count(c) for c in self.conditions)
-
-
-_PLAN: contextvars.ContextVar[PositionPlan | None] = contextvars.ContextVar("tagmoe_positions", default=None)
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(message)
-
-
-class ReferencePositions(nn.Module):
-    """Wraps the transformer's rotary embedder (``EmbedND``): with a plan for the current call it
-    embeds the reference's position ids instead of the ones ComfyUI computed."""
-
-    def __init__(self, embedder: nn.Module):
-        super().__init__()
-        self.embedder = embedder
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        plan = _PLAN.get()
-        if plan is not None:
-            text_len = ids.shape[1] - plan.image_tokens
-            if text_len >= 0 and plan.text_len in (None, text_len):
-                ids = _reference_ids(plan.target, tuple(plan.conditions), text_len, ids.device,
-                                     ids.dtype).expand(ids.shape[0], -1, -1)
-                plan.used = True
-            else:
-                _warn_once("tokens", "TAG-MoE: the model got other tokens than its inputs explain (another patch "
-                                     "adds some?); its rotary positions are ComfyUI's, not the reference's")
-        return self.embedder(ids)
-
-
-@functools.lru_cache(maxsize=64)
-def _reference_ids(target, conditions, text_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return reference_ids(target, list(conditions), text_len).to(device, dtype)[None]
-
-
-def _grid(latent: torch.Tensor) -> tuple[int, int]:
-    return (latent.shape[-2] + 1) // 2, (latent.shape[-1] + 1) // 2
-
-
-def current_plan() -> PositionPlan | None:
-    """The position plan of the model call in progress (set by TagMoEQwenImage.apply_model)."""
-    return _PLAN.get()
-
-
-def position_plan(x: torch.Tensor, ref_latents, method, region, context=None) -> PositionPlan | None:
-    if method not in (None, "index"):  # another pack's layout (e.g. "offset"): leave it alone
-        return None
-    conditions: list[tuple[int, int] | RegionShape] = [_grid(r) for r in (ref_latents or [])]
-    if region is not None:
-        shape = RegionShape(int(region[0]), int(region[1]), tuple(int(v) for v in region[2]))
-        if len(conditions) != 1 or conditions[0] != (shape.rows, shape.cols):
-            _warn_once("region", "TAG-MoE: a region was set but the reference latents do not match it; ignoring "
-                                 "the region's positions")
-        else:
-            conditions = [shape]
-    return PositionPlan(_grid(x), conditions, context.shape[1] if context is not None else None)
+def accepted_arguments(function: Callable, arguments: dict) -> dict:
+    """The part of ``arguments`` that ``function`` takes: ComfyUI's constructors gain and lose
+    arguments between versions (0.10 dropped ``guidance_embeds``) and take no ``**kwargs``. A value
+    dropped here is logged, never silently meant."""
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(arguments)
+    dropped = sorted(set(arguments) - set(parameters))
+    if dropped:
+        log.info("TAG-MoE: this ComfyUI's %s takes no %s; not passed", function.__qualname__, ", ".join(dropped))
+    return {k: v for k, v in arguments.items() if k in parameters}
 
 
 # -- the model -------------------------------------------------------------------------------------------------
@@ -140,7 +76,8 @@ class TagMoEQwenImageTransformer(qwen_image.QwenImageTransformer2DModel):
 
     def __init__(self, tagmoe_moe_blocks=(), tagmoe_num_experts: int = 4, tagmoe_ffn_hidden_size: int | None = None,
                  tagmoe_top_k: int = 1, dtype=None, device=None, operations=None, **kwargs):
-        super().__init__(dtype=dtype, device=device, operations=operations, **kwargs)
+        super().__init__(dtype=dtype, device=device, operations=operations, **accepted_arguments(
+            qwen_image.QwenImageTransformer2DModel.__init__, kwargs))
         ffn = tagmoe_ffn_hidden_size or 4 * self.inner_dim
         router_dtype = torch.bfloat16 if dtype in FP8 else dtype  # routes are chosen from its logits
         for index in tagmoe_moe_blocks:
@@ -148,6 +85,7 @@ class TagMoEQwenImageTransformer(qwen_image.QwenImageTransformer2DModel):
                 self.inner_dim, ffn, tagmoe_num_experts, tagmoe_top_k, "gelu_tanh", layer_index=index,
                 linear_cls=operations.Linear, device=device, dtype=dtype, router_dtype=router_dtype)
         self.pe_embedder = ReferencePositions(self.pe_embedder)
+        self.tagmoe_operations = operations  # for the loader's key check (expected_state)
 
 
 class TagMoEQwenImage(comfy.model_base.QwenImage):
@@ -164,19 +102,6 @@ class TagMoEQwenImage(comfy.model_base.QwenImage):
         region = kwargs.get(REGION_KEY)
         if region is not None and "ref_latents" in out:
             out[REGION_KEY] = comfy.conds.CONDConstant(region)
-        return out
-
-    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        plan = position_plan(x, kwargs.get("ref_latents"), kwargs.get("ref_latents_method"), kwargs.get(REGION_KEY),
-                             c_crossattn)
-        token = _PLAN.set(plan)
-        try:
-            out = super().apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        finally:
-            _PLAN.reset(token)
-        if plan is not None and not plan.used:
-            _warn_once("unused", "TAG-MoE: this ComfyUI's Qwen-Image model did not ask for rotary embeddings the "
-                                 "way TAG-MoE expects; positions are ComfyUI's (results may differ slightly)")
         return out
 
 
@@ -204,7 +129,8 @@ class LoadedModel:
 
 
 def new_tagmoe_model(dims: dict, spec, blocks: list[int], weight_dtype: str = "default", num_parameters: int = 0,
-                     file_dtype: torch.dtype | None = None) -> tuple[TagMoEQwenImage, torch.dtype, torch.dtype | None]:
+                     file_dtype: torch.dtype | None = None, custom_operations=None,
+                     ) -> tuple[TagMoEQwenImage, torch.dtype, torch.dtype | None]:
     """An empty TAG-MoE model (weights allocated, not loaded) with ComfyUI's choice of storage and
     compute dtypes, as its Load Diffusion Model makes them: ``(model, storage dtype, compute dtype)``."""
     if weight_dtype not in WEIGHT_DTYPES:
@@ -212,7 +138,7 @@ def new_tagmoe_model(dims: dict, spec, blocks: list[int], weight_dtype: str = "d
     unet_config = {
         "image_model": "qwen_image",
         **{k: dims[k] for k in ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
-                                "num_attention_heads", "joint_attention_dim", "guidance_embeds")},
+                                "num_attention_heads", "joint_attention_dim")},
         "axes_dims_rope": tuple(dims["axes_dims_rope"]),
         "tagmoe_moe_blocks": list(blocks),
         "tagmoe_num_experts": spec.num_experts,
@@ -226,46 +152,143 @@ def new_tagmoe_model(dims: dict, spec, blocks: list[int], weight_dtype: str = "d
     unet_dtype = storage or mm.unet_dtype(model_params=num_parameters, supported_dtypes=supported,
                                           weight_dtype=file_dtype)
     manual_cast_dtype = mm.unet_manual_cast(unet_dtype, mm.get_torch_device(), supported)
-    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype, **accepted_arguments(
+        model_config.set_inference_dtype, {"device": mm.get_torch_device()}))  # newer ComfyUI takes the device
     if fast:
         model_config.optimizations["fp8"] = True
+    if custom_operations is not None:  # as ComfyUI's loader takes model_options["custom_operations"]
+        model_config.custom_operations = custom_operations
     return TagMoEQwenImage(model_config), unet_dtype, manual_cast_dtype
 
 
-def manage(model: TagMoEQwenImage, heads: TagHeads | None) -> comfy.model_patcher.ModelPatcher:
-    """Hand the model to ComfyUI: a ModelPatcher (its size counts every weight, experts included)."""
-    model = model.to(mm.unet_offload_device())
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
+def expected_state(model: TagMoEQwenImage) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every key the model will hold after loading, with its shape and dtype, read off a twin built
+    on the meta device (no memory) from the same config and operations, with plain torch Linears.
+
+    The model itself cannot tell before loading: newer ComfyUI (dynamic VRAM) builds its Linears
+    with ``weight = bias = None`` and creates them from the file's tensors at load time."""
+    operations = model.diffusion_model.tagmoe_operations
+
+    class Eager(operations):
+        class Linear(torch.nn.Linear):
+            def reset_parameters(self):
+                return None
+
+        class Embedding(torch.nn.Embedding):
+            def reset_parameters(self):
+                return None
+
+    with torch.device("meta"):
+        twin = type(model.diffusion_model)(**model.model_config.unet_config, device=torch.device("meta"),
+                                           operations=Eager)
+    return {k: (tuple(v.shape), v.dtype) for k, v in twin.state_dict().items()}
+
+
+def patcher_class(disable_dynamic: bool = False) -> type:
+    """The patcher ComfyUI's own loader wraps diffusion models in: ``CoreModelPatcher`` where it exists
+    (newer ComfyUI: ``ModelPatcherDynamic`` when dynamic VRAM is on), else ``ModelPatcher``. Looked up
+    at call time: ComfyUI rebinds it at start-up."""
+    core = getattr(comfy.model_patcher, "CoreModelPatcher", None)
+    return comfy.model_patcher.ModelPatcher if disable_dynamic or core is None else core
+
+
+def is_dynamic(patcher) -> bool:
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+def new_patcher(model: TagMoEQwenImage, disable_dynamic: bool = False):
+    cls = patcher_class(disable_dynamic)
+    return cls(model, **accepted_arguments(cls.__init__, {"load_device": mm.get_torch_device(),
+                                                           "offload_device": mm.unet_offload_device()}))
+
+
+def load_weights(diffusion_model: torch.nn.Module, chunk: dict[str, torch.Tensor], assign: bool) -> list[str]:
+    """Load one chunk of the state dict as ComfyUI's ``load_model_weights`` does (``load_state_dict``,
+    ``assign`` when the patcher is dynamic), but module by module: a dynamic-VRAM Linear that is
+    handed a state dict without its keys makes zero placeholders, so each module only sees its own.
+    Returns the keys loading reported unexpected."""
+    owners: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in chunk.items():
+        owner, _, name = key.rpartition(".")
+        # a release expert's w2 is a transposed view; ComfyUI's own files give contiguous tensors (what a
+        # kept tensor must be for dynamic VRAM's copies, and what a copied one becomes anyway)
+        owners.setdefault(owner, {})[name] = tensor if tensor.is_contiguous() else tensor.contiguous()
+    unexpected = []
+    for owner, local in owners.items():
+        try:
+            module = diffusion_model.get_submodule(owner)
+        except AttributeError:
+            unexpected += [f"{owner}.{name}" for name in local]
+            continue
+        result = module.load_state_dict(local, strict=False, assign=assign)
+        unexpected += [f"{owner}.{name}" for name in result.unexpected_keys]
+    return unexpected
+
+
+def finish(patcher, heads: TagHeads | None, reload: tuple | None = None):
+    """What every TAG-MoE patcher carries: the rotary-position hooks, the tag heads, and the factory
+    ComfyUI uses to build a fresh copy (MultiGPU, non-dynamic delegates)."""
+    comfy_positions.install(patcher)
     if heads is not None:
         patcher.set_attachments(HEADS_ATTACHMENT, heads)
+    if reload is not None:
+        patcher.cached_patcher_init = reload
     return patcher
 
 
+def manage(model: TagMoEQwenImage, heads: TagHeads | None) -> comfy.model_patcher.ModelPatcher:
+    """Hand a model whose weights are in place to ComfyUI (benchmarks build such models by hand)."""
+    return finish(new_patcher(model), heads)
+
+
 def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
-                      progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+                      progress: Callable[[int, int], None] | None = None, disable_dynamic: bool = False,
+                      custom_operations=None) -> LoadedModel:
+    """TAG-MoE weights -> a ComfyUI patcher, the way ComfyUI's ``load_diffusion_model_state_dict`` does
+    it on the running version: model built by ComfyUI's config and operations (``custom_operations``
+    as its loader takes them), the patcher made before the weights load, ``assign`` when dynamic."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     ckpt = LinearExpertsCheckpoint.open(path)
     try:
-        storage = WEIGHT_DTYPES[weight_dtype][0] or ckpt.weight_dtype()
-        _check_host_memory(ckpt.num_parameters * storage.itemsize, weight_dtype)
         model, unet_dtype, manual_cast_dtype = new_tagmoe_model(ckpt.dims, ckpt.spec, ckpt.blocks, weight_dtype,
-                                                                ckpt.num_parameters, ckpt.weight_dtype())
+                                                                ckpt.num_parameters, ckpt.weight_dtype(),
+                                                                custom_operations)
+        expected = expected_state(model)
+        ckpt.check({k: shape for k, (shape, _) in expected.items()})
+        patcher = new_patcher(model, disable_dynamic)
+        assign = is_dynamic(patcher)  # the file's tensors become the weights (memory-mapped), as ComfyUI does
+        if not assign:
+            _check_host_memory(sum(torch.Size(s).numel() * d.itemsize for s, d in expected.values()), weight_dtype)
+            if not mm.is_device_cpu(mm.unet_offload_device()):
+                model.to(mm.unet_offload_device())
         diffusion_model = model.diffusion_model
-        ckpt.check({k: tuple(v.shape) for k, v in diffusion_model.state_dict().items()})
+        loaded: set[str] = set()
+        unexpected: list[str] = []
         total = ckpt.nbytes
         for chunk, done in ckpt.chunks():
             mm.throw_exception_if_processing_interrupted()
-            diffusion_model.load_state_dict(chunk, strict=False)
+            unexpected += load_weights(diffusion_model, chunk, assign)
+            loaded.update(chunk)
             if progress is not None:
                 progress(done, total)
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            raise MissingKeysError(missing, ckpt.describe())
+        if unexpected:
+            raise UnexpectedKeysError(unexpected, ckpt.describe())
         heads = TagHeads.from_state_dict(ckpt.tag_state()) if ckpt.has_tag_modules else None
     finally:
         ckpt.close()
     notes = [] if heads is not None else [
         "no tag_embedding/router_head in the checkpoint: routing analysis and tag guidance are off"]
-    return LoadedModel(manage(model, heads), ckpt, unet_dtype, manual_cast_dtype, notes)
+    finish(patcher, heads, reload=(reload_patcher, (str(path), weight_dtype)))
+    return LoadedModel(patcher, ckpt, unet_dtype, manual_cast_dtype, notes)
+
+
+def reload_patcher(path: str, weight_dtype: str = "default", disable_dynamic: bool = False):
+    """``cached_patcher_init``'s factory: a fresh TAG-MoE patcher from the same file."""
+    return load_tagmoe_model(path, weight_dtype, disable_dynamic=disable_dynamic).patcher
 
 
 def _check_host_memory(needed: int, weight_dtype: str) -> None:

@@ -19,7 +19,7 @@ from ..tagmoe_core.model.run_state import routing_run
 from ..tagmoe_core.model.positions import RegionShape
 from ..tagmoe_core.pipeline.guidance import true_cfg_latents, uses_cfg
 from ..tagmoe_core.taxonomy import TaskTags
-from .comfy_model import current_plan
+from .comfy_positions import current_plan
 
 GUIDANCE_KEY = "tagmoe_tag_guidance"
 RECORD_KEY = "tagmoe_record_routing"

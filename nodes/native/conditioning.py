@@ -17,7 +17,7 @@ NO_BASE = "(no Qwen-Image folder in models/diffusers)"
 
 
 def _with_reference(conditioning, latent: torch.Tensor, region):
-    from ..comfy_model import REGION_KEY  # the TAG-MoE model reads the region under this key
+    from ..comfy_positions import REGION_KEY  # the TAG-MoE model reads the region under this key
 
     out = []
     for embeds, options in conditioning:
