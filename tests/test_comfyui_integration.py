@@ -101,7 +101,10 @@ def test_pack_loads_serves_its_extension_and_lists_its_workflows(comfy_server):
     import requests
 
     log = server["log"].read_text()
-    assert "IMPORT FAILED" not in log and "comfyui-tagmoe" in log
+    # ComfyUI's own optional nodes may fail to import (nodes_audio without torchaudio); the pack may not
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line or "import failed" in line.lower()]
+    assert not [line for line in failed if "tagmoe" in line], failed
+    assert "comfyui-tagmoe" in log
     script = requests.get(f"{server['url']}/extensions/comfyui-tagmoe/tagmoe.js", timeout=10)
     assert script.ok and "registerExtension" in script.text
     templates = requests.get(f"{server['url']}/workflow_templates", timeout=10).json()

@@ -1,0 +1,67 @@
+"""Newer ComfyUI's seams on the tree in COMFYUI_DIR: dynamic-VRAM Linears (emulated from newest
+``comfy/ops.py``), CoreModelPatcher and its reload factory, rotary positions through ``post_input``,
+TorchCompileModel. The checks run in a subprocess (comfy_newer_seams.py) in ComfyUI's folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from comfy_server import COMFYUI_DIR
+
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout")]
+
+
+@pytest.fixture(scope="module")
+def seams(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("seams")
+    script = os.path.join(os.path.dirname(__file__), "comfy_newer_seams.py")
+    env = {**os.environ, "TAGMOE_TINY": str(tiny_bundle.tagmoe), "TAGMOE_OUT": str(out)}
+    done = subprocess.run([sys.executable, script], cwd=COMFYUI_DIR, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def test_dynamic_vram_linears_load_as_a_normal_load(seams):
+    assert seams["lazy_linears"] > 0 and seams["lazy_weights_none_before_load"] == seams["lazy_linears"]
+    assert seams["lazy_state_dict_keys_before_load"] < seams["normal_state_dict_keys"]  # what the old check saw
+    for name in ("lazy", "lazy_dynamic"):
+        assert seams[f"{name}_keys_equal"], name
+        assert seams[f"{name}_weights_max_diff"] == 0.0 and seams[f"{name}_call_max_diff"] == 0.0, name
+        assert seams[f"{name}_patcher_size"] == seams["normal_weight_bytes"] == seams["normal_patcher_size"], name
+
+
+def test_the_patcher_is_comfyuis_core_patcher_with_a_reload_factory(seams):
+    assert seams["lazy_patcher_class"] == "NewestModelPatcher"
+    assert seams["lazy_dynamic_patcher_class"] == "EmulatedCorePatcher"
+    assert seams["lazy_dynamic_reload"][0] == "reload_patcher" and seams["lazy_dynamic_reload"][1][1] == "default"
+    assert seams["reload_non_dynamic_class"] == "ModelPatcher" and seams["reload_call_max_diff"] == 0.0
+
+
+def test_bad_files_get_one_line_errors_with_lazy_linears(seams):
+    bad = seams["bad_files"]
+    assert bad["missing"].startswith(("MissingKeysError", "InconsistentExpertsError", "NotATagMoECheckpointError")), bad
+    assert bad["shape"].startswith("ShapeMismatchError") and "proj_out.weight" in bad["shape"], bad
+    assert all("\n" not in message for message in bad.values())
+
+
+def test_rotary_positions_through_post_input_compose(seams):
+    assert seams["post_input_registered"]
+    assert seams["ids_differ_from_comfyuis"]  # odd grid: the reference centres it the other way
+    assert seams["post_input_ids_equal_fallback"]
+    assert seams["embedder_keeps_later_patch"]  # a later pack's ids are not overridden
+    assert len(seams["other_method_logs"]) == 1 and seams["other_method_changes_output"] > 0
+
+
+def test_torch_compile_model_matches_eager(seams):
+    compiled = seams["compile"]
+    if "skipped" in compiled:
+        pytest.skip(compiled["skipped"])
+    assert compiled["max_diff"] < 1e-4 and compiled["again_max_diff"] < 1e-4, compiled
