@@ -120,6 +120,14 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     return out
 
 
+def _eager(function):
+    """Run outside torch.compile's graphs: the plan lives in a ContextVar that a compiled graph would
+    bake in as a constant (TorchCompileModel then gives a later call an earlier call's positions)."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(function) if disable is not None else function
+
+
+@_eager
 def post_input_patch(args: dict) -> dict:
     """``post_input`` patch: ComfyUI's img/txt ids -> the reference's (newer ComfyUI)."""
     plan = _PLAN.get()
@@ -151,10 +159,15 @@ class ReferencePositions(nn.Module):
         self.embedder = embedder
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        plan = _PLAN.get()
-        if plan is not None and not plan.used:
-            text_len = ids.shape[1] - plan.image_tokens
-            reference = plan.ids_for(text_len, plan.image_tokens if text_len >= 0 else -1)
-            if reference is not None:
-                ids = reference.to(ids.device, ids.dtype)[None].expand(ids.shape[0], -1, -1)
-        return self.embedder(ids)
+        return self.embedder(_planned_ids(ids))
+
+
+@_eager
+def _planned_ids(ids: torch.Tensor) -> torch.Tensor:
+    plan = _PLAN.get()
+    if plan is not None and not plan.used:
+        text_len = ids.shape[1] - plan.image_tokens
+        reference = plan.ids_for(text_len, plan.image_tokens if text_len >= 0 else -1)
+        if reference is not None:
+            ids = reference.to(ids.device, ids.dtype)[None].expand(ids.shape[0], -1, -1)
+    return ids

@@ -9,10 +9,14 @@ NO_WEIGHTS = "(no TAG-MoE weights in models/diffusion_models or models/tagmoe)"
 
 
 class TagMoELoadDiffusionModel:
-    DESCRIPTION = ("Loads TAG-MoE weights as a ComfyUI MODEL: ComfyUI's Qwen-Image model with the MoE layers, so "
-                   "KSampler, SamplerCustomAdvanced, LoRA loaders and ComfyUI's memory management (partial "
-                   "loading, --lowvram, --reserve-vram, fp8) work with it. Do not load TAG-MoE files with ComfyUI's "
-                   "own Load Diffusion Model: it drops the experts and leaves those layers uninitialised.")
+    DESCRIPTION = ("Loads TAG-MoE weights as a ComfyUI MODEL: ComfyUI's Qwen-Image model with the MoE layers, "
+                   "built and loaded the way ComfyUI's own Load Diffusion Model builds Qwen-Image, so KSampler, "
+                   "SamplerCustomAdvanced, LoRA loaders, TorchCompileModel and ComfyUI's memory management apply. "
+                   "Memory: on ComfyUI with dynamic VRAM (newer ComfyUI on NVIDIA, on by default) ComfyUI streams "
+                   "the weights to the GPU as needed and --lowvram does nothing; --reserve-vram and fp8 apply. On "
+                   "ComfyUI 0.3.x-0.10, or with --disable-dynamic-vram: partial loading, --lowvram, --novram, "
+                   "--reserve-vram and fp8. Do not load TAG-MoE files with ComfyUI's own Load Diffusion Model: it "
+                   "drops the experts and leaves those layers uninitialised.")
     CATEGORY = "TAG-MoE"
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL",)
@@ -28,7 +32,8 @@ class TagMoELoadDiffusionModel:
                     "from 'tagmoe convert'), or the release's folder with its *.index.json and shards")}),
                 "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip": (
                     "how the weights are stored: default keeps the file's (bf16) or what ComfyUI picks for the "
-                    "device; fp8 halves the memory (e4m3fn_fast also uses fp8 matmuls where the GPU has them)")}),
+                    "device; fp8 halves the GPU memory, and the host memory on ComfyUI without dynamic VRAM "
+                    "(e4m3fn_fast also uses fp8 matmuls where the GPU has them)")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

@@ -112,7 +112,8 @@ def dispatch(experts: torch.Tensor, num_experts: int) -> Dispatch:
     num_tokens, top_k = experts.shape
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add instead of bincount: same counts, a shape torch.compile knows (bincount's depends on the data)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     token_of_pair = order // top_k if top_k > 1 else order
     return Dispatch(order, counts, token_of_pair, num_tokens, top_k)
 
