@@ -66,7 +66,7 @@ def accepted_arguments(function: Callable, arguments: dict) -> dict:
         return dict(arguments)
     dropped = sorted(set(arguments) - set(parameters))
     if dropped:
-        log.info("TAG-MoE: this ComfyUI's %s takes no %s; not passed", function.__qualname__, ", ".join(dropped))
+        log.debug("TAG-MoE: this ComfyUI's %s takes no %s; not passed", function.__qualname__, ", ".join(dropped))
     return {k: v for k, v in arguments.items() if k in parameters}
 
 

@@ -17,6 +17,7 @@ subprocess started by test_comfyui_newer.py; measurements go to ``$TAGMOE_OUT/re
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -109,6 +110,7 @@ def main() -> None:
 
     normal = comfy_model.load_tagmoe_model(tiny).patcher
     want = call(normal)
+    torch.save(want, out / "model_call.pt")  # compared with the other ComfyUI trees' by the test
     weights = {k: v for k, v in normal.model.diffusion_model.state_dict().items()}
 
     # -- dynamic-VRAM Linear ------------------------------------------------------------------------------------------
@@ -142,6 +144,19 @@ def main() -> None:
             fresh = lazy.cached_patcher_init[0](*lazy.cached_patcher_init[1], disable_dynamic=True)
             result["reload_non_dynamic_class"] = type(fresh).__name__
             result["reload_call_max_diff"] = float((call(fresh) - want).abs().max())
+    # ComfyUI-MultiGPU (and ComfyUI before cached_patcher_init) deep-copies the model for another device
+    try:
+        copied = copy.deepcopy(normal.model)
+    except TypeError as exc:
+        try:  # ComfyUI's own model config object: if it cannot be copied, no model of this ComfyUI can
+            copy.deepcopy(normal.model.model_config)
+            raise
+        except TypeError:
+            result["deepcopy_call_max_diff"] = f"this ComfyUI's model config cannot be deep-copied ({exc})"
+    else:
+        twin = comfy.model_patcher.ModelPatcher(copied, normal.load_device, normal.offload_device)
+        twin.wrappers, twin.model_options = copy.deepcopy(normal.wrappers), copy.deepcopy(normal.model_options)
+        result["deepcopy_call_max_diff"] = float((call(twin) - want).abs().max())
     result["normal_patcher_size"] = normal.model_size()
     result["normal_weight_bytes"] = sum(t.nbytes for t in normal.model.state_dict().values())
 
@@ -242,14 +257,30 @@ def _edited_copy(tiny, folder: Path, edit) -> Path:
 
 def _compile_check(patcher, call, want) -> dict:
     import importlib
+    import inspect
 
-    try:
-        node = importlib.import_module("comfy_extras.nodes_torch_compile").TorchCompileModel
-    except Exception as exc:  # noqa: BLE001 - a tree without the node: say so
-        return {"skipped": f"{type(exc).__name__}: {exc}"}
+    node, errors = None, []
+    for name in ("comfy_extras.nodes_torch_compile", "comfy_extras.nodes.nodes_torch_compile"):  # the fork's
+        try:
+            node = importlib.import_module(name).TorchCompileModel
+            break
+        except Exception as exc:  # noqa: BLE001 - a tree without the node: say so
+            errors.append(f"{type(exc).__name__}: {exc}")
+    if node is None:
+        return {"skipped": errors[0]}
     execute = getattr(node, "execute", None)
-    compiled = execute(patcher, "inductor") if execute else node().patch(patcher, "inductor")
+    if execute:
+        compiled = execute(patcher, "inductor")
+    elif "object_patch" in inspect.signature(node.patch).parameters:
+        # the fork's (model, object_patch, fullgraph, dynamic, backend, mode): it also passes options, which
+        # torch.compile takes only without a mode
+        compiled = node().patch(patcher, backend="inductor", mode=None)
+    else:
+        compiled = node().patch(patcher, "inductor")
     compiled = compiled[0] if isinstance(compiled, tuple) else getattr(compiled, "result", (compiled,))[0]
+    if compiled is patcher:  # the fork logs a failed compile and hands the model back as it was
+        return {"max_diff": float("inf"), "again_max_diff": float("inf"), "error": "TorchCompileModel returned "
+                "the model itself: compiling failed (see the log)"}
     start = time.perf_counter()
     first = call(compiled)
     first_s = time.perf_counter() - start

@@ -1,9 +1,10 @@
 """A real ComfyUI server for the ``comfyui``-marked tests, with the pack and the tiny model.
 
-``main.py --cpu`` on a free loopback port with a fresh base directory holding the pack (linked),
-the tiny model in models/diffusers (with a full-size random Qwen-Image VAE, which ComfyUI's VAE loader
-can build), the TAG-MoE weights in models/tagmoe and models/diffusion_models, the same VAE in
-ComfyUI's key layout in models/vae, a small LoRA in models/loras and example images in input/.
+``main.py --cpu`` (on the hiddenswitch fork, its ``comfyui`` entry point: see ``server_command``) on a
+free loopback port with a fresh base directory holding the pack (linked), the tiny model in
+models/diffusers (with a full-size random Qwen-Image VAE, which ComfyUI's VAE loader can build), the
+TAG-MoE weights in models/tagmoe and models/diffusion_models, the same VAE in ComfyUI's key layout in
+models/vae, a small LoRA in models/loras and example images in input/.
 """
 
 from __future__ import annotations
@@ -50,6 +51,34 @@ def _full_size_vae_bundle(tiny_bundle, root: Path) -> tuple[Path, Path]:
     return base, comfy_vae
 
 
+def is_hiddenswitch_fork(comfyui_dir=COMFYUI_DIR) -> bool:
+    """The hiddenswitch fork of ComfyUI (an installable ``comfy`` package, its server in
+    ``comfy/cmd/main.py``) rather than Comfy-Org's tree (``main.py`` with top-level ``nodes.py``)."""
+    return bool(comfyui_dir) and (Path(comfyui_dir) / "comfy" / "cmd" / "main.py").is_file()
+
+
+def server_command(port: int, home: Path) -> tuple[list[str], str, dict]:
+    """The command, working directory and environment that start ComfyUI (``COMFYUI_DIR``) on ``port``
+    with ``home`` as its base directory (models/, custom_nodes/, input/, output/, user/).
+
+    Comfy-Org's tree: ``main.py`` in ``COMFYUI_DIR``. The hiddenswitch fork: its root main.py replaces
+    the base paths with its own folder after parsing ``--base-directory`` (the pack in
+    ``home/custom_nodes`` would not load), so this runs its installed ``comfyui`` script instead,
+    ``comfy.cmd.main:entrypoint``, which keeps them, with ``comfy`` imported from ``COMFYUI_DIR``. It
+    runs in ``home``, since the fork also creates its input/output/temp/user folders relative to the
+    working directory; its database goes in ``home`` too, not the user's data folder. It logs each
+    custom node's import time (and "IMPORT FAILED") at DEBUG, where Comfy-Org's prints them, so it
+    logs at DEBUG."""
+    common = ["--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(home),
+              "--disable-auto-launch", "--preview-method", "latent2rgb"]
+    if not is_hiddenswitch_fork():
+        return [sys.executable, "main.py", *common], COMFYUI_DIR, dict(os.environ)
+    path = os.pathsep.join(p for p in (str(Path(COMFYUI_DIR).resolve()), os.environ.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-c", "from comfy.cmd.main import entrypoint; entrypoint()", *common,
+               "--database-url", f"sqlite:///{home / 'user' / 'comfy.db'}", "--logging-level", "DEBUG"]
+    return command, str(home), {**os.environ, "PYTHONPATH": path}
+
+
 def start_server(tiny_bundle, tmp_path_factory):
     import requests
 
@@ -65,6 +94,9 @@ def start_server(tiny_bundle, tmp_path_factory):
     (home / "models/diffusion_models/TAG-MoE").symlink_to(tiny_bundle.tagmoe)
     (home / "models/vae/qwen_image_vae.safetensors").symlink_to(comfy_vae)
     write_test_lora(home / "models/loras" / LORA_NAME)
+    # a returning user: newer frontends open the template browser on a first visit, late, over the graph
+    (home / "user/default").mkdir(parents=True, exist_ok=True)
+    (home / "user/default/comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
     from tagmoe_core.demo import demo_image
 
     demo_image().save(home / "input" / "example.png")
@@ -76,20 +108,22 @@ def start_server(tiny_bundle, tmp_path_factory):
 
     port = _free_port()
     log = open(root / "comfyui.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-         str(home), "--disable-auto-launch", "--preview-method", "latent2rgb"],
-        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
+    command, cwd, env = server_command(port, home)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
             if process.poll() is not None:
                 pytest.fail(f"ComfyUI exited:\n{(root / 'comfyui.log').read_text()[-4000:]}")
             try:
-                if requests.get(f"{url}/object_info/TagMoESampler", timeout=2).ok:
-                    break
+                reply = requests.get(f"{url}/object_info/TagMoESampler", timeout=2)
             except requests.ConnectionError:
                 time.sleep(1)
+                continue
+            if reply.ok and "TagMoESampler" in reply.json():
+                break
+            # ComfyUI imports the custom nodes before it listens: up without them is a failed import
+            pytest.fail(f"ComfyUI is up without the pack's nodes:\n{(root / 'comfyui.log').read_text()[-4000:]}")
         else:
             pytest.fail("ComfyUI did not start within 300 s")
         yield {"url": url, "home": home, "log": root / "comfyui.log", "base": base_model}
@@ -100,6 +134,17 @@ def start_server(tiny_bundle, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+def offline_page(browser, **options):
+    """A Playwright page for ComfyUI's frontend on a machine without internet. The hiddenswitch fork's
+    own Eval Python extension (comfy_extras/eval_web/eval_python.js) loads the Ace editor from a CDN
+    and awaits it at the top level with no error handler, so offline the frontend never finishes its
+    setup (no ``window.app``): the page gets a stand-in for that script."""
+    page = browser.new_page(**options)
+    page.route("**/ace-builds@*/**", lambda route: route.fulfill(
+        status=200, content_type="application/javascript", body="window.ace = window.ace || {config: {set() {}}};"))
+    return page
 
 
 def run_prompt(server, prompt: dict, timeout: float = 600) -> dict:
@@ -182,3 +227,41 @@ def write_test_lora(path: Path) -> None:
         state[f"{stem}.lora_A.weight"] = torch.randn(LORA_RANK, in_dim, generator=gen) * 0.3
         state[f"{stem}.lora_B.weight"] = torch.randn(out_dim, LORA_RANK, generator=gen) * 0.3
     save_file(state, str(path))
+
+
+def tree_name(comfyui_dir=COMFYUI_DIR) -> str:
+    """Which ComfyUI this is, e.g. ``Comfy-Org 0.3.64`` or ``hiddenswitch 0.10.0``."""
+    import re
+
+    root = Path(comfyui_dir)
+    version_file = root / "comfyui_version.py"
+    if not version_file.is_file():  # the fork keeps it in its package
+        version_file = root / "comfy" / "__init__.py"
+    found = re.search(r'__version__\s*=\s*"([^"]+)"', version_file.read_text()) if version_file.is_file() else None
+    return f"{'hiddenswitch' if is_hiddenswitch_fork(comfyui_dir) else 'Comfy-Org'} {found[1] if found else '?'}"
+
+
+def same_on_every_tree(name: str, result) -> dict[str, float]:
+    """Keep ``result`` (a tensor) under ``$TAGMOE_TREE_RESULTS/<tree>/<name>.pt`` and return its largest
+    difference to the same result from every other ComfyUI tree kept there: run the comfyui tests on
+    one tree, then on the next with the same folder, and the second run compares the two."""
+    import torch
+
+    folder = os.environ.get("TAGMOE_TREE_RESULTS")
+    if not folder:
+        return {}
+    tree = tree_name()
+    own = Path(folder) / tree.replace(" ", "-")
+    own.mkdir(parents=True, exist_ok=True)
+    result = torch.as_tensor(result).detach().float().cpu()
+    torch.save(result, own / f"{name}.pt")
+    diffs = {}
+    for other in sorted(Path(folder).iterdir()):
+        if other != own and (other / f"{name}.pt").is_file():
+            theirs = torch.load(other / f"{name}.pt")
+            same_shape = theirs.shape == result.shape
+            diffs[other.name] = float((theirs - result).abs().max()) if same_shape else float("inf")
+            relative = float((theirs - result).norm() / theirs.norm().clamp_min(1e-30)) if same_shape else float("inf")
+            print(f"{name} on {tree} vs {other.name}: max abs difference {diffs[other.name]:.3g}, rel L2 "
+                  f"{relative:.3g}")
+    return diffs

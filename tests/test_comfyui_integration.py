@@ -18,7 +18,8 @@ import shutil
 
 import numpy as np
 import pytest
-from comfy_server import COMFYUI_DIR, LORA_NAME, images_of, run_prompt
+from comfy_server import (COMFYUI_DIR, LORA_NAME, images_of, is_hiddenswitch_fork, offline_page, run_prompt,
+                          same_on_every_tree)
 from node_harness import REPO
 from workflow_api import ui_to_api
 
@@ -67,6 +68,10 @@ def test_workflow_runs_in_comfyui(comfy_server, path):
             assert picture.size[0] >= 32 and picture.size[1] >= 32, (kind, picture.size)
     sizes = {prompt[n]["class_type"]: {p.size for p in ps} for n, ps in images.items()}
     print(f"{path.stem}: {sizes}")
+    for node_id, pictures in sorted(images.items()):  # the same workflow on another ComfyUI: the same pixels
+        pixels = np.stack([np.asarray(p.convert("RGB"), dtype=np.float32) for p in pictures])
+        for tree, diff in same_on_every_tree(f"{path.stem} node {node_id}", pixels).items():
+            assert diff <= 1, (path.stem, node_id, tree, diff)
 
 
 def test_native_vae_decode_matches_ours(comfy_server):
@@ -110,7 +115,12 @@ def test_pack_loads_serves_its_extension_and_lists_its_workflows(comfy_server):
     templates = requests.get(f"{server['url']}/workflow_templates", timeout=10).json()
     assert set(templates.get("comfyui-tagmoe", [])) == {p.stem for p in WORKFLOWS}
     thumb = requests.get(f"{server['url']}/api/workflow_templates/comfyui-tagmoe/01 Edit an image.jpg", timeout=10)
-    assert thumb.ok and thumb.content[:3] == b"\xff\xd8\xff"
+    if is_hiddenswitch_fork() and thumb.status_code == 404:
+        # the fork's server registers the template routes with no loaded packs (comfy/cmd/server.py passes
+        # custom_node_manager.add_routes an empty map): no pack's template files are served there
+        print("hiddenswitch fork: /api/workflow_templates/<pack>/ is not served for any pack")
+    else:
+        assert thumb.ok and thumb.content[:3] == b"\xff\xd8\xff"
     info = requests.get(f"{server['url']}/object_info/TagMoESampler", timeout=10).json()["TagMoESampler"]
     assert info["category"] == "TAG-MoE" and info["output"] == ["LATENT", "INT", "TAGMOE_ROUTING"]
 
@@ -129,7 +139,7 @@ def test_tag_picker_in_the_real_frontend(comfy_server):
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync"])
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page = offline_page(browser, viewport={"width": 1600, "height": 1000})
             errors = []
             page.on("pageerror", lambda e: errors.append(e.stack or str(e)))
             page.goto(server["url"], wait_until="networkidle", timeout=120_000)
@@ -199,7 +209,7 @@ def test_node_texts_are_readable_and_nodes_do_not_cover_each_other(comfy_server)
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync"])
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page = offline_page(browser, viewport={"width": 1600, "height": 1000})
             page.goto(comfy_server["url"], wait_until="networkidle", timeout=120_000)
             page.wait_for_function("() => window.app && window.app.graph", timeout=60_000)
             page.wait_for_timeout(1000)

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from comfy_server import COMFYUI_DIR, latents_of, run_prompt, write_latent
+from comfy_server import COMFYUI_DIR, latents_of, run_prompt, same_on_every_tree, write_latent
 from PIL import Image
 
 pytestmark = [pytest.mark.comfyui,
@@ -69,6 +69,8 @@ def _report(name: str, native: torch.Tensor, want: torch.Tensor) -> float:
     assert native.shape == want.shape, (native.shape, want.shape)
     diff = float((native.float() - want.float()).abs().max())
     print(f"{name}: max |native - core| = {diff:.3g} (latents up to {float(want.abs().max()):.3g})")
+    for tree, tree_diff in same_on_every_tree(name, native).items():  # the same graph on another ComfyUI
+        assert tree_diff < TOLERANCE["reference latent"], (name, tree, tree_diff)
     return diff
 
 

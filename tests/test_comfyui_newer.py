@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from comfy_server import COMFYUI_DIR
+import torch
+from comfy_server import COMFYUI_DIR, same_on_every_tree
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout")]
@@ -26,7 +27,12 @@ def seams(tiny_bundle, tmp_path_factory):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     print(json.dumps(result, indent=1))
+    result["other_trees"] = same_on_every_tree("one model call", torch.load(out / "model_call.pt"))
     return result
+
+
+def test_one_model_call_is_the_same_on_every_tree(seams):
+    assert all(diff < 1e-5 for diff in seams["other_trees"].values()), seams["other_trees"]
 
 
 def test_dynamic_vram_linears_load_as_a_normal_load(seams):
@@ -43,6 +49,8 @@ def test_the_patcher_is_comfyuis_core_patcher_with_a_reload_factory(seams):
     assert seams["lazy_dynamic_patcher_class"] == "EmulatedCorePatcher"
     assert seams["lazy_dynamic_reload"][0] == "reload_patcher" and seams["lazy_dynamic_reload"][1][1] == "default"
     assert seams["reload_non_dynamic_class"] == "ModelPatcher" and seams["reload_call_max_diff"] == 0.0
+    # ComfyUI-MultiGPU's copy for another device (the fork's model configs refuse deepcopy, dense ones too)
+    assert seams["deepcopy_call_max_diff"] == 0.0 or "cannot be deep-copied" in seams["deepcopy_call_max_diff"]
 
 
 def test_bad_files_get_one_line_errors_with_lazy_linears(seams):
