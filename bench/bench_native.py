@@ -184,10 +184,12 @@ def release_run(args) -> None:
                                                           args.weight_dtype, num_parameters=22_700_000_000,
                                                           file_dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.diffusion_model.parameters():  # random weights, made in bf16 then stored as chosen
-            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.bfloat16) * 0.02)
-    patcher = comfy_model.manage(model, None)
+    # random weights in bf16 (the release file's dtype), loaded as the loader loads a file: with dynamic
+    # VRAM's lazy Linears there are no parameters to fill in place
+    state = {key: torch.randn(shape, generator=gen, dtype=torch.bfloat16) * 0.02
+             for key, (shape, _) in comfy_model.expected_state(model.model_config).items()}
+    patcher = comfy_model.manage(model, state)
+    del state
     build_s = time.perf_counter() - start
     h = w = args.size // 8
     gen = torch.Generator().manual_seed(1)

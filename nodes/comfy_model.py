@@ -30,6 +30,7 @@ import comfy.ldm.qwen_image.model as qwen_image
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
 import comfy.supported_models
 import torch
 
@@ -57,20 +58,24 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 DEFAULT_SHIFT = shift_for(image_seq_len(1024, 1024), QWEN_IMAGE_SCHEDULER)
 
 
+# arguments some ComfyUI versions do not take, whose absence means their default (what TAG-MoE needs)
+OPTIONAL_ARGUMENTS = frozenset({"guidance_embeds", "device", "fast_disk"})
+
+
 def accepted_arguments(function: Callable, arguments: dict) -> dict:
     """The part of ``arguments`` that ``function`` takes: ComfyUI's constructors gain and lose
-    arguments between versions (0.10 dropped ``guidance_embeds``) and take no ``**kwargs``. A value
-    dropped here is logged, never silently meant."""
+    arguments between versions (0.10 dropped ``guidance_embeds``) and take no ``**kwargs``. Only
+    the optional ones may go unpassed quietly; any other is refused, never silently dropped."""
     parameters = inspect.signature(function).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return dict(arguments)
-    dropped = sorted(set(arguments) - set(parameters))
-    if dropped:
-        log.debug("TAG-MoE: this ComfyUI's %s takes no %s; not passed", function.__qualname__, ", ".join(dropped))
+    dropped = set(arguments) - set(parameters)
+    if dropped - OPTIONAL_ARGUMENTS:
+        raise TypeError(f"this ComfyUI's {function.__qualname__} takes no {', '.join(sorted(dropped))}: TAG-MoE needs "
+                        "them (is this ComfyUI supported? see the README's ComfyUI versions)")
     return {k: v for k, v in arguments.items() if k in parameters}
 
 
-# -- the model -------------------------------------------------------------------------------------------------
 class TagMoEQwenImageTransformer(qwen_image.QwenImageTransformer2DModel):
     """ComfyUI's Qwen-Image transformer with ``LinearExpertsMoE`` as ``img_mlp`` of the MoE blocks."""
 
@@ -85,7 +90,6 @@ class TagMoEQwenImageTransformer(qwen_image.QwenImageTransformer2DModel):
                 self.inner_dim, ffn, tagmoe_num_experts, tagmoe_top_k, "gelu_tanh", layer_index=index,
                 linear_cls=operations.Linear, device=device, dtype=dtype, router_dtype=router_dtype)
         self.pe_embedder = ReferencePositions(self.pe_embedder)
-        self.tagmoe_operations = operations  # for the loader's key check (expected_state)
 
 
 class TagMoEQwenImage(comfy.model_base.QwenImage):
@@ -128,11 +132,10 @@ class LoadedModel:
         return "\n".join(lines + self.notes)
 
 
-def new_tagmoe_model(dims: dict, spec, blocks: list[int], weight_dtype: str = "default", num_parameters: int = 0,
-                     file_dtype: torch.dtype | None = None, custom_operations=None,
-                     ) -> tuple[TagMoEQwenImage, torch.dtype, torch.dtype | None]:
-    """An empty TAG-MoE model (weights allocated, not loaded) with ComfyUI's choice of storage and
-    compute dtypes, as its Load Diffusion Model makes them: ``(model, storage dtype, compute dtype)``."""
+def tagmoe_model_config(dims: dict, spec, blocks: list[int], weight_dtype: str = "default", num_parameters: int = 0,
+                        file_dtype: torch.dtype | None = None, custom_operations=None):
+    """ComfyUI's Qwen-Image model config for a TAG-MoE of these sizes, with ComfyUI's choice of storage
+    and compute dtypes as its Load Diffusion Model makes them: ``(config, storage dtype, compute dtype)``."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     unet_config = {
@@ -158,18 +161,26 @@ def new_tagmoe_model(dims: dict, spec, blocks: list[int], weight_dtype: str = "d
         model_config.optimizations["fp8"] = True
     if custom_operations is not None:  # as ComfyUI's loader takes model_options["custom_operations"]
         model_config.custom_operations = custom_operations
+    return model_config, unet_dtype, manual_cast_dtype
+
+
+def new_tagmoe_model(dims: dict, spec, blocks: list[int], weight_dtype: str = "default", num_parameters: int = 0,
+                     file_dtype: torch.dtype | None = None, custom_operations=None,
+                     ) -> tuple[TagMoEQwenImage, torch.dtype, torch.dtype | None]:
+    """An empty TAG-MoE model (weights allocated, or none yet with dynamic VRAM's lazy Linears):
+    ``(model, storage dtype, compute dtype)``."""
+    model_config, unet_dtype, manual_cast_dtype = tagmoe_model_config(dims, spec, blocks, weight_dtype,
+                                                                      num_parameters, file_dtype, custom_operations)
     return TagMoEQwenImage(model_config), unet_dtype, manual_cast_dtype
 
 
-def expected_state(model: TagMoEQwenImage) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Every key the model will hold after loading, with its shape and dtype, read off a twin built
-    on the meta device (no memory) from the same config and operations, with plain torch Linears.
-
-    The model itself cannot tell before loading: newer ComfyUI (dynamic VRAM) builds its Linears
-    with ``weight = bias = None`` and creates them from the file's tensors at load time."""
-    operations = model.diffusion_model.tagmoe_operations
-
-    class Eager(operations):
+def expected_state(model_config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every key a TAG-MoE model of this config holds after loading, with its shape and dtype, read off
+    a twin built on the meta device (no memory) with plain torch Linears: the model itself cannot tell
+    before loading, as newer ComfyUI (dynamic VRAM) builds its Linears with ``weight = bias = None``
+    and creates them from the file's tensors. Every module takes its dtype from the config, not from
+    its operations class, so the twin's dtypes are the model's."""
+    class Eager(comfy.ops.disable_weight_init):
         class Linear(torch.nn.Linear):
             def reset_parameters(self):
                 return None
@@ -179,8 +190,7 @@ def expected_state(model: TagMoEQwenImage) -> dict[str, tuple[tuple[int, ...], t
                 return None
 
     with torch.device("meta"):
-        twin = type(model.diffusion_model)(**model.model_config.unet_config, device=torch.device("meta"),
-                                           operations=Eager)
+        twin = TagMoEQwenImageTransformer(**model_config.unet_config, device=torch.device("meta"), operations=Eager)
     return {k: (tuple(v.shape), v.dtype) for k, v in twin.state_dict().items()}
 
 
@@ -210,19 +220,49 @@ def load_weights(diffusion_model: torch.nn.Module, chunk: dict[str, torch.Tensor
     owners: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in chunk.items():
         owner, _, name = key.rpartition(".")
-        # a release expert's w2 is a transposed view; ComfyUI's own files give contiguous tensors (what a
-        # kept tensor must be for dynamic VRAM's copies, and what a copied one becomes anyway)
-        owners.setdefault(owner, {})[name] = tensor if tensor.is_contiguous() else tensor.contiguous()
-    unexpected = []
+        owners.setdefault(owner, {})[name] = tensor
+    unexpected: list[str] = []
     for owner, local in owners.items():
         try:
-            module = diffusion_model.get_submodule(owner)
+            module = diffusion_model.get_submodule(owner) if owner else None
         except AttributeError:
+            module = None
+        if module is None:
             unexpected += [f"{owner}.{name}" for name in local]
             continue
-        result = module.load_state_dict(local, strict=False, assign=assign)
-        unexpected += [f"{owner}.{name}" for name in result.unexpected_keys]
+        for name, tensor in local.items():
+            # a release expert's w2 is a transposed view: a weight kept as it is (assign, or a lazy Linear's
+            # copy, which keeps strides) must be contiguous, as ComfyUI's own files give them
+            if not tensor.is_contiguous() and (assign or getattr(module, name, None) is None):
+                local[name] = tensor.contiguous()
+        if next(module.children(), None) is None:
+            unexpected += [f"{owner}.{name}" for name in module.load_state_dict(local, strict=False,
+                                                                                  assign=assign).unexpected_keys]
+        else:  # a module with children: its own tensors only (children handed nothing would make placeholders)
+            found: list[str] = []
+            module._load_from_state_dict({f"{owner}.{k}": v for k, v in local.items()}, f"{owner}.",
+                                         {"assign_to_params_buffers": assign}, False, [], found, [])
+            unexpected += found
     return unexpected
+
+
+def host_bytes(diffusion_model: torch.nn.Module, ckpt: LinearExpertsCheckpoint, assign: bool) -> int:
+    """Host memory loading will take: weights already allocated (eager Linears, norms) at their size;
+    a dynamic-VRAM Linear's weight copied from the file in the file's dtype, or nothing when the
+    file's memory map is kept (``assign``), except transposed expert views, which are copied."""
+    total = 0
+    for key, piece in ckpt.plan.items():
+        owner, _, name = key.rpartition(".")
+        param = getattr(diffusion_model.get_submodule(owner), name, None)
+        if param is not None:
+            total += param.nbytes
+        elif not assign or piece.transpose:
+            info = ckpt.reader.infos[piece.source]
+            numel = torch.Size(info.shape).numel()
+            if piece.start is not None:
+                numel = numel // info.shape[0] * (piece.stop - piece.start)
+            total += numel * info.dtype.itemsize
+    return total
 
 
 def finish(patcher, heads: TagHeads | None, reload: tuple | None = None):
@@ -236,9 +276,15 @@ def finish(patcher, heads: TagHeads | None, reload: tuple | None = None):
     return patcher
 
 
-def manage(model: TagMoEQwenImage, heads: TagHeads | None) -> comfy.model_patcher.ModelPatcher:
-    """Hand a model whose weights are in place to ComfyUI (benchmarks build such models by hand)."""
-    return finish(new_patcher(model), heads)
+def manage(model: TagMoEQwenImage, state: dict[str, torch.Tensor], heads: TagHeads | None = None):
+    """A patcher for ``model`` with ``state`` loaded the way the loader loads files (benchmarks build
+    random weights for ``expected_state`` keys by hand)."""
+    patcher = new_patcher(model)
+    unexpected = load_weights(model.diffusion_model, state, is_dynamic(patcher))
+    missing = sorted(set(expected_state(model.model_config)) - set(state))
+    if missing or unexpected:
+        raise ValueError(f"state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return finish(patcher, heads)
 
 
 def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
@@ -251,17 +297,17 @@ def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     ckpt = LinearExpertsCheckpoint.open(path)
     try:
-        model, unet_dtype, manual_cast_dtype = new_tagmoe_model(ckpt.dims, ckpt.spec, ckpt.blocks, weight_dtype,
-                                                                ckpt.num_parameters, ckpt.weight_dtype(),
-                                                                custom_operations)
-        expected = expected_state(model)
-        ckpt.check({k: shape for k, (shape, _) in expected.items()})
+        model_config, unet_dtype, manual_cast_dtype = tagmoe_model_config(
+            ckpt.dims, ckpt.spec, ckpt.blocks, weight_dtype, ckpt.num_parameters, ckpt.weight_dtype(),
+            custom_operations)
+        expected = expected_state(model_config)
+        ckpt.check({k: shape for k, (shape, _) in expected.items()})  # before anything is built or read
+        model = TagMoEQwenImage(model_config)
         patcher = new_patcher(model, disable_dynamic)
         assign = is_dynamic(patcher)  # the file's tensors become the weights (memory-mapped), as ComfyUI does
-        if not assign:
-            _check_host_memory(sum(torch.Size(s).numel() * d.itemsize for s, d in expected.values()), weight_dtype)
-            if not mm.is_device_cpu(mm.unet_offload_device()):
-                model.to(mm.unet_offload_device())
+        _check_host_memory(host_bytes(model.diffusion_model, ckpt, assign), weight_dtype)
+        if not assign and not mm.is_device_cpu(mm.unet_offload_device()):
+            model.to(mm.unet_offload_device())
         diffusion_model = model.diffusion_model
         loaded: set[str] = set()
         unexpected: list[str] = []
@@ -282,13 +328,14 @@ def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
         ckpt.close()
     notes = [] if heads is not None else [
         "no tag_embedding/router_head in the checkpoint: routing analysis and tag guidance are off"]
-    finish(patcher, heads, reload=(reload_patcher, (str(path), weight_dtype)))
+    finish(patcher, heads, reload=(reload_patcher, (str(path), weight_dtype, custom_operations)))
     return LoadedModel(patcher, ckpt, unet_dtype, manual_cast_dtype, notes)
 
 
-def reload_patcher(path: str, weight_dtype: str = "default", disable_dynamic: bool = False):
+def reload_patcher(path: str, weight_dtype: str = "default", custom_operations=None, disable_dynamic: bool = False):
     """``cached_patcher_init``'s factory: a fresh TAG-MoE patcher from the same file."""
-    return load_tagmoe_model(path, weight_dtype, disable_dynamic=disable_dynamic).patcher
+    return load_tagmoe_model(path, weight_dtype, disable_dynamic=disable_dynamic,
+                             custom_operations=custom_operations).patcher
 
 
 def _check_host_memory(needed: int, weight_dtype: str) -> None:

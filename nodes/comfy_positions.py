@@ -41,10 +41,16 @@ INDEX_METHODS = (None, "index", "index_timestep_zero")
 
 @dataclass
 class PositionPlan:
+    """The token layout of one model call. ``applicable``: TAG-MoE's positions apply to it (an index
+    reference method). ``used``: some forward of the call applied them; ``patched``: the forward in
+    progress already got them through ``post_input`` (so its rotary embedder leaves its ids alone)."""
+
     target: tuple[int, int]
     conditions: list[tuple[int, int] | RegionShape]
     text_len: int | None = None  # from the call's context; None: not known
+    applicable: bool = True
     used: bool = False
+    patched: bool = False
 
     @property
     def image_tokens(self) -> int:
@@ -52,15 +58,17 @@ class PositionPlan:
             return c.num_tokens if isinstance(c, RegionShape) else c[0] * c[1]
         return self.target[0] * self.target[1] + sum(count(c) for c in self.conditions)
 
-    def ids_for(self, text_len: int, image_tokens: int) -> torch.Tensor | None:
-        """The reference's ids [text + image tokens, 3] if this call's tokens are the plan's, else
-        None (with one log line)."""
+    def ids_for(self, text_len: int, image_tokens: int, device: torch.device, dtype: torch.dtype,
+                warn: bool = True) -> torch.Tensor | None:
+        """The reference's ids [text + image tokens, 3] (a fresh tensor) if this call's tokens are the
+        plan's, else None (with one log line where ``warn``)."""
         if image_tokens != self.image_tokens or self.text_len not in (None, text_len):
-            _warn_once("tokens", "TAG-MoE: the model got other tokens than its inputs explain (another patch adds "
-                                 "some?); its rotary positions are ComfyUI's, not the reference's")
+            if warn:
+                _warn_once("tokens", "TAG-MoE: the model got other tokens than its inputs explain (another patch "
+                                     "adds some?); its rotary positions are ComfyUI's, not the reference's")
             return None
         self.used = True
-        return _reference_ids(self.target, tuple(self.conditions), text_len)
+        return _reference_ids(self.target, tuple(self.conditions), text_len, device, dtype).clone()
 
 
 _PLAN: contextvars.ContextVar[PositionPlan | None] = contextvars.ContextVar("tagmoe_positions", default=None)
@@ -74,8 +82,8 @@ def _warn_once(key: str, message: str) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _reference_ids(target, conditions, text_len: int) -> torch.Tensor:
-    return reference_ids(target, list(conditions), text_len)
+def _reference_ids(target, conditions, text_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return reference_ids(target, list(conditions), text_len).to(device, dtype)
 
 
 def _grid(latent: torch.Tensor) -> tuple[int, int]:
@@ -88,19 +96,19 @@ def current_plan() -> PositionPlan | None:
 
 
 def position_plan(x: torch.Tensor, ref_latents, method, region, context=None) -> PositionPlan | None:
-    if method not in INDEX_METHODS:
+    applicable = method in INDEX_METHODS
+    if not applicable:
         _warn_once(f"method:{method}", f"TAG-MoE: reference method {method!r} lays condition images out its own way; "
                                        "the rotary positions are ComfyUI's, not the reference's (use 'index')")
-        return None
     conditions: list[tuple[int, int] | RegionShape] = [_grid(r) for r in (ref_latents or [])]
-    if region is not None:
+    if region is not None and applicable:
         shape = RegionShape(int(region[0]), int(region[1]), tuple(int(v) for v in region[2]))
         if len(conditions) != 1 or conditions[0] != (shape.rows, shape.cols):
             _warn_once("region", "TAG-MoE: a region was set but the reference latents do not match it; ignoring "
                                  "the region's positions")
         else:
             conditions = [shape]
-    return PositionPlan(_grid(x), conditions, context.shape[1] if context is not None else None)
+    return PositionPlan(_grid(x), conditions, context.shape[1] if context is not None else None, applicable)
 
 
 # -- the hooks ---------------------------------------------------------------------------------------------------
@@ -114,7 +122,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     finally:
         _PLAN.reset(token)
-    if plan is not None and not plan.used:
+    if plan.applicable and not plan.used:
         _warn_once("unused", "TAG-MoE: this ComfyUI's Qwen-Image model did not ask for rotary embeddings the way "
                              "TAG-MoE expects; positions are ComfyUI's (results may differ slightly)")
     return out
@@ -129,18 +137,22 @@ def _eager(function):
 
 @_eager
 def post_input_patch(args: dict) -> dict:
-    """``post_input`` patch: ComfyUI's img/txt ids -> the reference's (newer ComfyUI)."""
+    """``post_input`` patch: ComfyUI's img/txt ids -> the reference's (newer ComfyUI). Tokens it cannot
+    explain are left to the rotary embedder's fallback, which says so."""
     plan = _PLAN.get()
     img_ids, txt_ids = args.get("img_ids"), args.get("txt_ids")
-    if plan is None or plan.used or img_ids is None or txt_ids is None:
-        return args
-    ids = plan.ids_for(txt_ids.shape[1], img_ids.shape[1])
-    if ids is None:
+    if plan is None or not plan.applicable or img_ids is None or txt_ids is None or img_ids.dim() != 3:
         return args
     text_len = txt_ids.shape[1]
+    ids = plan.ids_for(text_len, img_ids.shape[1], img_ids.device, img_ids.dtype, warn=False)
+    if ids is None:
+        log.debug("TAG-MoE: post_input saw %s text and %s image tokens, the plan %s image tokens", text_len,
+                  img_ids.shape[1], plan.image_tokens)
+        return args
+    plan.patched = True
     out = dict(args)
-    out["txt_ids"] = ids[:text_len].to(txt_ids.device, txt_ids.dtype).expand(txt_ids.shape[0], -1, -1)
-    out["img_ids"] = ids[text_len:].to(img_ids.device, img_ids.dtype).expand(img_ids.shape[0], -1, -1)
+    out["txt_ids"] = ids[:text_len].expand(txt_ids.shape[0], -1, -1)
+    out["img_ids"] = ids[text_len:].expand(img_ids.shape[0], -1, -1)
     return out
 
 
@@ -165,9 +177,15 @@ class ReferencePositions(nn.Module):
 @_eager
 def _planned_ids(ids: torch.Tensor) -> torch.Tensor:
     plan = _PLAN.get()
-    if plan is not None and not plan.used:
-        text_len = ids.shape[1] - plan.image_tokens
-        reference = plan.ids_for(text_len, plan.image_tokens if text_len >= 0 else -1)
-        if reference is not None:
-            ids = reference.to(ids.device, ids.dtype)[None].expand(ids.shape[0], -1, -1)
-    return ids
+    if plan is None:  # no APPLY_MODEL wrapper ran: this MODEL's patcher lost TAG-MoE's hooks
+        _warn_once("hooks", "TAG-MoE: this MODEL was called without TAG-MoE's position hooks (was its patcher rebuilt "
+                            "by another node?); its rotary positions are ComfyUI's, not the reference's")
+        return ids
+    if plan.patched:  # this forward's post_input patch applied the plan; later patches may have moved ids
+        plan.patched = False
+        return ids
+    if not plan.applicable:
+        return ids
+    text_len = ids.shape[1] - plan.image_tokens
+    reference = plan.ids_for(text_len, plan.image_tokens if text_len >= 0 else -1, ids.device, ids.dtype)
+    return ids if reference is None else reference[None].expand(ids.shape[0], -1, -1)

@@ -101,12 +101,12 @@ def main() -> None:
     ref = torch.randn(1, 16, 1, 6, 10, generator=gen)
     sigma = torch.tensor([0.7])
 
-    def call(patcher, **conds) -> torch.Tensor:
+    def call(patcher, x=x, refs=(ref,), context=context, **conds) -> torch.Tensor:
         comfy.model_management.load_models_gpu([patcher])
         # as ComfyUI's samplers hand them to the model: the patcher's transformer_options and wrappers
         options = {**patcher.model_options.get("transformer_options", {}), "wrappers": patcher.wrappers}
         with torch.inference_mode():
-            return _apply_model(patcher, x, sigma, context, [ref], options, **conds).clone()
+            return _apply_model(patcher, x, sigma.expand(x.shape[0]), context, list(refs), options, **conds).clone()
 
     normal = comfy_model.load_tagmoe_model(tiny).patcher
     want = call(normal)
@@ -139,7 +139,7 @@ def main() -> None:
         result[f"{name}_call_max_diff"] = float((call(lazy) - want).abs().max())
         result[f"{name}_patcher_size"] = lazy.model_size()
         result[f"{name}_reload"] = [getattr(lazy.cached_patcher_init[0], "__name__", "?"),
-                                    list(lazy.cached_patcher_init[1])]
+                                    [getattr(a, "__name__", a) for a in lazy.cached_patcher_init[1]]]
         if core is EmulatedCorePatcher:
             fresh = lazy.cached_patcher_init[0](*lazy.cached_patcher_init[1], disable_dynamic=True)
             result["reload_non_dynamic_class"] = type(fresh).__name__
@@ -166,11 +166,15 @@ def main() -> None:
                                                                 ".experts.mlp.w2" in k)[0])),
                         ("shape", lambda sd: sd.__setitem__("proj_out.weight", sd["proj_out.weight"][:-1]))):
         path = _edited_copy(tiny, out / f"bad-{label}", edit)
+        chunks = comfy_model.LinearExpertsCheckpoint.chunks
+        comfy_model.LinearExpertsCheckpoint.chunks = _no_reading  # the error must come before any weight is read
         try:
             comfy_model.load_tagmoe_model(path, custom_operations=LazyOps)
             result["bad_files"][label] = "loaded"
         except errors.TagMoEError as exc:
             result["bad_files"][label] = f"{type(exc).__name__}: {exc}"
+        finally:
+            comfy_model.LinearExpertsCheckpoint.chunks = chunks
 
     # -- rotary positions --------------------------------------------------------------------------------------------
     embedder = normal.model.diffusion_model.pe_embedder
@@ -199,19 +203,53 @@ def main() -> None:
     result["post_input_registered"] = positions.post_input_patch in normal.model_options.get(
         "transformer_options", {}).get("patches", {}).get("post_input", [])
 
+    # whole model calls through an emulated newer Qwen-Image, which runs the post_input patches on
+    # (txt_ids, img_ids) before its rotary embedding: batch 2, another size, a region, a later pack's patch
+    emulated = _with_post_input_loop(normal)
+    batch = {"x": torch.cat([x, x.flip(-1)]), "refs": [torch.cat([ref, -ref])], "context": torch.cat([context] * 2)}
+    small = {"x": x[..., :4, :6], "refs": [ref[..., :4, :6]], "context": context[:, :5]}
+    region = {"refs": [ref[..., :4, :4]], positions.REGION_KEY: (3, 5, (0, 0, 1, 1))}
+    result["post_input_loop_max_diff"] = {
+        label: float((call(emulated, **inputs) - call(normal, **inputs)).abs().max())
+        for label, inputs in (("one", {}), ("batch of 2", batch), ("2x3 grid", small), ("region", region))}
+    later = emulated.clone()
+    later.set_model_patch(lambda args: {**args, "img_ids": args["img_ids"] + 100}, "post_input")
+    seen_ids: list[torch.Tensor] = []
+    hook = embedder.embedder.register_forward_pre_hook(lambda m, a: seen_ids.append(a[0].clone()))
+    call(emulated)
+    call(later)
+    hook.remove()
+    result["later_patch_moves_tagmoe_ids"] = bool(torch.equal(seen_ids[1][:, text_len:],
+                                                              seen_ids[0][:, text_len:] + 100))
+
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
     logging.getLogger("tagmoe").addHandler(handler)
     other = call(normal, ref_latents_method="negative_index")
     call(normal, ref_latents_method="negative_index")
+    # a patcher built around the model by another node, without TAG-MoE's hooks: said, not silent
+    rebuilt = comfy.model_patcher.ModelPatcher(normal.model, normal.load_device, normal.offload_device)
+    without_hooks = call(rebuilt)
+    positions.install(rebuilt)
+    with_hooks = call(rebuilt)
     logging.getLogger("tagmoe").removeHandler(handler)
     result["other_method_logs"] = [r for r in records if "negative_index" in r]
     result["other_method_changes_output"] = float((other - want).abs().max())
+    result["no_hooks_logs"] = [r for r in records if "without TAG-MoE's position hooks" in r]
+    result["no_hooks_changes_output"] = float((without_hooks - want).abs().max())
+    result["hooks_installed_max_diff"] = float((with_hooks - want).abs().max())
 
     # -- TorchCompileModel -------------------------------------------------------------------------------------------
-    result["compile"] = _compile_check(normal, call, want)
+    region_b = {**region, positions.REGION_KEY: (3, 5, (2, 1, 3, 2))}  # same shapes, other positions
+    eager_a, eager_b = call(normal, **region), call(normal, **region_b)
+    result["region_positions_change_output"] = float((eager_a - eager_b).abs().max())
+    result["compile"] = _compile_check(normal, call, [({}, want), (region, eager_a), (region_b, eager_b)])
     (out / "result.json").write_text(json.dumps(result))
+
+
+def _no_reading(*args, **kwargs):
+    raise AssertionError("weights were read before the file was checked")
 
 
 def _apply_model(patcher, x, sigma, context, refs, transformer_options, **conds):
@@ -255,7 +293,10 @@ def _edited_copy(tiny, folder: Path, edit) -> Path:
     return folder
 
 
-def _compile_check(patcher, call, want) -> dict:
+def _compile_check(patcher, call, cases) -> dict:
+    """ComfyUI's TorchCompileModel on the MODEL; each case ``(conds, eager output)`` called compiled. Two
+    cases differ only in positions (a region at two places): a graph that baked one call's positions in
+    would give the second the first's."""
     import importlib
     import inspect
 
@@ -279,16 +320,49 @@ def _compile_check(patcher, call, want) -> dict:
         compiled = node().patch(patcher, "inductor")
     compiled = compiled[0] if isinstance(compiled, tuple) else getattr(compiled, "result", (compiled,))[0]
     if compiled is patcher:  # the fork logs a failed compile and hands the model back as it was
-        return {"max_diff": float("inf"), "again_max_diff": float("inf"), "error": "TorchCompileModel returned "
-                "the model itself: compiling failed (see the log)"}
+        return {"max_diff": float("inf"), "error": "TorchCompileModel returned the model itself: compiling failed "
+                "(see the log)"}
     start = time.perf_counter()
-    first = call(compiled)
+    diffs = [float((call(compiled, **conds) - want).abs().max()) for conds, want in cases]
     first_s = time.perf_counter() - start
     start = time.perf_counter()
-    again = call(compiled)
-    return {"max_diff": float((first - want).abs().max()), "again_max_diff": float((again - want).abs().max()),
-            "first_call_s": round(first_s, 1), "second_call_s": round(time.perf_counter() - start, 3),
-            "class": type(compiled).__name__}
+    again = float((call(compiled) - cases[0][1]).abs().max())
+    return {"max_diff": max(diffs), "per_case": diffs, "again_max_diff": again,
+            "compile_and_calls_s": round(first_s, 1), "second_call_s": round(time.perf_counter() - start, 3)}
+
+
+def _with_post_input_loop(patcher):
+    """A clone whose model runs the ``post_input`` patches on (txt_ids, img_ids) right before its rotary
+    embedding, as newer ComfyUI's Qwen-Image does (0.3.64 and 0.10 have no such patch)."""
+    emulated = patcher.clone()
+    state: dict = {}
+
+    def diffusion_model(executor, x, timestep, context, *args, **kwargs):
+        options = args[-1] if args and isinstance(args[-1], dict) else kwargs.get("transformer_options", {})
+        state.update(options=options, text_len=context.shape[1])
+        try:
+            return executor(x, timestep, context, *args, **kwargs)
+        finally:
+            state.clear()
+
+    def before_embedding(module, inputs):
+        if not state:
+            return None
+        ids, text_len = inputs[0], state["text_len"]
+        args = {"img": None, "txt": None, "img_ids": ids[:, text_len:], "txt_ids": ids[:, :text_len],
+                "transformer_options": state["options"]}
+        for patch in state["options"].get("patches", {}).get("post_input", []):
+            args = patch(args)
+        return (torch.cat([args["txt_ids"], args["img_ids"]], dim=1),)
+
+    import comfy.patcher_extension as pe
+
+    emulated.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "emulated_post_input", diffusion_model)
+    embedder = patcher.model.diffusion_model.pe_embedder
+    if not getattr(embedder, "_emulated_post_input", False):
+        embedder.register_forward_pre_hook(before_embedding)
+        embedder._emulated_post_input = True
+    return emulated
 
 
 def _version() -> str:
