@@ -17,18 +17,16 @@ difference to eager:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(Path(__file__).resolve().parent))
-from bench_native import MEDIUM  # noqa: E402
+from bench_native import MEDIUM, medium_tagmoe  # noqa: E402
 
 
 def main() -> None:
@@ -54,23 +52,11 @@ def main() -> None:
     import torch
     import torch._dynamo
     from node_harness import load_pack
-    from safetensors.torch import save_file
 
-    from tagmoe_core.model.moe import MoESpec
-    from tagmoe_core.model.transformer import build_tagmoe_transformer
     from tagmoe_core.pipeline.schedule import image_seq_len, reference_sigmas
 
     torch._dynamo.config.cache_size_limit = 64  # three variants of one model class: keep every graph
-    torch.manual_seed(0)
-    spec = MoESpec(num_experts=4, top_k=1, num_moe_blocks=2)
-    core_model = build_tagmoe_transformer(MEDIUM, spec, device="cpu", dtype=torch.float32)
-    with torch.no_grad():
-        for p in core_model.parameters():
-            p.normal_(0, 0.02)
-    folder = Path(tempfile.mkdtemp(prefix="tagmoe-bench-"))
-    save_file({k: v.contiguous() for k, v in core_model.state_dict().items()}, folder / "tagmoe.safetensors")
-    (folder / "config.json").write_text(json.dumps(MEDIUM))
-    del core_model
+    _, checkpoint = medium_tagmoe()
 
     pack = load_pack(ROOT)
     import importlib
@@ -85,8 +71,8 @@ def main() -> None:
             else TorchCompileModel().patch(patcher, "inductor")
         return out[0] if isinstance(out, tuple) else out.result[0]
 
-    eager = comfy_model.load_tagmoe_model(folder / "tagmoe.safetensors").patcher
-    dense_patcher = comfy_model.load_tagmoe_model(folder / "tagmoe.safetensors").patcher
+    eager = comfy_model.load_tagmoe_model(checkpoint).patcher
+    dense_patcher = comfy_model.load_tagmoe_model(checkpoint).patcher
     class DenseMoE(moe_linear.LinearExpertsMoE):
         def forward(self, x):
             return _dense_forward(self, moe_linear.route_logits, x)

@@ -33,6 +33,27 @@ MEDIUM = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 
           "axes_dims_rope": [8, 28, 28]}
 
 
+def medium_tagmoe():
+    """The benchmarks' random medium TAG-MoE: ``(the core's transformer, its .safetensors in a temporary
+    folder beside its config.json)``. Needs the repository on sys.path."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tagmoe_core.model.moe import MoESpec
+    from tagmoe_core.model.transformer import build_tagmoe_transformer
+
+    torch.manual_seed(0)
+    spec = MoESpec(num_experts=4, top_k=1, num_moe_blocks=2)
+    core_model = build_tagmoe_transformer(MEDIUM, spec, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for p in core_model.parameters():
+            p.normal_(0, 0.02)
+    folder = Path(tempfile.mkdtemp(prefix="tagmoe-bench-"))
+    save_file({k: v.contiguous() for k, v in core_model.state_dict().items()}, folder / "tagmoe.safetensors")
+    (folder / "config.json").write_text(json.dumps(MEDIUM))
+    return core_model, folder / "tagmoe.safetensors"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=512)
@@ -63,10 +84,7 @@ def main() -> None:
     import comfy.samplers
     import torch
     from node_harness import load_pack
-    from safetensors.torch import save_file
 
-    from tagmoe_core.model.moe import MoESpec
-    from tagmoe_core.model.transformer import build_tagmoe_transformer
     from tagmoe_core.pipeline.sampling import DenoiseInputs, denoise, make_schedule
     from tagmoe_core.pipeline.latents import pack as pack_tokens
     from tagmoe_core.pipeline.schedule import QWEN_IMAGE_SCHEDULER, image_seq_len, reference_sigmas
@@ -74,22 +92,14 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    spec = MoESpec(num_experts=4, top_k=1, num_moe_blocks=2)
-    core_model = build_tagmoe_transformer(MEDIUM, spec, device="cpu", dtype=torch.float32)
-    with torch.no_grad():
-        for p in core_model.parameters():
-            p.normal_(0, 0.02)
-    folder = Path(tempfile.mkdtemp(prefix="tagmoe-bench-"))
-    save_file({k: v.contiguous() for k, v in core_model.state_dict().items()}, folder / "tagmoe.safetensors")
-    (folder / "config.json").write_text(json.dumps(MEDIUM))
+    core_model, checkpoint = medium_tagmoe()
 
     pack = load_pack(ROOT)
     import importlib
 
     comfy_model = importlib.import_module(pack.__name__ + ".nodes.comfy_model")
     comfy_sampling = importlib.import_module(pack.__name__ + ".nodes.comfy_sampling")
-    native = comfy_model.load_tagmoe_model(folder / "tagmoe.safetensors", args.weight_dtype).patcher
+    native = comfy_model.load_tagmoe_model(checkpoint, args.weight_dtype).patcher
 
     h = w = args.size // 8
     gen = torch.Generator().manual_seed(1)

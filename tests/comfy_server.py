@@ -265,3 +265,15 @@ def same_on_every_tree(name: str, result) -> dict[str, float]:
             print(f"{name} on {tree} vs {other.name}: max abs difference {diffs[other.name]:.3g}, rel L2 "
                   f"{relative:.3g}")
     return diffs
+
+
+def run_in_comfyui(script: str, out: Path, timeout: float = 900, **env) -> dict:
+    """Run ``tests/<script>`` with ComfyUI's folder as the working directory (so ``import nodes`` is
+    ComfyUI's), ``$TAGMOE_OUT`` = ``out`` and ``env``; return the ``result.json`` it writes there."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / script)], cwd=COMFYUI_DIR,
+                          env={**os.environ, "TAGMOE_OUT": str(out), **env}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    print(json.dumps(result, indent=1))
+    return result

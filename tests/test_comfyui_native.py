@@ -11,15 +11,11 @@ do not meet this repository's.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from comfy_server import COMFYUI_DIR, latents_of, run_prompt, same_on_every_tree, write_latent
+from comfy_server import COMFYUI_DIR, latents_of, run_in_comfyui, run_prompt, same_on_every_tree, write_latent
 from PIL import Image
 
 pytestmark = [pytest.mark.comfyui,
@@ -166,13 +162,7 @@ def test_ksampler_with_the_cfg_patch_lands_near_the_core(comfy_server, core):
 
 def test_comfyui_objects_in_process(tiny_bundle, tmp_path):
     """Cast-on-forward forced on, the patcher's size, LoRA patches and their report, idle experts."""
-    script = os.path.join(os.path.dirname(__file__), "comfy_inprocess.py")
-    env = {**os.environ, "TAGMOE_TINY": str(tiny_bundle.tagmoe), "TAGMOE_OUT": str(tmp_path)}
-    done = subprocess.run([sys.executable, script], cwd=COMFYUI_DIR, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads((tmp_path / "result.json").read_text())
-    print(json.dumps(result, indent=1))
+    result = run_in_comfyui("comfy_inprocess.py", tmp_path, timeout=600, TAGMOE_TINY=str(tiny_bundle.tagmoe))
     assert result["patcher_size"] == result["weight_bytes"]
     assert result["expert_bytes"] > 0 and result["patcher_size"] > result["expert_bytes"]
     assert result["cast_on_forward_max_diff"] == 0.0 and result["lowvram_cast_modules"] > 0

@@ -4,14 +4,10 @@ TorchCompileModel. The checks run in a subprocess (comfy_newer_seams.py) in Comf
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from comfy_server import COMFYUI_DIR, same_on_every_tree
+from comfy_server import COMFYUI_DIR, run_in_comfyui, same_on_every_tree
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout")]
@@ -20,13 +16,7 @@ pytestmark = [pytest.mark.comfyui,
 @pytest.fixture(scope="module")
 def seams(tiny_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("seams")
-    script = os.path.join(os.path.dirname(__file__), "comfy_newer_seams.py")
-    env = {**os.environ, "TAGMOE_TINY": str(tiny_bundle.tagmoe), "TAGMOE_OUT": str(out)}
-    done = subprocess.run([sys.executable, script], cwd=COMFYUI_DIR, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads((out / "result.json").read_text())
-    print(json.dumps(result, indent=1))
+    result = run_in_comfyui("comfy_newer_seams.py", out, TAGMOE_TINY=str(tiny_bundle.tagmoe))
     result["other_trees"] = same_on_every_tree("one model call", torch.load(out / "model_call.pt"))
     return result
 
