@@ -176,6 +176,17 @@ def main() -> None:
         finally:
             comfy_model.LinearExpertsCheckpoint.chunks = chunks
 
+    # a cancel during loading (newer ComfyUI's InterruptProcessingException is a BaseException): it stops
+    # the load and no model comes back
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        comfy_model.load_tagmoe_model(tiny)
+        result["interrupted_load"] = "loaded"
+    except BaseException as exc:  # noqa: BLE001 - what ComfyUI raises is the point
+        result["interrupted_load"] = type(exc).__name__
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+
     # -- rotary positions --------------------------------------------------------------------------------------------
     embedder = normal.model.diffusion_model.pe_embedder
     seen: dict[str, torch.Tensor] = {}

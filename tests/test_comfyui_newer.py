@@ -49,6 +49,7 @@ def test_bad_files_get_one_line_errors_with_lazy_linears(seams):
     assert bad["missing"].startswith("MissingKeysError") and "experts.1.w2" in bad["missing"], bad
     assert bad["shape"].startswith("ShapeMismatchError") and "proj_out.weight" in bad["shape"], bad
     assert all("\n" not in message for message in bad.values())
+    assert seams["interrupted_load"] == "InterruptProcessingException"  # a cancel stops loading
 
 
 def test_rotary_positions_through_post_input_compose(seams):
