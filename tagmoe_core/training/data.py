@@ -132,7 +132,8 @@ def _image(where: str, role: str, path: Path) -> Image.Image:
     try:
         return open_image(path)
     except TagMoEError as exc:
-        raise DataError(f"{where}: {role} {_one_line(exc)}") from exc
+        message = _one_line(exc).removeprefix("input image ")  # open_image's wording
+        raise DataError(f"{where}: {role} image {message}") from exc
 
 
 def _tags(where: str, value, instruction: str, has_input: bool) -> tuple[TaskTags, bool]:
