@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from ..errors import InputError, TagMoEError
-from ..model.checkpoint import resolve_weight_files
+from ..model.checkpoint import CheckpointReader, resolve_weight_files
 from ..model.layout import read_transformer_config
 from ..model.moe import TagMoEFeedForward, moe_layers
+from ..model.tag_heads import PREFIXES as TAG_HEAD_PREFIXES
 from .checkpoints import checkpoints, latest_checkpoint, load_lora, load_state, save_checkpoint
 from .data import EncodedSample, encode_empty_prompt, encode_samples, read_samples
 from .lora import DEFAULT_LORA_MODULES, LoRA
@@ -222,11 +223,14 @@ class Trainer:
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise InputError("the checkpoint's optimizer state does not fit the parameters this run trains "
                                  f"({' '.join(str(exc).split())[:160]})") from exc
+            for group in self.optimizer.param_groups:  # this run's --lr and --weight-decay, not the saved ones
+                group["lr"], group["weight_decay"] = config.lr, config.weight_decay
         self.step_index = start_step
         self.history = list(history or [])
         self.top_k = moe_layers(self.transformer)[0].top_k
         self.scheduler_config = dict(pipe.scheduler.config)
-        self.autocast = bool(config.bf16 if config.bf16 is not None else self.device.type == "cuda")
+        self.autocast = bool(config.bf16 if config.bf16 is not None
+                             else self.device.type == "cuda" or config.dtype == "bf16")
         if config.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
@@ -357,12 +361,25 @@ def prepare(config: TrainConfig, pipe=None) -> Trainer:
             except RuntimeError as exc:
                 raise InputError(f"the adapters in {resume_from} do not fit this model: "
                                  f"{' '.join(str(exc).split())[:200]}") from exc
+            _restore_tag_heads(transformer, resume_from)
     encoded = encode_samples(pipe, samples, config.seed)
     empty = encode_empty_prompt(pipe) if config.text_dropout else None
     start = int(state["step"]) if state else 0
     return Trainer(pipe, encoded, config, lora=lora, empty_prompt=empty, start_step=start,
                    history=state.get("history") if state else None,
                    optimizer_state=state.get("optimizer") if state else None)
+
+
+def _restore_tag_heads(transformer: nn.Module, checkpoint: Path) -> None:
+    """A LoRA run trains the tag heads whole: take them from its checkpoint (stored there exactly)."""
+    reader = CheckpointReader.open(resolve_weight_files(checkpoint))
+    try:
+        keys = [k for k in reader.keys() if k.startswith(TAG_HEAD_PREFIXES)]
+        with torch.no_grad():
+            for key, tensor in reader.tensors(keys):
+                transformer.get_parameter(key).copy_(tensor)
+    finally:
+        reader.close()
 
 
 def train(config: TrainConfig, progress: Progress | None = None, pipe=None) -> TrainResult:

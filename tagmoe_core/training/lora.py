@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..model.tag_heads import PREFIXES as TAG_HEADS
 
 # Every attention projection of both streams of a Qwen-Image block.
 DEFAULT_LORA_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
@@ -39,7 +40,8 @@ class LoRA(nn.Module):
         self.up = nn.ModuleDict()
         self.targets: dict[str, str] = {}  # adapter key -> module name
         for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and matches(name, patterns):
+            # The tag heads train whole in a LoRA run; never an adapter on them.
+            if isinstance(module, nn.Linear) and matches(name, patterns) and not name.startswith(TAG_HEADS):
                 key = name.replace(".", "__")
                 weight = module.weight
                 down = nn.Linear(module.in_features, self.rank, bias=False, device=weight.device,
