@@ -173,3 +173,28 @@ def test_bf16_storage_with_autocast_and_gradient_checkpointing(tiny_bundle, data
     assert len(result.history) == 2 and all(0 < h["flow"] < 10 for h in result.history)
     loaded = load_pipeline(tiny_bundle.base, result.checkpoint, device="cpu")  # mixed dtypes load as one
     assert loaded.transformer.router_head.net[0].weight.dtype == torch.float32
+
+
+def test_a_training_checkpoint_loads_through_the_diffusers_folder_loader_node(tiny_bundle, data, tmp_path):
+    """What a ComfyUI user does with a run's checkpoint: put it in models/tagmoe and load it with the node."""
+    from node_harness import load_pack, run_node
+
+    result = train(_config(tiny_bundle, data, tmp_path / "o", steps=2))
+    pack = load_pack()
+    bridge = pack.nodes.comfy_bridge
+    models = tmp_path / "models"
+    (models / "diffusers").mkdir(parents=True)
+    (models / "tagmoe").mkdir()
+    (models / "diffusers" / "Qwen-Image-tiny").symlink_to(tiny_bundle.base)
+    (models / "tagmoe" / "my-run").symlink_to(result.checkpoint)
+    saved = dict(bridge._fallback_roots)
+    try:
+        bridge.configure(models)
+        assert "my-run/" in bridge.list_tagmoe_weights()
+        (handle, _), _ = run_node(pack.NODE_CLASS_MAPPINGS["TagMoEModelLoader"], base_model="Qwen-Image-tiny",
+                                  tagmoe_weights="my-run/", device="cpu")
+        assert torch.equal(_forward(handle.require().transformer), _forward(result.trainer.transformer.eval()))
+        handle.release()
+    finally:
+        bridge._fallback_roots.clear()
+        bridge._fallback_roots.update(saved)
