@@ -1,4 +1,4 @@
-"""``tagmoe`` / ``python -m tagmoe_core``: edit, generate, tag, refine and convert from the command line.
+"""``tagmoe`` / ``python -m tagmoe_core``: edit, generate, tag, refine, convert and train from the command line.
 
 The flags of the reference ``infer.py`` are accepted as they are (``--pretrained_model_path``,
 ``--transformer_model_path``, ``--transformer_weight_name``, ...) and in dashed form.
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refine(sub)
     _add_convert(sub)
     _tags_parser(sub)
+    _add_train(sub)
     return parser
 
 
@@ -507,6 +508,73 @@ def convert(args) -> int:
     return 0
 
 
+# -- train: the paper's objective on a data folder ---------------------------------------------------------
+def _add_train(sub) -> None:
+    parser = sub.add_parser("train", help="train TAG-MoE on a data folder (samples.jsonl beside the images)",
+                            description="Train TAG-MoE with the paper's objective, L_flow + lambda_lbl * L_lbl + "
+                                        "lambda_align * L_align, on a folder holding samples.jsonl (one JSON object "
+                                        "a line: target, instruction, optional input and tags). Checkpoints go to "
+                                        "OUTPUT/checkpoint-NNNNNN/ in the release's layout: pass one as "
+                                        "--transformer_model_path to edit with it.")
+    parser.add_argument("--data", required=True, metavar="DIR", help="the data folder (with samples.jsonl)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="where checkpoints and train_log.jsonl go")
+    src = parser.add_argument_group("model")
+    src.add_argument("--tiny", action="store_true", help="start from the embedded tiny model")
+    _flag(src, "pretrained_model_path", metavar="BASE", help="base Qwen-Image: a diffusers folder")
+    _flag(src, "transformer_model_path", metavar="TAGMOE", help="TAG-MoE weights to start from")
+    what = parser.add_argument_group("what trains")
+    what.add_argument("--train", default="moe", choices=["whole", "moe", "lora"],
+                      help="the whole transformer, the MoE layers + tag heads (default), or LoRA + tag heads")
+    _flag(what, "lora_modules", default=None, metavar="NAMES",
+          help="comma-separated Linear modules for LoRA (names, suffixes or globs; default: every attention "
+               "projection)")
+    _flag(what, "lora_rank", type=int, default=8)
+    _flag(what, "lora_alpha", type=float, default=8.0)
+    _flag(what, "freeze_tag_embedding", action="store_true", help="keep tag_embedding (s) as the checkpoint has it")
+    run = parser.add_argument_group("run")
+    run.add_argument("--steps", type=int, default=100, help="optimizer steps in all (default: 100)")
+    run.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
+    _flag(run, "batch_size", type=int, default=1, help="samples a step (of one size and kind; default: 1)")
+    _flag(run, "lambda_lbl", type=float, default=0.01, help="weight of the load-balancing loss (default: 0.01)")
+    _flag(run, "lambda_align", type=float, default=0.1, help="weight of the alignment loss (default: 0.1)")
+    _flag(run, "text_dropout", type=float, default=0.0, help="share of prompts replaced by the empty one")
+    _flag(run, "weight_decay", type=float, default=0.0)
+    _flag(run, "max_grad_norm", type=float, default=1.0, help="gradient clipping (0: none)")
+    run.add_argument("--seed", type=int, default=0, help="the same seed and data give the same run (default: 0)")
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    _flag(run, "save_every", type=int, default=0, help="save a checkpoint every N steps (default: only at the end)")
+    _flag(run, "device", default="auto", help="'auto', 'cpu', '0', 'cuda:1' (one device)")
+    _flag(run, "dtype", default="fp32", choices=["fp32", "bf16"],
+          help="of the frozen weights (trained ones are float32)")
+    _flag(run, "no_bf16_autocast", action="store_true", help="on CUDA, run the forward in float32")
+    _flag(run, "gradient_checkpointing", action="store_true", help="recompute block activations in backward")
+
+
+def run_train(args) -> int:
+    from .training.loop import TrainConfig, train
+    from .training.lora import DEFAULT_LORA_MODULES
+
+    if args.tiny and (args.pretrained_model_path or args.transformer_model_path):
+        raise TagMoEError("--tiny and --pretrained_model_path/--transformer_model_path contradict each other")
+    base, tagmoe = _sources(args)
+    modules = DEFAULT_LORA_MODULES
+    if args.lora_modules is not None:
+        modules = tuple(m.strip() for m in args.lora_modules.split(",") if m.strip())
+        if not modules:
+            raise TagMoEError("--lora-modules names no module")
+    config = TrainConfig(
+        data=args.data, output=args.output, base=base, tagmoe=tagmoe, train=args.train, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, lambda_lbl=args.lambda_lbl, lambda_align=args.lambda_align, seed=args.seed,
+        resume=args.resume, save_every=args.save_every, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_modules=modules, train_tag_embedding=not args.freeze_tag_embedding, text_dropout=args.text_dropout,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, device=args.device, dtype=args.dtype,
+        bf16=False if args.no_bf16_autocast else None, gradient_checkpointing=args.gradient_checkpointing)
+    result = train(config, progress=lambda report: print(report.line(), flush=True))
+    if result.checkpoint is not None:
+        print(f"Saved {result.checkpoint} ({result.seconds_per_step:.3f}s/step)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -523,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             return convert(args)
         if args.command == "tags":
             return run_tags(args)
+        if args.command == "train":
+            return run_train(args)
         return run(args)
     except TagMoEError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -99,3 +99,8 @@ class InputError(TagMoEError):
 
 class Cancelled(TagMoEError):
     """Raised by a step callback to stop a sampling run early."""
+
+
+class DataError(InputError):
+    """A training data folder that cannot be trained on (missing or unreadable images, sizes, empty
+    instructions, bad tags): found before training starts, one line naming the sample."""

@@ -8,7 +8,8 @@ from pathlib import Path
 CORE = Path(__file__).resolve().parent.parent / "tagmoe_core"
 # Each package may import only from the floors below it (top-level modules such as errors,
 # taxonomy and images are the ground floor; cli, tiny and demo sit on top and may use anything).
-FLOORS = {"runtime": 0, "model": 1, "intent": 2, "pipeline": 3}
+# training sits above the pipeline (it reuses the pipeline's conditioning code) and below nothing.
+FLOORS = {"runtime": 0, "model": 1, "intent": 2, "pipeline": 3, "training": 4}
 COMFY = ("comfy", "comfy_extras", "folder_paths", "server", "execution", "nodes", "latent_preview")
 
 
@@ -81,6 +82,18 @@ def test_packages_import_only_downward():
     wrong = [f"{src} -> {dst}" for src, dsts in _graph().items() for dst in dsts
              if floor(src) is not None and floor(dst) is not None and floor(dst) > floor(src)]
     assert not wrong, wrong
+
+
+def test_inference_never_imports_training():
+    """Training is a room of its own: only the command line's ``train`` reaches it, never the
+    inference path (pipeline, model, nodes) nor the tiny bundle or the demo."""
+    offenders = sorted(src for src, dsts in _graph().items()
+                       if not src.startswith("tagmoe_core.training") and src != "tagmoe_core.cli"
+                       and any(d.startswith("tagmoe_core.training") for d in dsts))
+    assert "tagmoe_core.training.loop" in _graph() and not offenders, offenders
+    nodes = CORE.parent / "nodes"
+    for path in [*nodes.rglob("*.py"), CORE.parent / "__init__.py"]:
+        assert "tagmoe_core.training" not in path.read_text() and ".training" not in path.read_text(), path
 
 
 def test_the_core_never_imports_comfyui():

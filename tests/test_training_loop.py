@@ -1,0 +1,200 @@
+"""Training the tiny TAG-MoE for real: the loss falls, only what should train changes, checkpoints load
+through the core loader with the trained model's outputs, and a resumed run is the uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_data import make_data
+
+from tagmoe_core.cli import main
+from tagmoe_core.errors import InputError
+from tagmoe_core.pipeline.builder import load_pipeline
+from tagmoe_core.training.checkpoints import COMPLETE, LORA_FILE, STATE_FILE
+from tagmoe_core.training.loop import TrainConfig, prepare, saved_steps, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("train") / "data")
+
+
+def _config(tiny_bundle, data, output, **kw) -> TrainConfig:
+    kw.setdefault("lr", 1e-3)
+    return TrainConfig(data=str(data), output=str(output), base=str(tiny_bundle.base), tagmoe=str(tiny_bundle.tagmoe),
+                       device="cpu", **kw)
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    state = {}
+    for shard in sorted((folder / "transformer").glob("*.safetensors")):
+        state.update(load_file(shard))
+    return state
+
+
+def _forward(transformer, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, 24, 64, generator=generator)
+    text = torch.randn(1, 6, 32, generator=generator)
+    with torch.no_grad():
+        return transformer(hidden_states=hidden, timestep=torch.tensor([0.6]), encoder_hidden_states=text,
+                           img_shapes=[[(1, 3, 4), (1, 3, 4)]], return_dict=False)[0]
+
+
+@pytest.mark.parametrize("mode", ["whole", "moe", "lora"])
+def test_training_steps_lower_the_loss_on_a_fixed_batch_and_train_only_their_part(mode, tiny_bundle, data, tmp_path):
+    trainer = prepare(_config(tiny_bundle, data, tmp_path / "o", train=mode, lr=3e-3 if mode == "whole" else 1e-2))
+    before_weights = {k: v.clone() for k, v in trainer.transformer.state_dict().items()}
+    inputs = trainer.step_inputs(0)
+    with torch.no_grad():
+        before = trainer.losses(*inputs).as_dict()
+    for _ in range(8):
+        trainer.step(inputs)
+    with torch.no_grad():
+        after = trainer.losses(*inputs).as_dict()
+    # Only 2 of the tiny model's 4 image FFNs are MoE layers: a whole run moves the flow loss the most.
+    flow_share = 0.7 if mode == "whole" else 0.985
+    assert after["loss"] < 0.92 * before["loss"] and after["flow"] < flow_share * before["flow"], (before, after)
+    assert after["align"] < 0.5 * before["align"], (before, after)
+    changed = {k for k, v in trainer.transformer.state_dict().items() if not torch.equal(v, before_weights[k])}
+    heads = {k for k in before_weights if k.startswith(("tag_embedding.", "router_head."))}
+    moe = {k for k in before_weights if ".img_mlp.router." in k or ".img_mlp.experts.mlp." in k}
+    if mode == "whole":
+        assert "img_in.weight" in changed and "transformer_blocks.0.attn.to_q.weight" in changed and moe <= changed
+    elif mode == "moe":
+        assert changed == moe | heads
+    else:  # the adapters train; the model's own weights stay, the merged ones move
+        assert changed == heads
+        merged = trainer.release_state_dict()
+        assert not torch.equal(merged["transformer_blocks.0.attn.to_q.weight"],
+                               before_weights["transformer_blocks.0.attn.to_q.weight"])
+    assert not any(k.endswith("experts.bias") for k in changed)  # never used: never trained
+
+
+@pytest.mark.parametrize("mode", ["moe", "lora"])
+def test_a_training_checkpoint_loads_through_the_core_loader_with_the_trained_outputs(mode, tiny_bundle, data,
+                                                                                      tmp_path):
+    result = train(_config(tiny_bundle, data, tmp_path / "o", train=mode, steps=3))
+    checkpoint = result.checkpoint
+    assert checkpoint.name == "checkpoint-000003" and (checkpoint / COMPLETE).is_file()
+    assert (checkpoint / STATE_FILE).is_file() and (checkpoint / LORA_FILE).is_file() == (mode == "lora")
+    trained = result.trainer.transformer.eval()
+    loaded = load_pipeline(tiny_bundle.base, checkpoint, device="cpu")
+    assert loaded.load_report.keys_from_base == 0  # a complete checkpoint in the release layout
+    assert set(_weights(checkpoint)) == set(_weights(tiny_bundle.tagmoe))
+    for seed in (0, 1):
+        expected, got = _forward(trained, seed), _forward(loaded.transformer, seed)
+        if mode == "moe":
+            assert torch.equal(expected, got)
+        else:  # W x + s B(A x) in memory, (W + s B A) x loaded
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    original = load_pipeline(tiny_bundle.base, tiny_bundle.tagmoe, device="cpu")
+    assert not torch.allclose(_forward(original.transformer), _forward(loaded.transformer), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["moe", "lora"])
+def test_resume_continues_exactly_as_an_uninterrupted_run(mode, tiny_bundle, data, tmp_path):
+    whole = train(_config(tiny_bundle, data, tmp_path / "a", train=mode, steps=5, seed=7))
+    train(_config(tiny_bundle, data, tmp_path / "b", train=mode, steps=2, seed=7))
+    resumed = train(_config(tiny_bundle, data, tmp_path / "b", train=mode, steps=5, seed=7, resume=True))
+    assert len(whole.history) == 5 and resumed.history == whole.history  # every loss term, bit for bit
+    assert saved_steps(tmp_path / "b") == [2, 5]
+    a, b = _weights(whole.checkpoint), _weights(resumed.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 5 and '"step": 5' in log[-1]
+
+
+def test_the_seed_decides_the_run(tiny_bundle, data, tmp_path):
+    one = train(_config(tiny_bundle, data, tmp_path / "a", steps=2, seed=1)).history
+    again = train(_config(tiny_bundle, data, tmp_path / "b", steps=2, seed=1)).history
+    other = train(_config(tiny_bundle, data, tmp_path / "c", steps=2, seed=2)).history
+    assert one == again and one != other
+
+
+def test_an_output_with_checkpoints_needs_resume_and_the_same_settings(tiny_bundle, data, tmp_path):
+    train(_config(tiny_bundle, data, tmp_path / "o", steps=1))
+    steps = []
+    with pytest.raises(InputError, match="--resume"):
+        train(_config(tiny_bundle, data, tmp_path / "o", steps=2), progress=steps.append)
+    with pytest.raises(InputError, match="resume with the same settings"):
+        train(_config(tiny_bundle, data, tmp_path / "o", steps=2, train="lora", resume=True), progress=steps.append)
+    assert steps == [] and saved_steps(tmp_path / "o") == [1]
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_bundle, data, tmp_path):
+    def grads(flag: bool):
+        trainer = prepare(_config(tiny_bundle, data, tmp_path / f"o{flag}", gradient_checkpointing=flag))
+        terms = trainer.losses(*trainer.step_inputs(0))
+        terms.total.backward()
+        return terms.as_dict(), [p.grad.clone() for p in trainer.params]
+
+    (plain, g_plain), (checkpointed, g_ckpt) = grads(False), grads(True)
+    assert plain == pytest.approx(checkpointed, rel=1e-6)
+    assert len(g_plain) == len(g_ckpt) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_plain, g_ckpt))
+    assert any(float(g.abs().sum()) > 0 for g in g_ckpt[:3])  # the routers get the load-balancing gradient
+
+
+def test_batches_group_samples_of_one_shape_and_pad_prompts(tiny_bundle, data, tmp_path):
+    trainer = prepare(_config(tiny_bundle, data, tmp_path / "o", batch_size=2, text_dropout=0.5))
+    plan = trainer.epoch_plan(0)
+    assert sorted(i for batch in plan for i in batch) == [0, 1, 2, 3] and trainer.batches_per_epoch == len(plan) == 3
+    assert all(len({trainer.samples[i].group for i in batch}) == 1 for batch in plan)
+    pair = next(step for step in range(3) if len(trainer.batch_indices(step)) == 2)
+    batch, sigma, noise = trainer.step_inputs(pair)
+    assert batch.condition.shape == (2, 12, 64) and sigma.shape == (2,) and noise.shape == batch.x0.shape
+    report = trainer.step(trainer.step_inputs(pair))
+    assert report.terms["loss"] > 0
+    dropped = prepare(_config(tiny_bundle, data, tmp_path / "p", text_dropout=1.0))
+    assert torch.equal(dropped.step_inputs(0)[0].prompt[0], dropped.empty_prompt)
+
+
+def test_tagmoe_train_then_edit_with_its_checkpoint(tiny_bundle, data, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(["train", "--tiny", "--data", str(data), "--output", str(output), "--steps", "2", "--train", "lora",
+                 "--lora-modules", "to_q,to_v", "--lambda-align", "0.5", "--device", "cpu", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "step 1/2  loss" in out and "align" in out and "step 2/2" in out and "checkpoint-000002" in out
+    assert main(["edit", "--pretrained_model_path", str(tiny_bundle.base), "--transformer_model_path",
+                 str(output / "checkpoint-000002"), "--device", "cpu", "--image", str(data / "0_in.png"),
+                 "--prompt", "Make the circle red", "--width", "64", "--height", "48", "--steps", "2", "--seed", "1",
+                 "--output", str(tmp_path / "edit.png")]) == 0
+    assert (tmp_path / "edit.png").is_file()
+
+
+@pytest.mark.slow
+def test_bf16_storage_with_autocast_and_gradient_checkpointing(tiny_bundle, data, tmp_path):
+    """The GPU recipe's dtypes, on the CPU: frozen weights in bf16, trained ones float32, bf16 autocast."""
+    result = train(_config(tiny_bundle, data, tmp_path / "o", steps=2, dtype="bf16", gradient_checkpointing=True))
+    trainer = result.trainer
+    assert trainer.autocast and {p.dtype for p in trainer.params} == {torch.float32}
+    assert trainer.transformer.img_in.weight.dtype == torch.bfloat16
+    assert len(result.history) == 2 and all(0 < h["flow"] < 10 for h in result.history)
+    loaded = load_pipeline(tiny_bundle.base, result.checkpoint, device="cpu")  # mixed dtypes load as one
+    assert loaded.transformer.router_head.net[0].weight.dtype == torch.float32
+
+
+def test_a_training_checkpoint_loads_through_the_diffusers_folder_loader_node(tiny_bundle, data, tmp_path):
+    """What a ComfyUI user does with a run's checkpoint: put it in models/tagmoe and load it with the node."""
+    from node_harness import load_pack, run_node
+
+    result = train(_config(tiny_bundle, data, tmp_path / "o", steps=2))
+    pack = load_pack()
+    bridge = pack.nodes.comfy_bridge
+    models = tmp_path / "models"
+    (models / "diffusers").mkdir(parents=True)
+    (models / "tagmoe").mkdir()
+    (models / "diffusers" / "Qwen-Image-tiny").symlink_to(tiny_bundle.base)
+    (models / "tagmoe" / "my-run").symlink_to(result.checkpoint)
+    saved = dict(bridge._fallback_roots)
+    try:
+        bridge.configure(models)
+        assert "my-run/" in bridge.list_tagmoe_weights()
+        (handle, _), _ = run_node(pack.NODE_CLASS_MAPPINGS["TagMoEModelLoader"], base_model="Qwen-Image-tiny",
+                                  tagmoe_weights="my-run/", device="cpu")
+        assert torch.equal(_forward(handle.require().transformer), _forward(result.trainer.transformer.eval()))
+        handle.release()
+    finally:
+        bridge._fallback_roots.clear()
+        bridge._fallback_roots.update(saved)
