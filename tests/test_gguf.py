@@ -260,3 +260,21 @@ def test_cli_edit_reads_a_gguf(converted, tiny_bundle, photo, tmp_path):
     assert np.array_equal(edit(converted["F32"], "f32.png"), reference)
     q8 = edit(converted["Q8_0"], "q8.png")
     assert np.abs(q8 - reference).mean() < 2.0  # of 255
+
+
+def test_orig_shape_metadata_gives_the_logical_shape(tmp_path):
+    from tagmoe_core.model.gguf_format import ORIG_SHAPE, stored_shape
+
+    assert stored_shape((2, 3, 4, 5, 64)) == (6, 4, 5, 64) and stored_shape((3, 64)) == (3, 64)
+    data = np.arange(6 * 4 * 5 * 64, dtype=np.float32).reshape(6, 4, 5, 64)
+    writer = gguf.GGUFWriter(tmp_path / "five.gguf", ARCH)
+    writer.add_array(ORIG_SHAPE + "x.weight", [2, 3, 4, 5, 64])  # as ComfyUI-GGUF's converter writes it
+    writer.add_tensor("x.weight", data)
+    writer.add_tensor("transformer_blocks.0.img_mlp.router.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensor = GGUFFile.open(tmp_path / "five.gguf").tensors["x.weight"]
+    assert tensor.shape == (2, 3, 4, 5, 64)
+    assert torch.equal(tensor.to_torch().reshape(-1), torch.from_numpy(data).reshape(-1))
