@@ -30,6 +30,7 @@ import comfy.ldm.qwen_image.model as qwen_image
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
 import comfy.supported_models
 import torch
 
@@ -196,8 +197,9 @@ def is_dynamic(patcher) -> bool:
     return bool(getattr(patcher, "is_dynamic", lambda: False)())
 
 
-def new_patcher(model: TagMoEQwenImage, disable_dynamic: bool = False):
+def new_patcher(model: TagMoEQwenImage, disable_dynamic: bool = False, wrap: Callable[[type], type] | None = None):
     cls = patcher_class(disable_dynamic)
+    cls = wrap(cls) if wrap is not None else cls
     return cls(model, **accepted_arguments(cls.__init__, {"load_device": mm.get_torch_device(),
                                                            "offload_device": mm.unet_offload_device()}))
 
@@ -250,23 +252,32 @@ def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     ckpt = LinearExpertsCheckpoint.open(path)
+    gguf = all(f.suffix == ".gguf" for f in ckpt.reader.weights.files)  # quantized Linears: nodes/comfy_gguf.py
     try:
+        file_dtype = ckpt.weight_dtype()
+        if gguf:
+            from . import comfy_gguf
+
+            if weight_dtype != "default":
+                raise ValueError(f"weight_dtype {weight_dtype} is for .safetensors weights; a .gguf keeps its own "
+                                 "quantization (choose default)")
+            custom_operations, file_dtype = comfy_gguf.operations(custom_operations or comfy.ops.manual_cast), None
         model, unet_dtype, manual_cast_dtype = new_tagmoe_model(ckpt.dims, ckpt.spec, ckpt.blocks, weight_dtype,
-                                                                ckpt.num_parameters, ckpt.weight_dtype(),
-                                                                custom_operations)
+                                                                ckpt.num_parameters, file_dtype, custom_operations)
         expected = expected_state(model)
         ckpt.check({k: shape for k, (shape, _) in expected.items()})
-        patcher = new_patcher(model, disable_dynamic)
+        patcher = new_patcher(model, disable_dynamic or gguf, comfy_gguf.patcher_class if gguf else None)
         assign = is_dynamic(patcher)  # the file's tensors become the weights (memory-mapped), as ComfyUI does
         if not assign:
-            _check_host_memory(sum(torch.Size(s).numel() * d.itemsize for s, d in expected.values()), weight_dtype)
+            _check_host_memory(ckpt.nbytes if gguf else sum(torch.Size(s).numel() * d.itemsize
+                                                            for s, d in expected.values()), weight_dtype)
             if not mm.is_device_cpu(mm.unet_offload_device()):
                 model.to(mm.unet_offload_device())
         diffusion_model = model.diffusion_model
         loaded: set[str] = set()
         unexpected: list[str] = []
         total = ckpt.nbytes
-        for chunk, done in ckpt.chunks():
+        for chunk, done in ckpt.chunks(quantized=gguf):
             mm.throw_exception_if_processing_interrupted()
             unexpected += load_weights(diffusion_model, chunk, assign)
             loaded.update(chunk)
@@ -282,6 +293,9 @@ def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
         ckpt.close()
     notes = [] if heads is not None else [
         "no tag_embedding/router_head in the checkpoint: routing analysis and tag guidance are off"]
+    if gguf:
+        comfy_gguf.weights_loaded(patcher)
+        notes.append(comfy_gguf.describe(model))
     finish(patcher, heads, reload=(reload_patcher, (str(path), weight_dtype)))
     return LoadedModel(patcher, ckpt, unet_dtype, manual_cast_dtype, notes)
 

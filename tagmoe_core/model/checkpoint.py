@@ -319,21 +319,26 @@ class CheckpointReader:
         self._pickled[path] = state
         return state
 
-    def tensors(self, keys: Iterable[str], chunk_bytes: int = 1 << 30) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, keys: Iterable[str], chunk_bytes: int = 1 << 30,
+                quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, tensor)`` for ``keys``, file by file.
 
         safetensors tensors come straight from the memory map (zero-copy until written or
         cast). Files are re-opened every ``chunk_bytes`` so that pages already consumed by a
-        cast or a device copy leave the process as the old map closes.
+        cast or a device copy leave the process as the old map closes. ``quantized``: a GGUF's
+        quantized tensors come as their raw bytes (``gguf_reader.as_quantized``), not dequantized.
         """
         by_file: dict[Path, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.infos[key].file, []).append(key)
         for path, file_keys in by_file.items():
             if path.name.endswith(".gguf"):  # float tensors as views of the map, quantized ones dequantized
+                from .gguf_reader import as_quantized
+
                 tensors = self.gguf_file(path).tensors
                 for key in file_keys:
-                    yield key, tensors[self.stored_names.get(key, key)].to_torch()
+                    tensor = tensors[self.stored_names.get(key, key)]
+                    yield key, as_quantized(tensor) if quantized and tensor.qtype.quantized else tensor.to_torch()
                 continue
             if not path.name.endswith(".safetensors"):
                 state = self._load_pickle(path)

@@ -52,6 +52,19 @@ class GGUFTensor:
         return dequantize(self.data, self.qtype, self.shape)
 
 
+def as_quantized(tensor: GGUFTensor) -> torch.Tensor:
+    """The raw bytes of ``tensor`` as a uint8 tensor that carries it along (:func:`quantized_of`): what a
+    state dict hands to a Linear that keeps GGML weights (nodes/comfy_gguf.py)."""
+    raw = tensor.data.view(-1)  # a fresh tensor object: the attribute is this one's alone
+    raw.tagmoe_gguf = tensor
+    return raw
+
+
+def quantized_of(value: object) -> GGUFTensor | None:
+    """The GGML tensor a raw uint8 tensor from :func:`as_quantized` stands for (None for any other value)."""
+    return getattr(value, "tagmoe_gguf", None)
+
+
 @dataclass
 class GGUFFile:
     path: Path
