@@ -278,3 +278,54 @@ def test_orig_shape_metadata_gives_the_logical_shape(tmp_path):
     tensor = GGUFFile.open(tmp_path / "five.gguf").tensors["x.weight"]
     assert tensor.shape == (2, 3, 4, 5, 64)
     assert torch.equal(tensor.to_torch().reshape(-1), torch.from_numpy(data).reshape(-1))
+
+
+@pytest.mark.slow
+def test_gguf_conversion_holds_about_one_source_tensor_not_the_model(tmp_path):
+    """A ~200 MiB TAG-MoE in the release layout (experts stacked): the memory in use at every written tensor
+    stays near one source tensor and its quantized copy, far below the model; the experts come out split."""
+    import gc
+
+    from safetensors.torch import save_file
+    from test_convert import _can_measure, _live_bytes, with_config
+
+    from tagmoe_core.model.moe import MoESpec
+    from tagmoe_core.model.transformer import build_tagmoe_transformer
+
+    if not _can_measure():
+        pytest.skip("reads resident memory from /proc, with glibc's malloc_trim")
+    config = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 4, "attention_head_dim": 64,
+              "num_attention_heads": 8, "joint_attention_dim": 64, "guidance_embeds": False,
+              "axes_dims_rope": [8, 28, 28]}
+    meta = build_tagmoe_transformer(config, MoESpec(num_experts=4, num_moe_blocks=2))  # shapes only
+    state = {}
+    for key, value in meta.state_dict(keep_vars=True).items():
+        tensor = torch.full(tuple(value.shape), 0.01)
+        if key.endswith(("experts.mlp.w1", "experts.mlp.w2")):
+            tensor = torch.arange(4).repeat_interleave(value.shape[0] // 4)[:, None].float().add(1).expand(value.shape)
+        state[key] = tensor.contiguous()
+    folder = with_config(tmp_path / "big", config)
+    save_file(state, folder / "big.safetensors")
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    largest = max(v.numel() * v.element_size() for v in state.values())
+    del state, meta
+    gc.collect()
+    peak, baseline = 0, _live_bytes()
+
+    def sample(*_):
+        nonlocal peak
+        peak = max(peak, _live_bytes() - baseline)
+
+    report = convert_to_gguf(folder, tmp_path / "big.gguf", "Q8_0", progress=sample)
+    print(f"peak {peak / 2**20:.0f} MiB converting a {total / 2**20:.0f} MiB model (largest tensor "
+          f"{largest / 2**20:.0f} MiB) to {report.nbytes / 2**20:.0f} MiB of Q8_0")
+    assert total > 128 * 2**20 and report.nbytes < total / 3
+    assert peak < total / 4 and peak < 4 * largest, \
+        f"resident memory grew by {peak / 2**20:.0f} MiB for a {total / 2**20:.0f} MiB model"
+    tensors = GGUFFile.open(tmp_path / "big.gguf").tensors
+    for e in range(4):
+        w1 = tensors[f"transformer_blocks.3.img_mlp.experts.{e}.w1.weight"]
+        w2 = tensors[f"transformer_blocks.3.img_mlp.experts.{e}.w2.weight"]
+        assert w1.qtype.name == "Q8_0" and w1.shape == (2048, 512) and w2.shape == (512, 2048)
+        assert torch.allclose(w1.to_torch(), torch.full((2048, 512), e + 1.0), rtol=1e-3)
+        assert torch.allclose(w2.to_torch(), torch.full((512, 2048), e + 1.0), rtol=1e-3)

@@ -32,8 +32,8 @@ from .expert_layout import Piece, planned_shape, to_linear_experts
 from .gguf_dequant import TYPES, GGMLType
 from .gguf_format import (ARCH, FORMAT_VERSION, KEY_CONFIG, KEY_EXPERT_FFN, KEY_EXPERTS, KEY_FORMAT, KEY_MOE_BLOCKS,
                           FLOAT_TYPES, KEY_QUANT, KEY_TOP_K, MAX_NAME, ORIG_SHAPE, QUANT_TYPES, stored_shape)
-from .layout import (OPTIONAL_PREFIXES, checkpoint_config, count_layers, infer_moe_layout, strip_wrapper_prefix,
-                     uses_linear_experts)
+from .layout import (METADATA_KEY, OPTIONAL_PREFIXES, checkpoint_config, count_layers, infer_moe_layout,
+                     strip_wrapper_prefix, uses_linear_experts)
 from .moe import MoESpec
 
 CHUNK_BYTES = 64 << 20  # float32 bytes quantized at a time
@@ -235,7 +235,7 @@ def convert_to_gguf(src: str | os.PathLike, out: str | os.PathLike, quant: str =
     try:
         strip_wrapper_prefix(reader)
         checked = plan_conversion(reader, torch.float32, checkpoint_config(files))  # the source's errors, headers only
-        config = json.loads(checked.metadata["tagmoe_config"])
+        config = json.loads(checked.metadata[METADATA_KEY])
         spec, blocks = infer_moe_layout(reader, count_layers(reader.keys()))
         shapes = {k: info.shape for k, info in reader.infos.items() if not k.endswith(".experts.bias")}
         order = {k: i for i, k in enumerate(reader.infos)}
