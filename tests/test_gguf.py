@@ -173,6 +173,10 @@ def test_f32_and_bf16_ggufs_equal_the_original(converted, original, tiny_bundle)
         if not key.endswith("experts.bias"):  # not kept in the per-expert layout (never added)
             assert torch.equal(value, state[key]), key
     assert torch.equal(forward(f32), forward(original))
+    before = converted["F32"].read_bytes()
+    with torch.no_grad():  # its weights are views of the file's map, copy-on-write: writable, the file untouched
+        f32.transformer_blocks[0].attn.to_q.weight.add_(1.0)
+    assert converted["F32"].read_bytes() == before
     bf16, _ = load_tagmoe_transformer(converted["BF16"], tiny_bundle.base, dtype=torch.bfloat16)
     reference, _ = load_tagmoe_transformer(tiny_bundle.tagmoe, tiny_bundle.base, dtype=torch.bfloat16)
     assert torch.equal(forward(bf16, torch.bfloat16), forward(reference, torch.bfloat16))

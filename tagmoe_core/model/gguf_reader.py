@@ -4,7 +4,7 @@
 data is read) and checks, before anything is loaded, that the file is whole, that it is TAG-MoE (not a
 dense Qwen-Image GGUF, not another model) and that every tensor's GGML type is one
 :mod:`.gguf_dequant` reads; each problem is one line naming the file. A :class:`GGUFTensor` is the raw
-bytes (a ``torch.uint8`` view of the map), the GGML type and the logical (row-major) shape;
+bytes (a ``torch.uint8`` view of the map, copy-on-write), the GGML type and the logical (row-major) shape;
 :meth:`GGUFTensor.to_torch` gives the values (float tensors as views, quantized ones dequantized).
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,7 @@ class GGUFFile:
 
         path = Path(path)
         try:
-            reader = gguf.GGUFReader(path)
+            reader = gguf.GGUFReader(path, "c")  # copy-on-write: a weight written in place never reaches the file
         except ValueError as exc:
             if "magic" in str(exc).lower():
                 raise CorruptCheckpointError(f"'{path}' is not a GGUF file (its first bytes are not 'GGUF')") from exc
@@ -109,9 +108,7 @@ class GGUFFile:
                 raise CorruptCheckpointError(f"'{path}' is truncated: '{t.name}' ends at byte "
                                              f"{t.data_offset + t.n_bytes} but the file has {size}; fetch or "
                                              "convert it again")
-            with warnings.catch_warnings():  # the map is read-only; nothing here writes to it
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                data = torch.from_numpy(reader.data[t.data_offset:t.data_offset + t.n_bytes])
+            data = torch.from_numpy(reader.data[t.data_offset:t.data_offset + t.n_bytes])
             shape = _orig_shape(reader, t.name) or tuple(int(d) for d in reversed(t.shape.tolist()))
             tensors[t.name] = GGUFTensor(t.name, kind, shape, data)
         if unsupported:
