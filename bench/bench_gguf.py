@@ -63,6 +63,35 @@ def tiny_rows() -> list[dict]:
     return rows
 
 
+def dequant_rows(repeats: int = 3) -> list[dict]:
+    """Seconds to dequantize one release expert matrix [12288, 3072] per type on this machine's CPU (what a
+    quantized Linear adds to each forward, before its matmul), and the matmul of 4096 tokens with it."""
+    import time
+
+    import gguf
+    import numpy as np
+
+    from tagmoe_core.model.gguf_dequant import dequantize
+    from tagmoe_core.model.gguf_format import QUANT_TYPES
+
+    rows = np.random.default_rng(0).standard_normal((12288, 3072), dtype=np.float32) * 0.02
+    x = torch.randn(4096, 3072)
+    out = []
+    for quant in QUANT_TYPES:
+        raw = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(rows, gguf.GGMLQuantizationType[quant]))
+                               .reshape(-1).view(np.uint8))
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            weight = dequantize(raw, quant, (12288, 3072), torch.float32)
+            best = min(best, time.perf_counter() - start)
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        out.append({"model": "dequant", "quant": quant, "seconds": best, "matmul_4096_tokens_s":
+                    time.perf_counter() - start, "threads": torch.get_num_threads()})
+    return out
+
+
 def _call(model) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 48, 64, generator=g)
@@ -76,12 +105,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--release-only", action="store_true", help="skip the tiny model")
+    parser.add_argument("--dequant", action="store_true", help="also time dequantizing a release expert matrix")
     args = parser.parse_args(argv)
-    rows = release_sizes() + ([] if args.release_only else tiny_rows())
+    rows = release_sizes() + ([] if args.release_only else tiny_rows()) + (dequant_rows() if args.dequant else [])
     for row in rows:
         if row["model"] == "release":
             print(f"release {row['quant']:5s} {row['bytes']:>15,d} B  {row['gib']:6.2f} GiB  "
                   f"{row['bits_per_weight']:5.2f} bits/weight  {row['types']}")
+        elif row["model"] == "dequant":
+            print(f"dequant {row['quant']:5s} [12288, 3072] in {row['seconds'] * 1e3:7.1f} ms on {row['threads']} "
+                  f"CPU threads (its matmul with 4096 tokens: {row['matmul_4096_tokens_s'] * 1e3:.0f} ms)")
         else:
             print(f"tiny    {row['quant']:5s} {row['bytes']:>15,d} B  rel L2 of one model call "
                   f"{row['rel_l2_model_call']:.2e}")
