@@ -22,9 +22,6 @@ from tagmoe_core.model.gguf_format import ARCH, KEY_CONFIG, KEY_EXPERTS, KEY_MOE
 from tagmoe_core.model.gguf_reader import GGUFFile
 from tagmoe_core.model.loading import load_tagmoe_transformer
 
-QUANTIZED = [q for q in QUANT_TYPES if TYPES[q].quantized]
-
-
 def forward(model, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 12, 64, generator=g)
@@ -60,6 +57,17 @@ def original(tiny_bundle):
 
 
 # -- the torch dequantization ----------------------------------------------------------------------------------
+K_QUANTS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # where their float16 scales sit in a block
+
+
+def _raw_k_blocks(name: str, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Random K-quant blocks (gguf-py has no K quantizer) with finite, realistic super-block scales."""
+    raw = rng.integers(0, 256, (n, TYPES[name].type_size), dtype=np.uint8)
+    for at in K_QUANTS[name]:
+        raw[:, at:at + 2] = (rng.standard_normal((n, 1)) * 1e-3).astype(np.float16).view(np.uint8)
+    return raw
+
+
 @pytest.mark.parametrize("name", list(TYPES))
 def test_dequantization_is_bit_exact_against_gguf_py(name):
     kind = gguf.GGMLQuantizationType[name]
@@ -69,14 +77,20 @@ def test_dequantization_is_bit_exact_against_gguf_py(name):
     rows[4, :32] = 7.25  # a constant block
     rows[5] = np.abs(rows[5])  # all positive / all negative blocks: Q4_1/Q5_1's minimum, Q4_0/Q5_0's sign
     rows[6] = -np.abs(rows[6])
-    raw = gguf.quants.quantize(rows, kind)
+    if name in K_QUANTS:
+        raw = _raw_k_blocks(name, rng, 40 * 4).reshape(40, -1)  # rows of 1024 values
+        shape = (40, 1024)
+    else:
+        raw = gguf.quants.quantize(rows, kind)
+        shape = (40, 256)
     reference = gguf.quants.dequantize(raw, kind)
-    ours = dequantize(torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8)), name, (40, 256))
-    assert ours.dtype == torch.float32 and ours.shape == (40, 256)
+    data = torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8))
+    ours = dequantize(data, name, shape)
+    assert ours.dtype == torch.float32 and ours.shape == shape and np.isfinite(reference).all()
     assert np.array_equal(ours.numpy().view(np.uint32), reference.view(np.uint32))  # every bit
-    as_bf16 = dequantize(torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8)), name, (40, 256), torch.bfloat16)
+    as_bf16 = dequantize(data, name, shape, torch.bfloat16)
     assert torch.equal(as_bf16, torch.from_numpy(reference).to(torch.bfloat16))
-    if TYPES[name].quantized:  # and the data really is compressed and close to what went in
+    if TYPES[name].quantized and name not in K_QUANTS:  # and the data really is compressed, close to what went in
         assert raw.nbytes < rows.nbytes / 3 and rel_l2(ours, torch.from_numpy(rows)) < 0.2
 
 
@@ -229,10 +243,10 @@ def test_another_models_gguf_is_refused(tmp_path):
 
 
 def test_an_unsupported_quant_type_is_refused(tmp_path):
-    raw = np.zeros((4, 210), np.uint8)  # one Q6_K block per row: 4 rows of 256 values
+    raw = np.zeros((4, 84), np.uint8)  # one Q2_K block per row: 4 rows of 256 values
     path = _write(tmp_path / "k.gguf", ARCH, {"transformer_blocks.0.attn.to_q.weight": raw},
-                  {"transformer_blocks.0.attn.to_q.weight": gguf.GGMLQuantizationType.Q6_K})
-    with pytest.raises(UnsupportedQuantizationError, match=r"Q6_K \(1 tensors.*reads F32, F16, BF16"):
+                  {"transformer_blocks.0.attn.to_q.weight": gguf.GGMLQuantizationType.Q2_K})
+    with pytest.raises(UnsupportedQuantizationError, match=r"Q2_K \(1 tensors.*reads F32, F16, BF16.*Q6_K"):
         GGUFFile.open(path)
 
 
@@ -333,3 +347,16 @@ def test_gguf_conversion_holds_about_one_source_tensor_not_the_model(tmp_path):
         assert w1.qtype.name == "Q8_0" and w1.shape == (2048, 512) and w2.shape == (512, 2048)
         assert torch.allclose(w1.to_torch(), torch.full((2048, 512), e + 1.0), rtol=1e-3)
         assert torch.allclose(w2.to_torch(), torch.full((512, 2048), e + 1.0), rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(K_QUANTS))
+def test_k_quant_tensors_written_by_other_tools_are_read(name, tmp_path):
+    raw = _raw_k_blocks(name, np.random.default_rng(1), 8).reshape(4, -1)  # 4 rows of 512 values
+    kind = gguf.GGMLQuantizationType[name]
+    path = _write(tmp_path / "k.gguf", ARCH, {"transformer_blocks.0.attn.to_q.weight": raw,
+                                              "transformer_blocks.0.img_mlp.router.weight": np.ones((4, 8),
+                                                                                                    np.float32)},
+                  {"transformer_blocks.0.attn.to_q.weight": kind})
+    tensor = GGUFFile.open(path).tensors["transformer_blocks.0.attn.to_q.weight"]
+    assert tensor.qtype.name == name and tensor.shape == (4, 512) and tensor.nbytes == raw.nbytes
+    assert np.array_equal(tensor.to_torch().numpy(), gguf.quants.dequantize(raw, kind))

@@ -15,6 +15,12 @@ Block layouts (little-endian; ``d``, ``m`` float16)::
     Q5_0  d, 4 bytes (5th bits), 16 of nibbles  x = d * (q - 16)
     Q5_1  d, m, 4 bytes (5th bits), 16 nibbles  x = d * q + m
     BF16  the upper half of a float32;  F16, F32 as they are
+
+K-quants (super-blocks of 256 values, read only: gguf-py has no quantizer for them)::
+
+    Q4_K  d, dmin, 12 bytes of 6-bit scales/mins (8 sub-blocks of 32), 128 bytes of nibbles
+    Q5_K  as Q4_K, then 32 bytes of 5th bits before the nibbles
+    Q6_K  128 bytes low nibbles, 64 bytes 2 high bits, 16 int8 scales (sub-blocks of 16), d
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ TYPES: dict[str, GGMLType] = {t.name: t for t in (
     GGMLType("F32", 0, 1, 4), GGMLType("F16", 1, 1, 2), GGMLType("BF16", 30, 1, 2),
     GGMLType("Q4_0", 2, 32, 18), GGMLType("Q4_1", 3, 32, 20), GGMLType("Q5_0", 6, 32, 22),
     GGMLType("Q5_1", 7, 32, 24), GGMLType("Q8_0", 8, 32, 34),
+    GGMLType("Q4_K", 12, 256, 144), GGMLType("Q5_K", 13, 256, 176), GGMLType("Q6_K", 14, 256, 210),
 )}
 BY_ID: dict[int, GGMLType] = {t.id: t for t in TYPES.values()}
 
@@ -96,6 +103,51 @@ def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
     return _half(blocks, 0) * q + _half(blocks, 2)
 
 
+def _shifted(data: torch.Tensor, shape: tuple[int, ...], shifts: tuple[int, ...], mask: int) -> torch.Tensor:
+    """``(data.reshape(shape) >> shift) & mask`` for each shift, the shifts on a new axis before the last."""
+    shift = torch.tensor(shifts, dtype=torch.uint8, device=data.device).reshape(len(shifts), 1)
+    return (data.reshape(shape).unsqueeze(-2) >> shift) & mask
+
+
+def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes -> 8 six-bit scales and 8 six-bit mins per super-block."""
+    s = scales.reshape(-1, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
+    mn = torch.cat((m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)), dim=-1)
+    return sc, mn
+
+
+def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    sc, mn = _k_scales(blocks[:, 4:16])
+    d = (_half(blocks, 0) * sc.to(torch.float32)).reshape(n, 8, 1)
+    dm = (_half(blocks, 2) * mn.to(torch.float32)).reshape(n, 8, 1)
+    q = _shifted(blocks[:, 16:], (n, 4, 32), (0, 4), 0x0F).reshape(n, 8, 32).to(torch.float32)
+    return (d * q - dm).reshape(n, 256)
+
+
+def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    sc, mn = _k_scales(blocks[:, 4:16])
+    d = (_half(blocks, 0) * sc.to(torch.float32)).reshape(n, 8, 1)
+    dm = (_half(blocks, 2) * mn.to(torch.float32)).reshape(n, 8, 1)
+    ql = _shifted(blocks[:, 48:], (n, 4, 32), (0, 4), 0x0F).reshape(n, 8, 32)
+    qh = _shifted(blocks[:, 16:48], (n, 1, 32), tuple(range(8)), 0x01).reshape(n, 8, 32)
+    q = (ql | (qh << 4)).to(torch.float32)
+    return (d * q - dm).reshape(n, 256)
+
+
+def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    d = (_half(blocks, 208) * scales).reshape(n, 16, 1)
+    ql = _shifted(blocks[:, :128], (n, 2, 64), (0, 4), 0x0F).reshape(n, 8, 32)
+    qh = _shifted(blocks[:, 128:192], (n, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, 8, 32)
+    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
+    return (d * q).reshape(n, 256)
+
+
 def _bf16(blocks: torch.Tensor) -> torch.Tensor:
     return (blocks.contiguous().view(torch.int16).to(torch.int32) << 16).view(torch.float32)
 
@@ -110,7 +162,7 @@ def _f32(blocks: torch.Tensor) -> torch.Tensor:
 
 _DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "F32": _f32, "F16": _f16, "BF16": _bf16, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
-    "Q8_0": _q8_0,
+    "Q8_0": _q8_0, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
 
 

@@ -30,9 +30,10 @@ ORIG_SHAPE = "comfy.gguf.orig_shape."
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 63  # GGML_MAX_NAME less the terminator
 
-# The types ``tagmoe convert --quant`` writes (gguf-py quantizes them) and the reader accepts.
+# The types ``tagmoe convert --quant`` writes (gguf-py quantizes them).
 QUANT_TYPES: tuple[str, ...] = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16", "F32")
 FLOAT_TYPES = ("F32", "F16", "BF16")
+# The types the reader accepts: those, and the K-quants Q4_K, Q5_K, Q6_K (other tools write them).
 READABLE: dict[str, GGMLType] = dict(TYPES)
 
 def stored_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
