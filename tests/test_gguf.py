@@ -360,3 +360,20 @@ def test_k_quant_tensors_written_by_other_tools_are_read(name, tmp_path):
     tensor = GGUFFile.open(path).tensors["transformer_blocks.0.attn.to_q.weight"]
     assert tensor.qtype.name == name and tensor.shape == (4, 512) and tensor.nbytes == raw.nbytes
     assert np.array_equal(tensor.to_torch().numpy(), gguf.quants.dequantize(raw, kind))
+
+
+def test_a_gguf_converts_back_to_safetensors_and_to_another_type(converted, source, tmp_path):
+    from safetensors.torch import load_file as load_safetensors
+
+    from tagmoe_core.model.convert import convert_checkpoint
+
+    report = convert_checkpoint(converted["F32"], tmp_path / "back.safetensors", "fp32")
+    assert report.merged_experts and len(report.zero_filled) == 2  # experts.bias is not kept in a GGUF
+    back = load_safetensors(tmp_path / "back.safetensors")
+    assert set(back) == set(source)
+    for key, value in source.items():
+        assert key.endswith("experts.bias") or torch.equal(back[key], value.float()), key
+    again = convert_to_gguf(converted["F32"], tmp_path / "again-Q8_0.gguf", "Q8_0").output
+    direct = GGUFFile.open(converted["Q8_0"]).tensors
+    for name, tensor in GGUFFile.open(again).tensors.items():  # F32 GGUF -> Q8_0 is the source -> Q8_0
+        assert tensor.qtype == direct[name].qtype and torch.equal(tensor.data, direct[name].data), name
