@@ -2,7 +2,8 @@
 
 The layout is :mod:`.gguf_format`'s (ComfyUI state-dict keys, experts one Linear each); the type of each
 tensor is :func:`tensor_type`'s choice; the values are quantized by gguf-py (``gguf.quants.quantize``,
-the llama.cpp project's reference quantizers) and written with its ``GGUFWriter``.
+the llama.cpp project's reference quantizers; Q6_K by :mod:`.gguf_kquants`) and written with its
+``GGUFWriter``.
 
 Streamed like the safetensors converter: the source is checked from its headers alone
 (:func:`.convert.plan_conversion`: the clear error for a dense, partial or foreign file), every tensor's
@@ -30,6 +31,7 @@ from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, resolve_weight_fi
 from .convert import ConvertError, ConvertReport, Progress, _check_destination, plan_conversion
 from .expert_layout import Piece, planned_shape, to_linear_experts
 from .gguf_dequant import TYPES, GGMLType
+from .gguf_kquants import quantize_q6_k
 from .gguf_format import (ARCH, FORMAT_VERSION, KEY_CONFIG, KEY_EXPERT_FFN, KEY_EXPERTS, KEY_FORMAT, KEY_MOE_BLOCKS,
                           FLOAT_TYPES, KEY_QUANT, KEY_TOP_K, MAX_NAME, ORIG_SHAPE, QUANT_TYPES, stored_shape)
 from .layout import (METADATA_KEY, OPTIONAL_PREFIXES, checkpoint_config, count_layers, infer_moe_layout,
@@ -49,7 +51,8 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> GGMLType:
 
     F32: 1-D and small tensors, the routers (their logits pick the expert) and the tag modules.
     The projections in and out (``KEEP_PREFIXES``) keep ``quant`` if it is a float type, else BF16.
-    Everything else is ``quant``, or BF16 where its rows are not a whole number of ``quant`` blocks.
+    Everything else is ``quant``; where its rows are not a whole number of ``quant`` blocks, Q8_0 for a
+    K-quant (blocks of 256) if they are of Q8_0's 32, else BF16.
     """
     numel = 1
     for d in shape:
@@ -58,9 +61,12 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> GGMLType:
         return TYPES["F32"]
     if quant in FLOAT_TYPES:
         return TYPES[quant]
-    if name.startswith(KEEP_PREFIXES) or shape[-1] % TYPES[quant].block_size:
+    if name.startswith(KEEP_PREFIXES):
         return TYPES["BF16"]
-    return TYPES[quant]
+    for kind in (quant, "Q8_0"):
+        if shape[-1] % TYPES[kind].block_size == 0:
+            return TYPES[kind]
+    return TYPES["BF16"]
 
 
 @dataclass(frozen=True)
@@ -208,7 +214,8 @@ def quantize_rows(data: torch.Tensor, qtype: GGMLType, chunk_bytes: int = CHUNK_
             if over:
                 clamped += over
                 block = block.clamp(-limit, limit)
-        out[begin:begin + step] = gguf.quants.quantize(block.numpy(), kind)
+        out[begin:begin + step] = (quantize_q6_k(block.numpy()) if qtype.name == "Q6_K"
+                                   else gguf.quants.quantize(block.numpy(), kind))
     return out, clamped
 
 
