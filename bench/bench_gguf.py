@@ -68,17 +68,17 @@ def dequant_rows(repeats: int = 3) -> list[dict]:
     quantized Linear adds to each forward, before its matmul), and the matmul of 4096 tokens with it."""
     import time
 
-    import gguf
     import numpy as np
 
-    from tagmoe_core.model.gguf_dequant import dequantize
+    from tagmoe_core.model.gguf_convert import quantize_rows
+    from tagmoe_core.model.gguf_dequant import TYPES, dequantize
     from tagmoe_core.model.gguf_format import QUANT_TYPES
 
     rows = np.random.default_rng(0).standard_normal((12288, 3072), dtype=np.float32) * 0.02
     x = torch.randn(4096, 3072)
     out = []
     for quant in QUANT_TYPES:
-        raw = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(rows, gguf.GGMLQuantizationType[quant]))
+        raw = torch.from_numpy(np.ascontiguousarray(quantize_rows(torch.from_numpy(rows), TYPES[quant])[0])
                                .reshape(-1).view(np.uint8))
         best = float("inf")
         for _ in range(repeats):
