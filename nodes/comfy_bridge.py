@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - exercised by the tests' plain Python e
     HAVE_COMFY = False
 
 TAGMOE_FOLDER = "tagmoe"  # models/tagmoe: TAG-MoE weights (files or folders)
-WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _IGNORED_DIRS = {".git", ".cache", "__pycache__"}
 
 

@@ -206,8 +206,9 @@ def is_dynamic(patcher) -> bool:
     return bool(getattr(patcher, "is_dynamic", lambda: False)())
 
 
-def new_patcher(model: TagMoEQwenImage, disable_dynamic: bool = False):
+def new_patcher(model: TagMoEQwenImage, disable_dynamic: bool = False, wrap: Callable[[type], type] | None = None):
     cls = patcher_class(disable_dynamic)
+    cls = wrap(cls) if wrap is not None else cls
     return cls(model, **accepted_arguments(cls.__init__, {"load_device": mm.get_torch_device(),
                                                            "offload_device": mm.unet_offload_device()}))
 
@@ -296,23 +297,31 @@ def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     ckpt = LinearExpertsCheckpoint.open(path)
+    gguf = all(f.suffix == ".gguf" for f in ckpt.reader.weights.files)  # quantized Linears: nodes/comfy_gguf.py
     try:
+        file_dtype, operations = ckpt.weight_dtype(), custom_operations
+        if gguf:
+            from . import comfy_gguf
+
+            if weight_dtype != "default":
+                raise ValueError(f"weight_dtype {weight_dtype} is for .safetensors weights; a .gguf keeps its own "
+                                 "quantization (choose default)")
+            operations, file_dtype = comfy_gguf.operations(custom_operations or comfy.ops.manual_cast), None
         model_config, unet_dtype, manual_cast_dtype = tagmoe_model_config(
-            ckpt.dims, ckpt.spec, ckpt.blocks, weight_dtype, ckpt.num_parameters, ckpt.weight_dtype(),
-            custom_operations)
+            ckpt.dims, ckpt.spec, ckpt.blocks, weight_dtype, ckpt.num_parameters, file_dtype, operations)
         expected = expected_state(model_config)
         ckpt.check({k: shape for k, (shape, _) in expected.items()})  # before anything is built or read
         model = TagMoEQwenImage(model_config)
-        patcher = new_patcher(model, disable_dynamic)
+        patcher = new_patcher(model, disable_dynamic or gguf, comfy_gguf.patcher_class if gguf else None)
         assign = is_dynamic(patcher)  # the file's tensors become the weights (memory-mapped), as ComfyUI does
-        _check_host_memory(host_bytes(model.diffusion_model, ckpt, assign), weight_dtype)
+        _check_host_memory(ckpt.nbytes if gguf else host_bytes(model.diffusion_model, ckpt, assign), weight_dtype)
         if not assign and not mm.is_device_cpu(mm.unet_offload_device()):
             model.to(mm.unet_offload_device())
         diffusion_model = model.diffusion_model
         loaded: set[str] = set()
         unexpected: list[str] = []
         total = ckpt.nbytes
-        for chunk, done in ckpt.chunks():
+        for chunk, done in ckpt.chunks(quantized=gguf):
             mm.throw_exception_if_processing_interrupted()
             unexpected += load_weights(diffusion_model, chunk, assign)
             loaded.update(chunk)
@@ -328,6 +337,9 @@ def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
         ckpt.close()
     notes = [] if heads is not None else [
         "no tag_embedding/router_head in the checkpoint: routing analysis and tag guidance are off"]
+    if gguf:
+        comfy_gguf.weights_loaded(patcher)
+        notes.append(comfy_gguf.describe(model))
     finish(patcher, heads, reload=(reload_patcher, (str(path), weight_dtype, custom_operations)))
     return LoadedModel(patcher, ckpt, unet_dtype, manual_cast_dtype, notes)
 

@@ -451,44 +451,58 @@ def refine(args) -> int:
     return 0
 
 
-# -- convert: any checkpoint layout to one .safetensors for models/diffusion_models ------------------------------
+# -- convert: any checkpoint layout to one .safetensors (or .gguf) for models/diffusion_models ----------------------
 def _add_convert(sub) -> None:
     from .model.convert import OUTPUT_DTYPES
+    from .model.gguf_format import QUANT_TYPES
 
-    parser = sub.add_parser("convert", help="write TAG-MoE weights (any layout) as one .safetensors file",
+    parser = sub.add_parser("convert", help="write TAG-MoE weights (any layout) as one .safetensors or .gguf file",
                             usage="%(prog)s SRC OUT.safetensors [--dtype DTYPE] [--overwrite]\n"
-                                  "       %(prog)s --tiny OUT.safetensors [--dtype DTYPE] [--overwrite]",
+                                  "       %(prog)s SRC OUT.gguf [--quant TYPE] [--overwrite]\n"
+                                  "       %(prog)s --tiny OUT.safetensors|OUT.gguf [...]",
                             description="Convert TAG-MoE weights in any layout the library reads (a file, a folder, "
                                         "a sharded *.index.json, .bin/.pt, the per-expert layout ComfyUI saves) to "
                                         "ONE .safetensors file in the release key layout, with the transformer "
-                                        "config in its header: what ComfyUI's models/diffusion_models takes. "
-                                        "Streamed: the weights are never all in memory.")
+                                        "config in its header: what ComfyUI's models/diffusion_models takes; or to "
+                                        "ONE quantized .gguf (ComfyUI keys, one Linear per expert) for low-VRAM "
+                                        "cards. Streamed: the weights are never all in memory.")
     parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="SRC (a file, folder, *.index.json or hub repo id) then OUT.safetensors; "
+                        help="SRC (a file, folder, *.index.json or hub repo id) then OUT.safetensors or OUT.gguf; "
                              "with --tiny only OUT")
-    parser.add_argument("--dtype", default="bf16", choices=list(OUTPUT_DTYPES),
-                        help="bf16 (default); fp8_e4m3fn halves the file (matrices in float8, the rest in bf16)")
+    parser.add_argument("--dtype", default=None, choices=list(OUTPUT_DTYPES),
+                        help="for .safetensors: bf16 (default); fp8_e4m3fn halves the file (matrices in float8, the "
+                             "rest in bf16)")
+    parser.add_argument("--quant", default=None, type=str.upper, choices=list(QUANT_TYPES),
+                        help="for .gguf: the GGML type of the big matrices (default Q8_0); routers, vectors and "
+                             "small tensors stay F32, the input/output projections BF16")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--tiny", action="store_true", help="convert the embedded tiny model's TAG-MoE weights")
     _flag(parser, "local_files_only", action="store_true", help="never download a hub SRC; use the local cache")
 
 
 def convert(args) -> int:
-    """``tagmoe convert SRC OUT.safetensors``: progress on stderr, the summary on stdout."""
+    """``tagmoe convert SRC OUT.safetensors|OUT.gguf``: progress on stderr, the summary on stdout."""
     from tqdm.auto import tqdm
 
     from .model.convert import convert_checkpoint
+    from .model.gguf_convert import convert_to_gguf
 
     want = 1 if args.tiny else 2
     if len(args.paths) != want:
-        raise TagMoEError("convert takes SRC and OUT.safetensors" if want == 2 else
-                          "convert --tiny takes only OUT.safetensors (the source is the tiny model)")
+        raise TagMoEError("convert takes SRC and OUT.safetensors (or OUT.gguf)" if want == 2 else
+                          "convert --tiny takes only OUT.safetensors or OUT.gguf (the source is the tiny model)")
     if args.tiny:
         from .tiny import ensure_tiny_bundle
 
         src, out = str(ensure_tiny_bundle().tagmoe), args.paths[0]
     else:
         src, out = args.paths
+    gguf = str(out).lower().endswith(".gguf")
+    if gguf and args.dtype is not None:
+        raise TagMoEError("--dtype is for .safetensors outputs; a .gguf takes --quant (Q8_0, Q6_K, Q5_1, Q5_0, Q4_1, "
+                          "Q4_0, BF16, F16, F32)")
+    if not gguf and args.quant is not None:
+        raise TagMoEError(f"--quant writes a .gguf file; '{out}' is not one (name it OUT.gguf)")
     bars: list = []
 
     def on_progress(tensors: int, tensors_total: int, done: int, total: int) -> None:
@@ -499,8 +513,12 @@ def convert(args) -> int:
         bars[0].update(done - bars[0].n)  # redraws at most every tqdm.mininterval
 
     try:
-        report = convert_checkpoint(src, out, args.dtype, overwrite=args.overwrite, progress=on_progress,
-                                    local_files_only=args.local_files_only)
+        if gguf:
+            report = convert_to_gguf(src, out, args.quant or "Q8_0", overwrite=args.overwrite, progress=on_progress,
+                                     local_files_only=args.local_files_only)
+        else:
+            report = convert_checkpoint(src, out, args.dtype or "bf16", overwrite=args.overwrite,
+                                        progress=on_progress, local_files_only=args.local_files_only)
     finally:
         for bar in bars:
             bar.close()

@@ -52,6 +52,10 @@ class NotATagMoECheckpointError(CheckpointError):
     pass
 
 
+class UnsupportedQuantizationError(CheckpointError):
+    """A quantized file (GGUF) whose tensor types this library does not read."""
+
+
 class InconsistentExpertsError(CheckpointError):
     """MoE layers whose router and expert weights do not fit together (or one of them is missing)."""
 

@@ -39,3 +39,11 @@ def test_bench_gpu_compares_moe_with_dense_pass_by_pass():
     assert timed["dense Qwen-Image"]["vs_dense"] == 1.0
     assert math.isfinite(timed["TAG-MoE, torch MoE backend"]["vs_dense"])
     assert any("megablocks" in row["transformer"] and "skipped" in row for row in rows)
+
+
+def test_bench_gguf_sizes_at_release_shapes():
+    rows = {row["quant"]: row for row in load("bench_gguf").main(["--release-only"])}
+    sizes = [rows[q]["bytes"] for q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q8_0", "BF16", "F32")]
+    assert sizes == sorted(sizes) and rows["BF16"]["bytes"] == rows["F16"]["bytes"]
+    assert 42 < rows["BF16"]["gib"] < 42.5 and 8.5 < rows["Q8_0"]["bits_per_weight"] < 8.6  # 22.7B weights
+    assert rows["Q4_0"]["types"]["Q4_0"] == 900  # 50 dense blocks x 14 matrices + 10 MoE blocks x (12 + 4 x 2)

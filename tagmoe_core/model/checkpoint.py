@@ -1,6 +1,6 @@
 """Find and read weight files in every layout the TAG-MoE reference accepts, lazily.
 
-Layouts: a single ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` file; a folder holding the
+Layouts: a single ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` / ``.gguf`` file; a folder holding the
 weight file directly or in a subfolder (``transformer/``); a sharded
 ``*.safetensors.index.json`` or ``*.bin.index.json`` (given as a file or found in the folder);
 a Hugging Face repo id (downloaded through ``huggingface_hub``, or from its cache with
@@ -9,7 +9,9 @@ state dict under ``model``, ``state_dict`` or ``transformer``.
 
 Nothing is read until asked: keys, shapes and dtypes come from the file headers, and tensors
 come out of ``safetensors``' memory map one at a time (``torch.load(mmap=True)`` for pickles),
-so a reader costs no memory by itself.
+so a reader costs no memory by itself. A ``.gguf`` (``tagmoe convert --quant``) is checked to be
+TAG-MoE when opened (``gguf_reader``); its tensors come out as views of its map, quantized ones
+dequantized to float32 one at a time.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownLayoutError
 
+if TYPE_CHECKING:
+    from .gguf_reader import GGUFFile
+
 DEFAULT_WEIGHT_NAME = "diffusion_pytorch_model.safetensors"
 DEFAULT_INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 WRAPPER_KEYS = ("model", "state_dict", "transformer")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -203,7 +209,9 @@ def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, revi
 class TensorInfo:
     file: Path
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype  # what ``CheckpointReader.tensors`` gives (float32 for a dequantized GGUF tensor)
+    stored_nbytes: int | None = None  # bytes in the file when not numel x itemsize (a quantized GGUF tensor)
+    ggml_type: str | None = None  # a GGUF tensor's GGML type (F32, BF16, Q8_0, ...)
 
 
 @dataclass
@@ -214,6 +222,7 @@ class CheckpointReader:
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     stored_names: dict[str, str] = field(default_factory=dict)  # key -> name in the file, if renamed
     _pickled: dict[Path, Mapping[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _gguf: dict[Path, GGUFFile] = field(default_factory=dict, repr=False)
 
     floats_only: bool = True  # refuse integer/bool tensors (a transformer's weights are all floating point)
 
@@ -239,7 +248,7 @@ class CheckpointReader:
         total = 0
         for key in keys:
             info = self.infos[key]
-            total += _numel(info.shape) * info.dtype.itemsize
+            total += info.stored_nbytes if info.stored_nbytes is not None else _numel(info.shape) * info.dtype.itemsize
         return total
 
     def _scan(self, path: Path) -> Iterator[tuple[str, TensorInfo]]:
@@ -260,6 +269,10 @@ class CheckpointReader:
                 raise CorruptCheckpointError(f"'{path}' is not a readable safetensors file ({exc}); the "
                                              "download may be incomplete - fetch it again") from exc
             return
+        if path.name.endswith(".gguf"):
+            for key, tensor in self.gguf_file(path).tensors.items():
+                yield key, TensorInfo(path, tensor.shape, tensor.dtype, tensor.nbytes, tensor.qtype.name)
+            return
         state = self._load_pickle(path)
         for key, value in state.items():
             info = TensorInfo(path, tuple(value.shape), value.dtype)
@@ -274,6 +287,14 @@ class CheckpointReader:
                 f"'{info.file}' stores '{key}' as {str(info.dtype).removeprefix('torch.')}: TAG-MoE transformer "
                 "weights are floating point (fp32, bf16, fp16 or fp8), so integer/quantized files cannot be used; "
                 "load the original weights or an fp8 conversion")
+
+    def gguf_file(self, path: Path) -> GGUFFile:
+        """The parsed (and checked: TAG-MoE, whole, readable types) GGUF file at ``path``; a memory map."""
+        if path not in self._gguf:
+            from .gguf_reader import GGUFFile
+
+            self._gguf[path] = GGUFFile.open(path)
+        return self._gguf[path]
 
     def _load_pickle(self, path: Path) -> Mapping[str, torch.Tensor]:
         if path in self._pickled:
@@ -298,17 +319,27 @@ class CheckpointReader:
         self._pickled[path] = state
         return state
 
-    def tensors(self, keys: Iterable[str], chunk_bytes: int = 1 << 30) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, keys: Iterable[str], chunk_bytes: int = 1 << 30,
+                quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, tensor)`` for ``keys``, file by file.
 
         safetensors tensors come straight from the memory map (zero-copy until written or
         cast). Files are re-opened every ``chunk_bytes`` so that pages already consumed by a
-        cast or a device copy leave the process as the old map closes.
+        cast or a device copy leave the process as the old map closes. ``quantized``: a GGUF's
+        quantized tensors come as their raw bytes (``gguf_reader.as_quantized``), not dequantized.
         """
         by_file: dict[Path, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.infos[key].file, []).append(key)
         for path, file_keys in by_file.items():
+            if path.name.endswith(".gguf"):  # float tensors as views of the map, quantized ones dequantized
+                from .gguf_reader import as_quantized
+
+                tensors = self.gguf_file(path).tensors
+                for key in file_keys:
+                    tensor = tensors[self.stored_names.get(key, key)]
+                    yield key, as_quantized(tensor) if quantized and tensor.qtype.quantized else tensor.to_torch()
+                continue
             if not path.name.endswith(".safetensors"):
                 state = self._load_pickle(path)
                 for key in file_keys:
@@ -323,6 +354,7 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._pickled.clear()
+        self._gguf.clear()
 
 
 def _chunks(keys: list[str], infos: dict[str, TensorInfo], limit: int) -> Iterator[list[str]]:

@@ -199,7 +199,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, dtype: st
         raise ConvertError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     out = Path(os.path.expanduser(str(out)))
     if out.suffix != ".safetensors":
-        raise ConvertError(f"the output must be a .safetensors file, got '{out}'")
+        raise ConvertError(f"the output must be a .safetensors file (or a .gguf, written by gguf_convert), got '{out}'")
     if out.is_dir():
         raise ConvertError(f"'{out}' is a folder; give the file to write, e.g. '{out / 'tagmoe.safetensors'}'")
     if out.exists() and not overwrite:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError
+from ..errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, UnknownLayoutError
 from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, resolve_weight_files
 from .expert_layout import Piece, planned_shape, to_linear_experts
 from .layout import (OPTIONAL_PREFIXES, checkpoint_config, infer_moe_layout, strip_wrapper_prefix, transformer_dims,
@@ -91,15 +91,21 @@ class LinearExpertsCheckpoint:
             if tuple(shape) != tuple(shapes[key]):
                 raise ShapeMismatchError(key, tuple(shape), tuple(shapes[key]), self.describe())
 
-    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-        """``({key: tensor}, bytes read so far)`` for the transformer, about ``chunk_bytes`` at a time."""
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES,
+               quantized: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        """``({key: tensor}, bytes read so far)`` for the transformer, about ``chunk_bytes`` at a time.
+        ``quantized``: a GGUF's quantized tensors as their raw bytes (``gguf_reader.as_quantized``)."""
         wanted: dict[str, list[tuple[str, Piece]]] = {}
         for key, piece in self.plan.items():
             wanted.setdefault(piece.source, []).append((key, piece))
         chunk: dict[str, torch.Tensor] = {}
         size = done = 0
-        for source, tensor in self.reader.tensors(list(wanted), chunk_bytes):
+        for source, tensor in self.reader.tensors(list(wanted), chunk_bytes, quantized=quantized):
             for key, piece in wanted[source]:
+                if quantized and tensor.dtype == torch.uint8 and piece != Piece(source):
+                    raise UnknownLayoutError(f"{self.describe()} holds quantized MoE weights in the release layout "
+                                             f"('{source}'); a GGUF keeps one tensor per expert: write it with "
+                                             "'tagmoe convert SRC OUT.gguf'")
                 chunk[key] = piece.take(tensor)
             nbytes = self.reader.nbytes([source])
             size += nbytes

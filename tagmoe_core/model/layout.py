@@ -41,7 +41,7 @@ RELEASE_ROPE_AXES = (16, 56, 56)  # Qwen-Image's rotary split of its 128-dim hea
 
 def checkpoint_config(files: WeightFiles) -> dict[str, Any] | None:
     """The transformer config that travels with the weights: ``config.json`` beside them (or in a
-    ``transformer/`` subfolder), else the one ``tagmoe convert`` stored in a safetensors header."""
+    ``transformer/`` subfolder), else the one ``tagmoe convert`` stored in a safetensors or GGUF header."""
     for path in (files.root / "config.json", files.root / "transformer" / "config.json"):
         if path.is_file():
             try:
@@ -49,6 +49,12 @@ def checkpoint_config(files: WeightFiles) -> dict[str, Any] | None:
             except ValueError:
                 log.warning("ignoring %s: not valid JSON", path)
     for path in files.files:
+        if path.name.endswith(".gguf"):
+            from .gguf_reader import GGUFFile
+
+            config = GGUFFile.open(path).config()
+            if config is not None:
+                return config
         if path.name.endswith(".safetensors"):
             from safetensors import safe_open
 

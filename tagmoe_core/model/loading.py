@@ -23,13 +23,13 @@ from ..errors import (
     ShapeMismatchError,
     TagMoEError,
     UnexpectedKeysError,
-    UnknownLayoutError,
 )
 from ..runtime.devices import device_for_key
 from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, resolve_weight_files
 from .layout import (OPTIONAL_PREFIXES, ROUTER_KEY, infer_moe_layout, read_transformer_config, strip_wrapper_prefix,
                      uses_linear_experts)
 from .moe import Backend, MoESpec
+from .release_view import ReleaseView
 from .transformer import build_tagmoe_transformer
 
 log = logging.getLogger("tagmoe")
@@ -114,11 +114,8 @@ def plan_tagmoe_load(
     tag_files = resolve_weight_files(tagmoe, weight_name, subfolder, revision, local_files_only)
     tag_reader = CheckpointReader.open(tag_files)
     strip_wrapper_prefix(tag_reader)
-    if uses_linear_experts(tag_reader.keys()):
-        raise UnknownLayoutError(
-            f"{tag_reader.describe()} holds TAG-MoE in the per-expert layout that ComfyUI saves; this loader reads "
-            "the release layout: convert it with 'tagmoe convert SRC OUT.safetensors' (or load it with TAG-MoE Load "
-            "Diffusion Model in ComfyUI)")
+    if uses_linear_experts(tag_reader.keys()):  # ComfyUI's saves and .gguf files: experts merged as they are read
+        tag_reader = ReleaseView.of(tag_reader)
     config = read_transformer_config(base, tag_files, revision, local_files_only)
     num_layers = int(config.get("num_layers", 60))
     if spec is None:

@@ -1,0 +1,113 @@
+"""Checks of a TAG-MoE ``.gguf`` in ComfyUI's own objects, run by test_comfyui_gguf.py in a subprocess with
+ComfyUI's folder as the working directory. Writes ``$TAGMOE_OUT/result.json``; the test asserts on it.
+
+* TAG-MoE Load Diffusion Model's loader builds the native model from the GGUF: quantized Linears keep
+  their bytes (the patcher's size is the quantized size), and a model call matches the original weights'
+  (F32 file: equal; Q8_0: close);
+* cast-on-forward (partial loading) gives the fully loaded output; a LoRA changes the output the same
+  way as on the original weights, fully loaded (patches kept by the Linear) and cast on forward
+  (ComfyUI's weight functions), and unpatching restores the plain output;
+* city96/ComfyUI-GGUF's loader (``$COMFYUI_GGUF_DIR``, when given) refuses the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, os.getcwd())  # ComfyUI
+sys.path.append(str(HERE))
+
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True
+import comfy.model_management  # noqa: E402,F401
+import torch  # noqa: E402
+from comfy_server import LORA_NAME, write_test_lora  # noqa: E402
+from node_harness import REPO, load_pack  # noqa: E402
+
+
+def main() -> None:
+    out = Path(os.environ["TAGMOE_OUT"])
+    pack = load_pack(REPO)
+    comfy_model = importlib.import_module(pack.__name__ + ".nodes.comfy_model")
+    comfy_lora = importlib.import_module(pack.__name__ + ".nodes.comfy_lora")
+    comfy_gguf = importlib.import_module(pack.__name__ + ".nodes.comfy_gguf")
+    result: dict = {}
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 1, 6, 8, generator=gen)
+    context = torch.randn(1, 7, 32, generator=gen)
+    ref = torch.randn(1, 16, 1, 6, 8, generator=gen)
+    sigma = torch.tensor([0.7])
+
+    def call(p, lowvram: bool = False) -> torch.Tensor:
+        p.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1 if lowvram else 0)
+        try:
+            with torch.inference_mode():
+                return p.model.apply_model(x, sigma, c_crossattn=context, ref_latents=[ref],
+                                           transformer_options={}).clone()
+        finally:
+            p.unpatch_model(torch.device("cpu"))
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    lora_path = out / LORA_NAME
+    write_test_lora(lora_path)
+    original = comfy_model.load_tagmoe_model(os.environ["TAGMOE_TINY"]).patcher
+    plain = call(original)
+    lora_original = call(comfy_lora.apply_lora(original, str(lora_path), 1.0)[0])
+    result["original_size"] = original.model_size()
+    for quant in ("F32", "Q8_0"):
+        path = out / f"tiny-{quant}.gguf"
+        loaded = comfy_model.load_tagmoe_model(path)
+        patcher = loaded.patcher
+        diffusion = patcher.model.diffusion_model
+        linears = [m for m in diffusion.modules() if isinstance(m, comfy_gguf.GGUFLinear)]
+        quantized = [m for m in linears if m.quantized]
+        row = {"summary": loaded.summary(), "patcher_class": type(patcher).__name__,
+               "patcher_size": patcher.model_size(),
+               "weight_bytes": sum(t.nelement() * t.element_size() for t in patcher.model.state_dict().values()),
+               "linears": len(linears), "quantized_linears": len(quantized),
+               "quantized_dtypes": sorted({str(m.weight.dtype) for m in quantized}),
+               "expert_types": sorted({m.ggml_type or str(m.weight.dtype) for n, m in diffusion.named_modules()
+                                       if ".experts." in n and isinstance(m, comfy_gguf.GGUFLinear)}),
+               "router_types": sorted({m.ggml_type or str(m.weight.dtype) for n, m in diffusion.named_modules()
+                                       if n.endswith(".router") and isinstance(m, comfy_gguf.GGUFLinear)})}
+        full = call(patcher)
+        row["rel_vs_original"] = rel(full, plain)
+        row["max_diff_vs_original"] = float((full - plain).abs().max())
+        row["cast_on_forward_max_diff"] = float((call(patcher, lowvram=True) - full).abs().max())
+        with_lora, report = comfy_lora.apply_lora(patcher, str(lora_path), 1.0)
+        row["lora_applied"] = report.applied
+        lora_full = call(with_lora)
+        row["lora_changes_output"] = float((lora_full - full).abs().max())
+        row["lora_rel_vs_original_lora"] = rel(lora_full, lora_original)
+        row["lora_cast_on_forward_max_diff"] = float((call(with_lora, lowvram=True) - lora_full).abs().max())
+        row["unpatched_max_diff"] = float((call(patcher) - full).abs().max())
+        row["patches_left"] = sum(bool(m.gguf_patches) for m in linears)
+        result[quant] = row
+
+    gguf_dir = os.environ.get("COMFYUI_GGUF_DIR")
+    if gguf_dir:
+        spec = importlib.util.spec_from_file_location("comfyui_gguf_pack", Path(gguf_dir) / "__init__.py",
+                                                      submodule_search_locations=[gguf_dir])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["comfyui_gguf_pack"] = package  # not executed: its nodes need a running ComfyUI
+        loader = importlib.import_module("comfyui_gguf_pack.loader")
+        try:
+            loader.gguf_sd_loader(str(out / "tiny-Q8_0.gguf"))
+            result["comfyui_gguf"] = "loaded"
+        except Exception as exc:  # noqa: BLE001 - what it raises is the finding
+            result["comfyui_gguf"] = f"{type(exc).__name__}: {exc}"
+    (out / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
