@@ -64,7 +64,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle")
-# Grayscale of a white/black picture is itself: a global edit's background is a chromatic colour.
+# Grayscale of a white/black picture is itself: a global edit's background is a chromatic colour
+# (and a grayscale edit's objects differ in grey level from it, so they stay objects).
 CHROMATIC = ("red", "green", "blue", "yellow", "purple")
 SPLITS = ("train", "heldout")
 HELDOUT_SHAPE_COLOURS: frozenset[tuple[str, str]] = frozenset({("circle", "green"), ("square", "purple"),
@@ -100,6 +101,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "text2image": ("A {colour} {shape} on a {background} background",
                    "Draw a {colour} {shape} on a {background} background"),
 }
+MIN_GREY_GAP = 32  # grey levels between a grayscale edit's objects and background (~55 in RGB distance)
 DEFAULT_SIZE = (64, 64)
 GAP = 4  # pixels between objects' boxes (and from the border), so objects never touch
 TASKS_FILE = "tasks.jsonl"
@@ -297,13 +299,27 @@ def _place(rng: random.Random, size: tuple[int, int], taken: list[tuple[int, int
     raise _Retry
 
 
+def luma(rgb: tuple[int, int, int]) -> float:
+    """The grey level PIL's grayscale gives ``rgb`` (ITU-R 601-2)."""
+    return rgb[0] * 0.299 + rgb[1] * 0.587 + rgb[2] * 0.114
+
+
+def _grey_apart(colour: str, background: str) -> bool:
+    """Still an object on its background once grayscale: grey levels apart from both tones."""
+    return all(abs(luma(COLOURS[colour]) - luma(tone)) >= MIN_GREY_GAP for tone in (COLOURS[background],
+                                                                                     shade(background)))
+
+
 def _scene(rng: random.Random, size: tuple[int, int], count: int, backgrounds=tuple(COLOURS),
-           shapes=SHAPES) -> Scene:
+           grey_apart: bool = False) -> Scene:
     background = rng.choice(backgrounds)
     split = rng.randint(size[1] // 4, 3 * size[1] // 4) if rng.random() < 0.5 else None
     objects: list[Shape] = []
-    for shape in rng.sample(list(shapes), count):
-        colour = rng.choice([c for c in COLOURS if c != background])
+    colours = [c for c in COLOURS if c != background and (not grey_apart or _grey_apart(c, background))]
+    if not colours:
+        raise _Retry
+    for shape in rng.sample(list(SHAPES), count):
+        colour = rng.choice(colours)
         objects.append(Shape(shape, colour, _place(rng, size, [o.box for o in objects])))
     return Scene(background, tuple(objects), split)
 
@@ -350,7 +366,7 @@ def _draw_task(task: str, rng: random.Random, size: tuple[int, int]) -> TaskSpec
         return TaskSpec(task, template.format(colour=colour), replace(source, background=colour), source, None,
                         colour, None, *size)
     if task in ("grayscale", "invert"):
-        source = _scene(rng, size, rng.randint(1, 3), backgrounds=CHROMATIC)
+        source = _scene(rng, size, rng.randint(1, 3), backgrounds=CHROMATIC, grey_apart=task == "grayscale")
         return TaskSpec(task, template, replace(source, filter=task), source, None, None, None, *size)
     raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
@@ -410,6 +426,9 @@ def write_dataset(folder: str | os.PathLike, count: int, seed: int = 0, split: s
     of the same line of samples.jsonl, with its ``target`` and ``input``) and ``synthetic.json``."""
     if count < 1:
         raise DataError(f"--count must be at least 1, got {count}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
+    check_size(*size)
     start = time.perf_counter()
     root = Path(os.path.expanduser(str(folder)))
     if (root / "samples.jsonl").exists() and not overwrite:
