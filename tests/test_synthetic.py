@@ -12,7 +12,7 @@ from PIL import ImageDraw
 from tagmoe_core.cli import main
 from tagmoe_core.errors import DataError
 from tagmoe_core.intent.tagging import rule_tags
-from tagmoe_core.training.data import read_samples
+from tagmoe_core.training.data import encode_samples, read_samples
 from tagmoe_core.training.synthetic import (
     COLOURS, HELDOUT_ON_BACKGROUND, HELDOUT_SHAPE_COLOURS, SHAPES, TASK_TAGS, TASKS, TEMPLATES, is_heldout_pair,
     make_sample, make_samples, read_tasks, render, shape_mask, write_dataset)
@@ -176,3 +176,12 @@ def test_synth_data_command(tmp_path, capsys):
     assert "multiple of 16" in capsys.readouterr().err and not (tmp_path / "odd").exists()
     with pytest.raises(DataError, match="split"):
         make_sample(0, split="test")
+
+
+def test_samples_encode_as_training_encodes_them(tiny_pipe, tmp_path):
+    """Edits and text-to-image of the set go through the pipeline's own conditioning (no training here)."""
+    write_dataset(tmp_path, 7, seed=0)
+    encoded = encode_samples(tiny_pipe, read_samples(tmp_path))
+    assert [e.condition is None for e in encoded] == [t == "text2image" for t in TASKS]
+    for e in encoded:
+        assert e.target.shape[0] == (64 // 16) ** 2 and (e.condition is None or e.condition.shape == e.target.shape)
