@@ -1,4 +1,5 @@
-"""``tagmoe`` / ``python -m tagmoe_core``: edit, generate, tag, refine, convert and train from the command line.
+"""``tagmoe`` / ``python -m tagmoe_core``: edit, generate, tag, refine, convert, train and write the synthetic
+task set (``synth-data``) from the command line.
 
 The flags of the reference ``infer.py`` are accepted as they are (``--pretrained_model_path``,
 ``--transformer_model_path``, ``--transformer_weight_name``, ...) and in dashed form.
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _tags_parser(sub)
     _add_train(sub)
+    _add_synth_data(sub)
     return parser
 
 
@@ -593,6 +595,32 @@ def run_train(args) -> int:
     return 0
 
 
+# -- synth-data: the synthetic multi-task set -------------------------------------------------------------
+def _add_synth_data(sub) -> None:
+    parser = sub.add_parser("synth-data", help="write the synthetic shapes task set as a data folder for train",
+                            description="Write N procedurally drawn samples (recolour, add, remove, background, "
+                                        "grayscale, invert, text-to-image; shapes on backgrounds) as a data folder "
+                                        "tagmoe train reads (samples.jsonl + PNGs), with tasks.jsonl, each sample's "
+                                        "structured description for the task-success rule. The heldout split holds "
+                                        "shape-colour and colour-on-background pairs the train split never shows.")
+    parser.add_argument("output", metavar="OUT", help="the folder to write")
+    parser.add_argument("--count", type=int, default=1000, help="samples (default: 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed and split give the same set (default: 0)")
+    parser.add_argument("--split", default="train", choices=["train", "heldout"])
+    parser.add_argument("--width", type=int, default=64, help="a multiple of 16 (default: 64)")
+    parser.add_argument("--height", type=int, default=64, help="a multiple of 16 (default: 64)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a data folder already there")
+
+
+def run_synth_data(args) -> int:
+    from .training.synthetic import write_dataset
+
+    report = write_dataset(args.output, args.count, seed=args.seed, split=args.split,
+                           size=(args.width, args.height), overwrite=args.overwrite)
+    print(report.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -611,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_tags(args)
         if args.command == "train":
             return run_train(args)
+        if args.command == "synth-data":
+            return run_synth_data(args)
         return run(args)
     except TagMoEError as exc:
         print(f"error: {exc}", file=sys.stderr)

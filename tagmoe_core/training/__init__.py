@@ -8,6 +8,9 @@
 * ``checkpoints``: checkpoints in the release's key layout (every loader reads them) plus what
   resuming needs.
 * ``loop``: what trains (whole, MoE layers + tag heads, LoRA), the steps, progress, resume, seed.
+* ``synthetic``: a seeded multi-task set of shapes on backgrounds (recolour, add, remove, background,
+  grayscale, invert, text-to-image) with a held-out split, written as a data folder.
+* ``task_success``: the pixel rule per synthetic task that decides whether an output succeeded.
 
 Nothing used at inference imports this package (``tests/test_layout.py`` checks).
 """
