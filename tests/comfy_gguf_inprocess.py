@@ -94,6 +94,24 @@ def main() -> None:
         row["patches_left"] = sum(bool(m.gguf_patches) for m in linears)
         result[quant] = row
 
+    # newest ComfyUI with dynamic VRAM on (emulated CoreModelPatcher): a GGUF still gets the classic patcher
+    from comfy_newer_seams import EmulatedCorePatcher
+
+    import comfy.model_patcher
+
+    saved = getattr(comfy.model_patcher, "CoreModelPatcher", None)
+    comfy.model_patcher.CoreModelPatcher = EmulatedCorePatcher
+    try:
+        dynamic_on = comfy_model.load_tagmoe_model(out / "tiny-Q8_0.gguf").patcher
+    finally:
+        if saved is None:
+            vars(comfy.model_patcher).pop("CoreModelPatcher", None)
+        else:
+            comfy.model_patcher.CoreModelPatcher = saved
+    q8_classic = loaded.patcher  # the Q8_0 file loaded above, without the emulation
+    result["dynamic_vram_patcher"] = {"dynamic": bool(comfy_model.is_dynamic(dynamic_on)),
+                                      "max_diff": float((call(dynamic_on) - call(q8_classic)).abs().max())}
+
     gguf_dir = os.environ.get("COMFYUI_GGUF_DIR")
     if gguf_dir:
         spec = importlib.util.spec_from_file_location("comfyui_gguf_pack", Path(gguf_dir) / "__init__.py",
