@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(Path(__file__).resolve().parent))
-from bench_native import MEDIUM, medium_tagmoe  # noqa: E402
+from bench_native import medium_tagmoe, native_text_to_image  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +53,6 @@ def main() -> None:
     import torch._dynamo
     from node_harness import load_pack
 
-    from tagmoe_core.pipeline.schedule import image_seq_len, reference_sigmas
 
     torch._dynamo.config.cache_size_limit = 64  # three variants of one model class: keep every graph
     _, checkpoint = medium_tagmoe()
@@ -82,21 +81,7 @@ def main() -> None:
             layer.__class__ = DenseMoE
     variants = {"eager": eager, "compiled": compiled(eager), "compiled-dense": compiled(dense_patcher)}
 
-    h = w = args.size // 8
-    gen = torch.Generator().manual_seed(1)
-    text = {name: torch.randn(1, length, MEDIUM["joint_attention_dim"], generator=gen)
-            for name, length in (("pos", 24), ("neg", 6))}
-    noise = torch.randn(1, 16, 1, h, w, generator=torch.Generator().manual_seed(7))
-    latent = torch.zeros(1, 16, 1, h, w)
-    seq = image_seq_len(args.size, args.size)
-
-    def run(patcher) -> torch.Tensor:
-        guider = comfy_sampling.ReferenceCFGGuider(patcher)
-        guider.set_conds([[text["pos"], {}]], [[text["neg"], {}]])
-        guider.set_cfg(4.0)
-        with torch.inference_mode():
-            return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"),
-                                 reference_sigmas(args.steps, seq), disable_pbar=True, seed=7)
+    run, seq = native_text_to_image(comfy_sampling, args.size, args.steps)
 
     first: dict[str, float] = {}
     for name, patcher in variants.items():  # warm-up: compilation happens here

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(Path(__file__).resolve().parent))
-from bench_native import MEDIUM, medium_tagmoe  # noqa: E402
+from bench_native import medium_tagmoe, native_text_to_image  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +47,6 @@ def main() -> None:
     from node_harness import load_pack
 
     from tagmoe_core.model.gguf_convert import convert_to_gguf
-    from tagmoe_core.pipeline.schedule import image_seq_len, reference_sigmas
 
     _, checkpoint = medium_tagmoe()
     pack = load_pack(ROOT)
@@ -63,21 +62,7 @@ def main() -> None:
         variants[quant] = comfy_model.load_tagmoe_model(path).patcher
         sizes[quant] = path.stat().st_size
 
-    h = w = args.size // 8
-    gen = torch.Generator().manual_seed(1)
-    text = {name: torch.randn(1, length, MEDIUM["joint_attention_dim"], generator=gen)
-            for name, length in (("pos", 24), ("neg", 6))}
-    noise = torch.randn(1, 16, 1, h, w, generator=torch.Generator().manual_seed(7))
-    latent = torch.zeros(1, 16, 1, h, w)
-    seq = image_seq_len(args.size, args.size)
-
-    def run(patcher) -> torch.Tensor:
-        guider = comfy_sampling.ReferenceCFGGuider(patcher)
-        guider.set_conds([[text["pos"], {}]], [[text["neg"], {}]])
-        guider.set_cfg(4.0)
-        with torch.inference_mode():
-            return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"),
-                                 reference_sigmas(args.steps, seq), disable_pbar=True, seed=7)
+    run, seq = native_text_to_image(comfy_sampling, args.size, args.steps)
 
     for patcher in variants.values():  # warm-up: loading to the device, first-call costs
         run(patcher)

@@ -54,6 +54,33 @@ def medium_tagmoe():
     return core_model, folder / "tagmoe.safetensors"
 
 
+def native_text_to_image(comfy_sampling, size: int, steps: int):
+    """``(run, image tokens)``: ``run(patcher)`` samples one fixed text-to-image run of the medium model in
+    ComfyUI (TAG-MoE CFG Guider at 4, TAG-MoE sigmas, euler; fixed noise and prompts) and returns its latents."""
+    import comfy.samplers
+    import torch
+
+    from tagmoe_core.pipeline.schedule import image_seq_len, reference_sigmas
+
+    h = w = size // 8
+    gen = torch.Generator().manual_seed(1)
+    text = {name: torch.randn(1, length, MEDIUM["joint_attention_dim"], generator=gen)
+            for name, length in (("pos", 24), ("neg", 6))}
+    noise = torch.randn(1, 16, 1, h, w, generator=torch.Generator().manual_seed(7))
+    latent = torch.zeros(1, 16, 1, h, w)
+    seq = image_seq_len(size, size)
+
+    def run(patcher) -> torch.Tensor:
+        guider = comfy_sampling.ReferenceCFGGuider(patcher)
+        guider.set_conds([[text["pos"], {}]], [[text["neg"], {}]])
+        guider.set_cfg(4.0)
+        with torch.inference_mode():
+            return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"),
+                                 reference_sigmas(steps, seq), disable_pbar=True, seed=7)
+
+    return run, seq
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=512)

@@ -189,6 +189,26 @@ def _check_complete(shapes: dict[str, tuple[int, ...]], config: dict[str, Any], 
             raise ShapeMismatchError(key, expected[key], shape, source)
 
 
+def output_path(out: str | os.PathLike, suffix: str, example: str, overwrite: bool, wrong_suffix: str) -> Path:
+    """The file a conversion writes, refused in one line before any work: wrong kind, a folder, or existing."""
+    out = Path(os.path.expanduser(str(out)))
+    if out.suffix != suffix:
+        raise ConvertError(f"{wrong_suffix}, got '{out}'")
+    if out.is_dir():
+        raise ConvertError(f"'{out}' is a folder; give the file to write, e.g. '{out / example}'")
+    if out.exists() and not overwrite:
+        raise ConvertError(f"'{out}' already exists (pass --overwrite to replace it)")
+    return out
+
+
+def open_source(src, out: Path, weight_name, subfolder, revision, local_files_only):
+    """``(files, reader)`` of a conversion's source, which must not be ``out`` itself."""
+    files = resolve_weight_files(src, weight_name, subfolder, revision, local_files_only)
+    if out.resolve() in {f.resolve() for f in files.files}:
+        raise ConvertError(f"'{out}' is the source itself; write the converted file elsewhere")
+    return files, CheckpointReader.open(files)
+
+
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "bf16", *,
                        overwrite: bool = False, progress: Progress | None = None, chunk_bytes: int = CHUNK_BYTES,
                        weight_name: str | None = DEFAULT_WEIGHT_NAME, subfolder: str | None = "transformer",
@@ -197,18 +217,9 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, dtype: st
     start = time.perf_counter()
     if dtype not in OUTPUT_DTYPES:
         raise ConvertError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
-    out = Path(os.path.expanduser(str(out)))
-    if out.suffix != ".safetensors":
-        raise ConvertError(f"the output must be a .safetensors file (or a .gguf, written by gguf_convert), got '{out}'")
-    if out.is_dir():
-        raise ConvertError(f"'{out}' is a folder; give the file to write, e.g. '{out / 'tagmoe.safetensors'}'")
-    if out.exists() and not overwrite:
-        raise ConvertError(f"'{out}' already exists (pass --overwrite to replace it)")
-
-    files = resolve_weight_files(src, weight_name, subfolder, revision, local_files_only)
-    if out.resolve() in {f.resolve() for f in files.files}:
-        raise ConvertError(f"'{out}' is the source itself; write the converted file elsewhere")
-    reader = CheckpointReader.open(files)
+    out = output_path(out, ".safetensors", "tagmoe.safetensors", overwrite,
+                      "the output must be a .safetensors file (or a .gguf, written by gguf_convert)")
+    files, reader = open_source(src, out, weight_name, subfolder, revision, local_files_only)
     try:
         strip_wrapper_prefix(reader)
         plan = plan_conversion(reader, OUTPUT_DTYPES[dtype], checkpoint_config(files))

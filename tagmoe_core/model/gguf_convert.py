@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader, resolve_weight_files
-from .convert import ConvertError, ConvertReport, Progress, _check_destination, plan_conversion
+from .checkpoint import DEFAULT_WEIGHT_NAME, CheckpointReader
+from .convert import (ConvertError, ConvertReport, Progress, _check_destination, open_source, output_path,
+                      plan_conversion)
 from .expert_layout import Piece, planned_shape, to_linear_experts
 from .gguf_dequant import TYPES, GGMLType
 from .gguf_kquants import quantize_q6_k
@@ -228,17 +229,8 @@ def convert_to_gguf(src: str | os.PathLike, out: str | os.PathLike, quant: str =
     quant = quant.upper()
     if quant not in QUANT_TYPES:
         raise ConvertError(f"--quant must be one of {', '.join(QUANT_TYPES)}, got {quant!r}")
-    out = Path(os.path.expanduser(str(out)))
-    if out.suffix != ".gguf":
-        raise ConvertError(f"a quantized output is a .gguf file, got '{out}'")
-    if out.is_dir():
-        raise ConvertError(f"'{out}' is a folder; give the file to write, e.g. '{out / 'tagmoe-Q8_0.gguf'}'")
-    if out.exists() and not overwrite:
-        raise ConvertError(f"'{out}' already exists (pass --overwrite to replace it)")
-    files = resolve_weight_files(src, weight_name, subfolder, revision, local_files_only)
-    if out.resolve() in {f.resolve() for f in files.files}:
-        raise ConvertError(f"'{out}' is the source itself; write the converted file elsewhere")
-    reader = CheckpointReader.open(files)
+    out = output_path(out, ".gguf", "tagmoe-Q8_0.gguf", overwrite, "a quantized output is a .gguf file")
+    files, reader = open_source(src, out, weight_name, subfolder, revision, local_files_only)
     try:
         strip_wrapper_prefix(reader)
         checked = plan_conversion(reader, torch.float32, checkpoint_config(files))  # the source's errors, headers only
