@@ -1,0 +1,293 @@
+"""Train the tiny TAG-MoE on the synthetic task set, on the CPU, and measure it (issue 16, section 2).
+
+    python scripts/train_tiny.py OUT [--vae-steps 600] [--steps 3000] ...
+
+1. writes the synthetic train and held-out sets (``tagmoe_core.training.synthetic``) to OUT/data/;
+2. trains a tiny AutoencoderKLQwenImage (tiny.py's config unless --vae-base-dim) on the train images
+   with an MSE reconstruction loss + a small KL, sets its latents_mean/std to the measured latent
+   statistics, and measures its round trip (PSNR) on the held-out images and the success rule on
+   the held-out targets round-tripped (the ceiling any transformer can reach through this VAE);
+3. trains the whole tiny TAG-MoE transformer (random tiny bundle's weights as the start, the frozen
+   tiny text encoder) with ``tagmoe_core.training`` (L_flow + lambda_lbl L_lbl + lambda_align L_align)
+   on the trained VAE's latents, with a cosine learning-rate decay over --steps;
+4. assembles OUT/bundle (trained VAE + trained transformer + the tiny text encoder, tokenizer,
+   scheduler) and evaluates it on the held-out set through ``load_pipeline``: task success per
+   task (``task_success.check_task``), the alignment score and per-task expert usage
+   (``intent.routing``). Figures go to OUT/report.json.
+
+Not run by CI. Fixed step counts (not wall time) make a run reproducible for a seed; --minutes /
+--vae-minutes only cap a run that would overrun (then the report says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tagmoe_core.tiny import build_tiny_bundle  # noqa: E402
+from tagmoe_core.training import synthetic  # noqa: E402
+from tagmoe_core.training.bundle import assemble_bundle, latent_stats  # noqa: E402
+from tagmoe_core.training.task_success import check_task, psnr  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load_pixels(folder: Path) -> torch.Tensor:
+    """Every input and target picture of a data folder, [N, 3, 1, H, W] in -1..1."""
+    from PIL import Image
+
+    images = []
+    for line in (folder / "samples.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        for key in ("input", "target"):
+            if entry.get(key):
+                images.append(np.asarray(Image.open(folder / entry[key]).convert("RGB"), dtype=np.float32))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return x[:, :, None]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[B, 3, 1, H, W] in -1..1 -> [B, H, W, 3] uint8."""
+    return ((x[:, :, 0].permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+# -- the VAE --------------------------------------------------------------------------------------------
+def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKLQwenImage(base_dim=args.vae_base_dim, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
+    data = load_pixels(train_dir)
+    held = load_pixels(heldout_dir)
+    log(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, {len(data)} train pictures, "
+        f"{len(held)} held-out")
+    optimizer = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    start, curve, steps_done = time.perf_counter(), [], 0
+    vae.train()
+    for step in range(args.vae_steps):
+        lr = args.vae_lr * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(data), (args.vae_batch,), generator=generator)
+        x = data[idx]
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator)
+        y = vae.decode(z).sample
+        rec = (y - x).pow(2).mean()
+        kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
+        loss = rec + args.vae_kl * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps_done = step + 1
+        curve.append(float(rec.detach()))
+        if step % 50 == 0 or step == args.vae_steps - 1:
+            db = 10 * math.log10(4.0 / max(curve[-1], 1e-12))  # range -1..1: peak-to-peak 2
+            log(f"VAE step {step + 1}/{args.vae_steps}  mse {curve[-1]:.5f} (~{db:.1f} dB)  "
+                f"kl {float(kl.detach()):.3f}  {time.perf_counter() - start:.0f}s")
+        if args.vae_minutes and time.perf_counter() - start > args.vae_minutes * 60:
+            log(f"VAE: stopped by --vae-minutes at step {step + 1}")
+            break
+    seconds = time.perf_counter() - start
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
+        mean, std = latent_stats(means)
+        vae.register_to_config(latents_mean=mean, latents_std=std)
+        recon = torch.cat([vae.decode(vae.encode(held[i:i + 64]).latent_dist.mode()).sample
+                           for i in range(0, len(held), 64)])
+    original, rebuilt = to_uint8(held), to_uint8(recon)
+    psnrs = [psnr(rebuilt[i].astype(np.float64), original[i].astype(np.float64)) for i in range(len(held))]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(out_dir)
+    size = sum(f.stat().st_size for f in out_dir.iterdir())
+    report = {"steps": steps_done, "seconds": round(seconds, 1), "mse_start": curve[0], "mse_end": curve[-1],
+              "heldout_psnr_mean": float(np.mean(psnrs)), "heldout_psnr_min": float(np.min(psnrs)),
+              "heldout_psnr_share_ge_25": float(np.mean(np.array(psnrs) >= 25.0)), "bytes": size,
+              "base_dim": args.vae_base_dim}
+    log(f"VAE done: {steps_done} steps in {seconds:.0f}s; held-out round trip PSNR mean "
+        f"{report['heldout_psnr_mean']:.2f} dB, min {report['heldout_psnr_min']:.2f} dB, "
+        f"{report['heldout_psnr_share_ge_25']:.0%} >= 25 dB; {size / 1e6:.2f} MB")
+    return report
+
+
+def vae_ceiling(pipe, heldout_dir: Path) -> dict:
+    """Success of the rule on each held-out target after a VAE round trip (the best a model can do here)."""
+    from PIL import Image
+
+    specs = synthetic.read_tasks(heldout_dir)
+    per_task: dict[str, list[bool]] = {}
+    for spec in specs:
+        target = spec.target_image()
+        x = torch.from_numpy(np.asarray(target, dtype=np.float32)).permute(2, 0, 1)[None, :, None] / 127.5 - 1
+        with torch.no_grad():
+            y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+        out = Image.fromarray(to_uint8(y)[0])
+        per_task.setdefault(spec.task, []).append(check_task(spec.input_image(), spec, out).ok)
+    return {task: float(np.mean(v)) for task, v in per_task.items()}
+
+
+# -- the transformer ------------------------------------------------------------------------------------
+def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: Path) -> tuple[dict, Path]:
+    from tagmoe_core.training.loop import TrainConfig, prepare
+
+    config = TrainConfig(data=str(train_dir), output=str(run_dir), base=str(base), tagmoe=str(tagmoe),
+                         train="whole", steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                         lambda_lbl=args.lambda_lbl, lambda_align=args.lambda_align, seed=args.seed,
+                         device="cpu", max_grad_norm=1.0)
+    start = time.perf_counter()
+    trainer = prepare(config)
+    encode_seconds = time.perf_counter() - start
+    log(f"transformer: {sum(p.numel() for p in trainer.params) / 1e6:.3f} M trained parameters, "
+        f"{len(trainer.samples)} samples encoded in {encode_seconds:.0f}s, {trainer.batches_per_epoch} batches/epoch")
+    start, window = time.perf_counter(), []
+    capped = False
+    while trainer.step_index < args.steps:
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * trainer.step_index / args.steps))
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = lr
+        report = trainer.step()
+        window.append(report.terms)
+        if report.step % args.log_every == 0 or report.step == args.steps or report.step == 1:
+            mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            log(f"step {report.step}/{args.steps}  loss {mean['loss']:.4f}  flow {mean['flow']:.4f}  "
+                f"lbl {mean['lbl']:.4f}  align {mean['align']:.4f}  lr {lr:.2e}  {time.perf_counter() - start:.0f}s")
+            window = []
+        if args.minutes and time.perf_counter() - start > args.minutes * 60:
+            log(f"transformer: stopped by --minutes at step {trainer.step_index}")
+            capped = True
+            break
+    seconds = time.perf_counter() - start
+    checkpoint = trainer.save()
+    history = trainer.history
+    head = history[:min(50, len(history))]
+    tail = history[-min(200, len(history)):]
+    summary = {"steps": trainer.step_index, "capped_by_minutes": capped, "seconds": round(seconds, 1),
+               "encode_seconds": round(encode_seconds, 1), "seconds_per_step": seconds / max(1, len(history)),
+               "first_50_mean": {k: float(np.mean([h[k] for h in head])) for k in head[0]},
+               "last_200_mean": {k: float(np.mean([h[k] for h in tail])) for k in tail[0]},
+               "lr": args.lr, "batch_size": args.batch_size, "lambda_lbl": args.lambda_lbl,
+               "lambda_align": args.lambda_align}
+    log(f"transformer done: {trainer.step_index} steps in {seconds:.0f}s; loss first 50 "
+        f"{summary['first_50_mean']['loss']:.4f} -> last 200 {summary['last_200_mean']['loss']:.4f}")
+    return summary, checkpoint
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+def evaluate(pipe, heldout_dir: Path, steps: int, cfg: float, limit: int | None, samples_dir: Path | None) -> dict:
+    from tagmoe_core.intent.routing import RoutingRecorder, analyse
+
+    specs = synthetic.read_tasks(heldout_dir)
+    if limit:
+        specs = specs[:limit]
+    per_task: dict[str, list] = {}
+    start = time.perf_counter()
+    for i, spec in enumerate(specs):
+        source = spec.input_image()
+        conditioning = pipe.encode(spec.instruction, "")
+        recorder = RoutingRecorder()
+        out = pipe.sample(conditioning, source, width=spec.width, height=spec.height, steps=steps, cfg=cfg,
+                          seed=i, recorder=recorder)
+        image = pipe.to_pil(pipe.decode(out.latents))[0]
+        verdict = check_task(source, spec, image)
+        analysis = analyse(recorder.recording, pipe.transformer, spec.tags)
+        per_task.setdefault(spec.task, []).append((verdict.ok, analysis.alignment, analysis.expert_share.numpy()))
+        if samples_dir is not None and i < 28:
+            samples_dir.mkdir(parents=True, exist_ok=True)
+            image.save(samples_dir / f"{i:03d}_{spec.task}_{'ok' if verdict.ok else 'fail'}.png")
+            if source is not None:
+                source.save(samples_dir / f"{i:03d}_{spec.task}_in.png")
+    seconds = time.perf_counter() - start
+    tasks = {}
+    for task, rows in per_task.items():
+        tasks[task] = {"n": len(rows), "success": float(np.mean([r[0] for r in rows])),
+                       "alignment": float(np.mean([r[1] for r in rows])),
+                       "expert_share": [round(float(v), 3) for v in np.mean([r[2] for r in rows], axis=0)]}
+    every = [r[0] for rows in per_task.values() for r in rows]
+    return {"tasks": tasks, "success": float(np.mean(every)), "n": len(every), "seconds": round(seconds, 1),
+            "steps": steps, "cfg": cfg}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--heldout-count", type=int, default=140)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--vae-kl", type=float, default=1e-4)
+    parser.add_argument("--vae-base-dim", type=int, default=8)
+    parser.add_argument("--vae-minutes", type=float, default=0.0, help="cap (0: none)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lambda-lbl", type=float, default=0.01)
+    parser.add_argument("--lambda-align", type=float, default=0.1)
+    parser.add_argument("--minutes", type=float, default=0.0, help="cap on the transformer's training (0: none)")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--eval-steps", type=int, default=20)
+    parser.add_argument("--eval-cfg", type=float, default=1.0)
+    parser.add_argument("--eval-limit", type=int, default=0, help="evaluate only the first N held-out samples")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    total = time.perf_counter()
+    out: Path = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+
+    train_dir, heldout_dir = out / "data" / "train", out / "data" / "heldout"
+    for folder, count, split in ((train_dir, args.count, "train"), (heldout_dir, args.heldout_count, "heldout")):
+        written = synthetic.write_dataset(folder, count, seed=args.seed, split=split, overwrite=True)
+        log(f"{split}: {written.count} samples in {written.seconds:.1f}s ({written.per_task})")
+
+    random_bundle = build_tiny_bundle(out / "random", seed=args.seed)
+    report["vae"] = train_vae(args, train_dir, heldout_dir, out / "vae")
+
+    # The base with the trained VAE (and the random tiny TAG-MoE weights to start from).
+    start_bundle = assemble_bundle(random_bundle, out / "start", vae=out / "vae")
+    if (out / "run").exists():
+        shutil.rmtree(out / "run")
+    report["transformer"], checkpoint = train_transformer(args, start_bundle.base, start_bundle.tagmoe, train_dir,
+                                                          out / "run")
+    bundle = assemble_bundle(random_bundle, out / "bundle", vae=out / "vae", transformer=checkpoint / "transformer",
+                             note={"checkpoint": str(checkpoint)})
+    report["bundle_bytes"] = sum(f.stat().st_size for f in bundle.root.rglob("*") if f.is_file())
+
+    from tagmoe_core.pipeline.builder import load_pipeline
+
+    pipe = load_pipeline(bundle.base, bundle.tagmoe, device="cpu", dtype=torch.float32, backend="torch",
+                         placement="single")
+    report["vae"]["heldout_target_ceiling"] = vae_ceiling(pipe, heldout_dir)
+    log(f"success of the held-out targets after a VAE round trip: {report['vae']['heldout_target_ceiling']}")
+    report["eval"] = evaluate(pipe, heldout_dir, args.eval_steps, args.eval_cfg, args.eval_limit or None,
+                              out / "samples")
+    for task, row in report["eval"]["tasks"].items():
+        log(f"held-out {task:<10} success {row['success']:.0%} (n={row['n']})  alignment {row['alignment']:+.3f}  "
+            f"experts {row['expert_share']}")
+    log(f"held-out success {report['eval']['success']:.1%} of {report['eval']['n']} "
+        f"({report['eval']['seconds']:.0f}s)")
+    report["seconds_total"] = round(time.perf_counter() - total, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    log(f"all done in {report['seconds_total']:.0f}s; report: {out / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""A tiny bundle made of trained parts: the random tiny bundle's text encoder, tokenizer, scheduler
+and dense base transformer, with a trained VAE and trained TAG-MoE transformer weights.
+
+``assemble_bundle(source, output, vae=..., transformer=...)`` writes ``output`` in the layout of
+:mod:`tagmoe_core.tiny` (``Qwen-Image-tiny/`` and ``TAG-MoE-tiny/transformer/``), so
+``load_pipeline(bundle.base, bundle.tagmoe)`` and every loader here read it. ``latent_stats``
+gives the per-channel mean and std that a trained VAE's config should carry
+(``latents_mean``/``latents_std``: what ``pipeline.latents.normalize`` divides by).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..tiny import TinyBundle
+
+BASE_PARTS = ("text_encoder", "tokenizer", "scheduler", "transformer", "vae")
+
+
+def _copy(source: Path, target: Path) -> None:
+    if not source.is_dir():
+        raise FileNotFoundError(f"'{source}' is not a folder")
+    shutil.copytree(source, target)
+
+
+def assemble_bundle(source: str | os.PathLike | TinyBundle, output: str | os.PathLike, *,
+                    vae: str | os.PathLike | None = None, transformer: str | os.PathLike | None = None,
+                    note: dict | None = None) -> TinyBundle:
+    """Write a bundle at ``output`` (replacing it): ``source``'s parts, with ``vae`` (a diffusers
+    ``AutoencoderKLQwenImage`` folder) and ``transformer`` (a TAG-MoE transformer folder: config.json
+    and the weights, e.g. a training checkpoint's ``transformer/``) in place of its own when given."""
+    src = source if isinstance(source, TinyBundle) else TinyBundle(Path(source))
+    out = TinyBundle(Path(output))
+    if out.root.exists():
+        shutil.rmtree(out.root)
+    out.base.mkdir(parents=True)
+    for part in BASE_PARTS:
+        _copy(Path(vae) if part == "vae" and vae is not None else src.base / part, out.base / part)
+    shutil.copy2(src.base / "model_index.json", out.base / "model_index.json")
+    out.tagmoe.mkdir(parents=True)
+    _copy(Path(transformer) if transformer is not None else src.tagmoe / "transformer", out.tagmoe / "transformer")
+    (out.root / "COMPLETE").write_text(json.dumps({"trained": True, **(note or {})}))
+    return out
+
+
+def latent_stats(latents: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of VAE latents [B, C, ...] (channel 1), as plain lists."""
+    flat = latents.detach().float().transpose(0, 1).reshape(latents.shape[1], -1)
+    return flat.mean(1).tolist(), flat.std(1).clamp_min(1e-6).tolist()
