@@ -17,7 +17,6 @@ difference to eager:
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(Path(__file__).resolve().parent))
-from bench_native import medium_tagmoe, native_text_to_image  # noqa: E402
+from bench_native import medium_tagmoe, native_text_to_image, use_comfyui_on_the_cpu  # noqa: E402
 
 
 def main() -> None:
@@ -38,17 +37,7 @@ def main() -> None:
                         help="ComfyUI's CPU default, which reads free memory per block (a graph break per block); "
                              "by default PyTorch's attention, ComfyUI's default on NVIDIA")
     args = parser.parse_args()
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
-        sys.exit("set COMFYUI_DIR to a ComfyUI checkout")
-    sys.path.insert(0, comfy_dir)
-    sys.path.append(str(ROOT / "tests"))
-    sys.path.append(str(ROOT))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = not args.split_attention
-    import comfy.samplers
+    use_comfyui_on_the_cpu(pytorch_attention=not args.split_attention)
     import torch
     import torch._dynamo
     from node_harness import load_pack

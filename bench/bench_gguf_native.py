@@ -13,7 +13,6 @@ the safetensors model's (same noise, schedule and prompts: TAG-MoE Scheduler, CF
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(Path(__file__).resolve().parent))
-from bench_native import medium_tagmoe, native_text_to_image  # noqa: E402
+from bench_native import medium_tagmoe, native_text_to_image, use_comfyui_on_the_cpu  # noqa: E402
 
 
 def main() -> None:
@@ -32,17 +31,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quants", nargs="+", default=["Q8_0", "Q6_K", "Q5_0", "Q4_0", "BF16"])
     args = parser.parse_args()
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
-        sys.exit("set COMFYUI_DIR to a ComfyUI checkout")
-    sys.path.insert(0, comfy_dir)
-    sys.path.append(str(ROOT / "tests"))
-    sys.path.append(str(ROOT))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.samplers
+    use_comfyui_on_the_cpu(pytorch_attention=True)
     import torch
     from node_harness import load_pack
 

@@ -54,6 +54,21 @@ def medium_tagmoe():
     return core_model, folder / "tagmoe.safetensors"
 
 
+def use_comfyui_on_the_cpu(pytorch_attention: bool = True) -> None:
+    """Put ``$COMFYUI_DIR`` (first: its ``nodes``), the tests' helpers and this repository on sys.path and
+    set ComfyUI's flags for a CPU run, before any ComfyUI module that reads them is imported."""
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir:
+        sys.exit("set COMFYUI_DIR to a ComfyUI checkout")
+    sys.path.insert(0, comfy_dir)
+    sys.path.append(str(ROOT / "tests"))
+    sys.path.append(str(ROOT))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.use_pytorch_cross_attention = pytorch_attention
+
+
 def native_text_to_image(comfy_sampling, size: int, steps: int):
     """``(run, image tokens)``: ``run(patcher)`` samples one fixed text-to-image run of the medium model in
     ComfyUI (TAG-MoE CFG Guider at 4, TAG-MoE sigmas, euler; fixed noise and prompts) and returns its latents."""
