@@ -73,15 +73,19 @@ def ensure_tiny_bundle(root: str | os.PathLike | None = None, seed: int = 0) -> 
     return bundle
 
 
-def build_tiny_bundle(root: str | os.PathLike, seed: int = 0) -> TinyBundle:
-    """Write the tiny bundle to ``root`` (replacing it). Same seed, same bytes."""
+def build_tiny_bundle(root: str | os.PathLike, seed: int = 0, transformer_config: dict | None = None) -> TinyBundle:
+    """Write the tiny bundle to ``root`` (replacing it). Same seed, same bytes.
+
+    ``transformer_config`` overrides entries of :data:`TRANSFORMER_CONFIG` (a wider transformer to
+    train, say); ``joint_attention_dim`` is also the text encoder's hidden size."""
+    config = {**TRANSFORMER_CONFIG, **(transformer_config or {})}
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
     try:
         bundle = TinyBundle(staging)
         with torch.random.fork_rng(devices=[]):
-            _write_base(bundle.base, seed)
+            _write_base(bundle.base, seed, config)
             _write_tagmoe(bundle, seed)
         (staging / "COMPLETE").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}))
         if root.exists():
@@ -124,14 +128,14 @@ def train_tokenizer(vocab_size: int = 640):
     return tokenizer
 
 
-def _write_base(base: Path, seed: int) -> None:
+def _write_base(base: Path, seed: int, config: dict) -> None:
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = train_tokenizer()
     tokenizer.save_pretrained(base / "tokenizer")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    hidden = TRANSFORMER_CONFIG["joint_attention_dim"]
+    hidden = config["joint_attention_dim"]
 
     torch.manual_seed(seed)
     te_config = Qwen2_5_VLConfig(
@@ -162,7 +166,7 @@ def _write_base(base: Path, seed: int) -> None:
     vae.save_pretrained(base / "vae")
 
     torch.manual_seed(seed + 2)
-    transformer = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
+    transformer = QwenImageTransformer2DModel(**config)
     _scale_output_layers(transformer)
     transformer.save_pretrained(base / "transformer")
 

@@ -55,3 +55,20 @@ def test_tagmoe_weights_in_release_layout(tiny_bundle):
             assert f"transformer_blocks.{block}.img_mlp.{name}" in keys
     assert "transformer_blocks.1.img_mlp.net.0.proj.weight" in keys  # dense blocks stay dense
     assert {"tag_embedding.weight", "router_head.net.0.weight", "router_head.net.4.bias"} <= keys
+
+
+def test_transformer_config_override_builds_a_wider_bundle_that_loads(tmp_path):
+    """scripts/train_tiny.py starts from a wider transformer: both folders carry it and the core loads it."""
+    import torch
+
+    from tagmoe_core.pipeline.builder import load_pipeline
+
+    wide = {"num_attention_heads": 4, "attention_head_dim": 32, "axes_dims_rope": [8, 12, 12]}
+    bundle = build_tiny_bundle(tmp_path / "wide", seed=0, transformer_config=wide)
+    for folder in (bundle.base / "transformer", bundle.tagmoe / "transformer"):
+        config = json.loads((folder / "config.json").read_text())
+        assert {k: config[k] for k in wide} == wide
+    pipe = load_pipeline(bundle.base, bundle.tagmoe, device="cpu", dtype=torch.float32, backend="torch",
+                         placement="single")
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.weight.shape == (128, 128)
+    assert pipe.transformer.transformer_blocks[-1].img_mlp.experts.mlp.w1.shape[-1] == 128
