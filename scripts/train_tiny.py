@@ -290,6 +290,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-crop", type=int, default=0, help="train on random square crops of this size")
     parser.add_argument("--vae-res-blocks", type=int, default=1)
     parser.add_argument("--vae-l1", type=float, default=0.0, help="weight of an L1 term beside the MSE")
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="use this trained VAE folder (an earlier run's OUT/vae) instead of training one")
     parser.add_argument("--only-vae", action="store_true", help="stop after the VAE (for VAE experiments)")
     parser.add_argument("--vae-minutes", type=float, default=0.0, help="cap (0: none)")
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks (the last 2 are MoE)")
@@ -321,7 +323,14 @@ def main(argv=None) -> int:
         log(f"{split}: {written.count} samples in {written.seconds:.1f}s ({written.per_task})")
 
     random_bundle = build_tiny_bundle(out / "random", seed=args.seed, transformer_config=transformer_config(args))
-    report["vae"] = train_vae(args, train_dir, heldout_dir, out / "vae")
+    if args.vae_from:  # a VAE an earlier run trained (ablations of the transformer share one VAE)
+        if (out / "vae").exists():
+            shutil.rmtree(out / "vae")
+        shutil.copytree(args.vae_from, out / "vae")
+        earlier = args.vae_from.parent / "report.json"
+        report["vae"] = json.loads(earlier.read_text())["vae"] if earlier.is_file() else {"from": str(args.vae_from)}
+    else:
+        report["vae"] = train_vae(args, train_dir, heldout_dir, out / "vae")
     if args.only_vae:
         (out / "report.json").write_text(json.dumps(report, indent=1))
         return 0
