@@ -120,6 +120,41 @@ def test_q6_k_quantizer_reads_back_with_gguf_pys_dequantization():
         quantize_q6_k(rows[:, :100])
 
 
+@pytest.mark.parametrize("name, coarser", [("Q4_K", ("Q4_0", "Q4_1")), ("Q5_K", ("Q5_0", "Q5_1"))])
+def test_q4_k_and_q5_k_quantizers_read_back_with_gguf_pys_dequantization(name, coarser):
+    from tagmoe_core.model.gguf_kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
+
+    quantize = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k}[name]
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((48, 3072)).astype(np.float32)
+    raw = quantize(rows)
+    assert raw.shape == (48, 3072 // 256 * TYPES[name].type_size) and raw.dtype == np.uint8
+    kind = gguf.GGMLQuantizationType[name]
+    back = gguf.quants.dequantize(raw, kind)
+    ours = dequantize(torch.from_numpy(raw.reshape(-1)), name, rows.shape)
+    assert np.array_equal(ours.numpy().view(np.uint32), back.view(np.uint32))  # every bit
+
+    def error(kind_name: str) -> float:
+        k = gguf.GGMLQuantizationType[kind_name]
+        return rel_l2(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(rows, k), k)),
+                      torch.from_numpy(rows))
+
+    ours_error = rel_l2(torch.from_numpy(back), torch.from_numpy(rows))  # measured 0.072 (Q4_K), 0.036 (Q5_K)
+    assert all(ours_error < error(c) for c in coarser)
+    if name == "Q5_K":
+        q6 = gguf.quants.dequantize(quantize_q6_k(rows), gguf.quants.GGMLQuantizationType.Q6_K)
+        assert rel_l2(torch.from_numpy(q6), torch.from_numpy(rows)) < ours_error
+    odd = np.zeros((3, 512), np.float32)  # zero rows, and one huge value among small ones
+    odd[1] = rng.standard_normal(512) * 1e-3
+    odd[1, 7] = 1e4
+    odd[2, 300] = -5.0
+    odd_back = gguf.quants.dequantize(quantize(odd), kind)
+    assert np.isfinite(odd_back).all() and np.array_equal(odd_back[0], odd[0])
+    assert abs(odd_back[1, 7] - 1e4) < 1e2
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quantize(rows[:, :100])
+
+
 def test_dequantization_checks_its_input():
     with pytest.raises(ValueError, match="Q8_0 data of shape \\[2, 64\\] is 136 bytes, not 100"):
         dequantize(torch.zeros(100, dtype=torch.uint8), "Q8_0", (2, 64))
