@@ -177,6 +177,8 @@ def test_tensor_types_follow_comfyui_ggufs_qwen_image_files():
     assert tensor_type("transformer_blocks.0.attn.to_q.weight", (40, 48), "Q8_0").name == "BF16"  # 48 % 32
     assert tensor_type("transformer_blocks.0.attn.to_q.weight", (3072, 3072), "Q6_K").name == "Q6_K"
     assert tensor_type("transformer_blocks.0.attn.to_q.weight", (128, 96), "Q6_K").name == "Q8_0"  # 96 % 256
+    assert tensor_type("transformer_blocks.0.attn.to_q.weight", (3072, 3072), "Q4_K").name == "Q4_K"
+    assert tensor_type("transformer_blocks.0.attn.to_q.weight", (128, 96), "Q5_K").name == "Q8_0"
     assert tensor_type("transformer_blocks.0.attn.to_q.weight", (32, 32), "Q8_0").name == "F32"  # small
 
 
@@ -259,7 +261,7 @@ def test_f32_and_bf16_ggufs_equal_the_original(converted, original, tiny_bundle)
     assert torch.equal(forward(bf16, torch.bfloat16), forward(reference, torch.bfloat16))
 
 
-@pytest.mark.parametrize("quant, bound", [("Q8_0", 0.01), ("Q4_0", 0.08)])
+@pytest.mark.parametrize("quant, bound", [("Q8_0", 0.01), ("Q5_K", 0.05), ("Q4_K", 0.08), ("Q4_0", 0.08)])
 def test_quantized_gguf_model_call_is_close_to_the_original(quant, bound, converted, original):
     model, _ = load_tagmoe_transformer(converted[quant])  # no base: the config travels in the file
     assert rel_l2(forward(model), forward(original)) < bound

@@ -24,8 +24,6 @@ bits, then 128 bytes of nibbles: 144 / 176 bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
