@@ -120,6 +120,41 @@ def test_q6_k_quantizer_reads_back_with_gguf_pys_dequantization():
         quantize_q6_k(rows[:, :100])
 
 
+@pytest.mark.parametrize("name, coarser", [("Q4_K", ("Q4_0", "Q4_1")), ("Q5_K", ("Q5_0", "Q5_1"))])
+def test_q4_k_and_q5_k_quantizers_read_back_with_gguf_pys_dequantization(name, coarser):
+    from tagmoe_core.model.gguf_kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
+
+    quantize = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k}[name]
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((48, 3072)).astype(np.float32)
+    raw = quantize(rows)
+    assert raw.shape == (48, 3072 // 256 * TYPES[name].type_size) and raw.dtype == np.uint8
+    kind = gguf.GGMLQuantizationType[name]
+    back = gguf.quants.dequantize(raw, kind)
+    ours = dequantize(torch.from_numpy(raw.reshape(-1)), name, rows.shape)
+    assert np.array_equal(ours.numpy().view(np.uint32), back.view(np.uint32))  # every bit
+
+    def error(kind_name: str) -> float:
+        k = gguf.GGMLQuantizationType[kind_name]
+        return rel_l2(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(rows, k), k)),
+                      torch.from_numpy(rows))
+
+    ours_error = rel_l2(torch.from_numpy(back), torch.from_numpy(rows))  # measured 0.072 (Q4_K), 0.036 (Q5_K)
+    assert all(ours_error < error(c) for c in coarser)
+    if name == "Q5_K":
+        q6 = gguf.quants.dequantize(quantize_q6_k(rows), gguf.quants.GGMLQuantizationType.Q6_K)
+        assert rel_l2(torch.from_numpy(q6), torch.from_numpy(rows)) < ours_error
+    odd = np.zeros((3, 512), np.float32)  # zero rows, and one huge value among small ones
+    odd[1] = rng.standard_normal(512) * 1e-3
+    odd[1, 7] = 1e4
+    odd[2, 300] = -5.0
+    odd_back = gguf.quants.dequantize(quantize(odd), kind)
+    assert np.isfinite(odd_back).all() and np.array_equal(odd_back[0], odd[0])
+    assert abs(odd_back[1, 7] - 1e4) < 1e2
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quantize(rows[:, :100])
+
+
 def test_dequantization_checks_its_input():
     with pytest.raises(ValueError, match="Q8_0 data of shape \\[2, 64\\] is 136 bytes, not 100"):
         dequantize(torch.zeros(100, dtype=torch.uint8), "Q8_0", (2, 64))
@@ -142,6 +177,8 @@ def test_tensor_types_follow_comfyui_ggufs_qwen_image_files():
     assert tensor_type("transformer_blocks.0.attn.to_q.weight", (40, 48), "Q8_0").name == "BF16"  # 48 % 32
     assert tensor_type("transformer_blocks.0.attn.to_q.weight", (3072, 3072), "Q6_K").name == "Q6_K"
     assert tensor_type("transformer_blocks.0.attn.to_q.weight", (128, 96), "Q6_K").name == "Q8_0"  # 96 % 256
+    assert tensor_type("transformer_blocks.0.attn.to_q.weight", (3072, 3072), "Q4_K").name == "Q4_K"
+    assert tensor_type("transformer_blocks.0.attn.to_q.weight", (128, 96), "Q5_K").name == "Q8_0"
     assert tensor_type("transformer_blocks.0.attn.to_q.weight", (32, 32), "Q8_0").name == "F32"  # small
 
 
@@ -224,7 +261,7 @@ def test_f32_and_bf16_ggufs_equal_the_original(converted, original, tiny_bundle)
     assert torch.equal(forward(bf16, torch.bfloat16), forward(reference, torch.bfloat16))
 
 
-@pytest.mark.parametrize("quant, bound", [("Q8_0", 0.01), ("Q4_0", 0.08)])
+@pytest.mark.parametrize("quant, bound", [("Q8_0", 0.01), ("Q5_K", 0.05), ("Q4_K", 0.08), ("Q4_0", 0.08)])
 def test_quantized_gguf_model_call_is_close_to_the_original(quant, bound, converted, original):
     model, _ = load_tagmoe_transformer(converted[quant])  # no base: the config travels in the file
     assert rel_l2(forward(model), forward(original)) < bound

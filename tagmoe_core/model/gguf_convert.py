@@ -32,7 +32,7 @@ from .convert import (ConvertError, ConvertReport, Progress, _check_destination,
                       plan_conversion)
 from .expert_layout import Piece, planned_shape, to_linear_experts
 from .gguf_dequant import TYPES, GGMLType
-from .gguf_kquants import quantize_q6_k
+from .gguf_kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
 from .gguf_format import (ARCH, FORMAT_VERSION, KEY_CONFIG, KEY_EXPERT_FFN, KEY_EXPERTS, KEY_FORMAT, KEY_MOE_BLOCKS,
                           FLOAT_TYPES, KEY_QUANT, KEY_TOP_K, MAX_NAME, ORIG_SHAPE, QUANT_TYPES, stored_shape)
 from .layout import (METADATA_KEY, OPTIONAL_PREFIXES, checkpoint_config, count_layers, infer_moe_layout,
@@ -192,6 +192,9 @@ def _write_header(writer, path: Path) -> None:
     writer.write_ti_data_to_file()
 
 
+K_QUANTIZERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
+
+
 def quantize_rows(data: torch.Tensor, qtype: GGMLType, chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, int]:
     """``data`` (2-D or more, any float dtype) in GGML type ``qtype`` as the array GGUFWriter writes, quantized
     a row block at a time; and how many values were clamped to float16's range (F16 only)."""
@@ -215,7 +218,8 @@ def quantize_rows(data: torch.Tensor, qtype: GGMLType, chunk_bytes: int = CHUNK_
             if over:
                 clamped += over
                 block = block.clamp(-limit, limit)
-        out[begin:begin + step] = (quantize_q6_k(block.numpy()) if qtype.name == "Q6_K"
+        k_quant = K_QUANTIZERS.get(qtype.name)  # gguf-py has no K-quant quantizer
+        out[begin:begin + step] = (k_quant(block.numpy()) if k_quant is not None
                                    else gguf.quants.quantize(block.numpy(), kind))
     return out, clamped
 

@@ -30,8 +30,8 @@ ORIG_SHAPE = "comfy.gguf.orig_shape."
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 63  # GGML_MAX_NAME less the terminator
 
-# The types ``tagmoe convert --quant`` writes (gguf-py quantizes them; Q6_K: gguf_kquants).
-QUANT_TYPES: tuple[str, ...] = ("Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16", "F32")
+# The types ``tagmoe convert --quant`` writes (gguf-py quantizes them; the K-quants: gguf_kquants).
+QUANT_TYPES: tuple[str, ...] = ("Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "BF16", "F16", "F32")
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # The types the reader accepts: those, and the K-quants Q4_K, Q5_K, Q6_K (other tools write them).
 READABLE: dict[str, GGMLType] = dict(TYPES)
