@@ -114,8 +114,12 @@ def _make_qkx2_quants(x: torch.Tensor, weight: torch.Tensor, nmax: int, rmin: fl
     offset = low.clone()
     best = (weight * (scale[:, None] * levels + offset[:, None] - x).square()).sum(-1)
     for step in range(nstep + 1):
-        iscale = (rmin + rdelta * step + nmax) / span
-        lv = torch.round(iscale[:, None] * (x - low[:, None])).clamp_(0, nmax)
+        # llama.cpp's trials run against the best min found so far (``min`` changes as a trial wins), and its
+        # trial constant is float32
+        gap = high - offset
+        trial = torch.tensor(rmin, dtype=torch.float32) + torch.tensor(rdelta, dtype=torch.float32) * step + nmax
+        iscale = trial / torch.where(flat | (gap == 0), torch.ones_like(gap), gap)
+        lv = torch.round(iscale[:, None] * (x - offset[:, None])).clamp_(0, nmax)
         sum_l, sum_l2, sum_xl = (weight * lv).sum(-1), (weight * lv * lv).sum(-1), (weight * lv * x).sum(-1)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
