@@ -501,8 +501,9 @@ def convert(args) -> int:
         src, out = args.paths
     gguf = str(out).lower().endswith(".gguf")
     if gguf and args.dtype is not None:
-        raise TagMoEError("--dtype is for .safetensors outputs; a .gguf takes --quant (Q8_0, Q6_K, Q5_1, Q5_K, Q5_0, "
-                          "Q4_1, Q4_K, Q4_0, BF16, F16, F32)")
+        from .model.gguf_format import QUANT_TYPES
+
+        raise TagMoEError(f"--dtype is for .safetensors outputs; a .gguf takes --quant ({', '.join(QUANT_TYPES)})")
     if not gguf and args.quant is not None:
         raise TagMoEError(f"--quant writes a .gguf file; '{out}' is not one (name it OUT.gguf)")
     bars: list = []
