@@ -11,15 +11,15 @@ float16 super-scale ``d``, and the values to 6 bits (-32..31) against their sub-
 Block layout (210 bytes, as ggml's ``block_q6_K``): 128 bytes of low nibbles, 64 bytes of the 2 high
 bits, 16 int8 scales, the float16 ``d``.
 
-Q4_K / Q5_K: 8 sub-blocks of 32, each fitted as ``scale * q - min`` (q 0..15 / 0..31) by
-``make_qkx2_quants``: weights ``sqrt(mean x^2) + |x|`` (the sub-block's), a first fit spanning
-min(x, 0)..max(x), then a walk of trial inverse scales (Q4_K: 21 from (15 - 1)/span by 0.1; Q5_K: 16 from
-(31 - 0.5)/span), each refitted by weighted least squares (min kept at or below 0) and kept where its
+Q4_K / Q5_K: 8 sub-blocks of 32, each fitted as ``scale * q - min`` (q 0..15 / 0..31) by ``make_qkx2_quants``:
+weights ``sqrt(mean x^2) + |x|`` (the sub-block's), a first fit spanning min(x, 0)..max(x), then a walk of
+trial inverse scales (Q4_K: 21 from (15 - 1)/(max - min) by 0.1; Q5_K: 16 from (31 - 0.5)/(max - min); min the
+best fit's so far), each refitted by weighted least squares (min kept at or below 0) and kept where its
 weighted squared error is lower. The 8 scales and 8 mins are quantized to 6 bits against two float16
-super-scales ``d = max scale / 63``, ``dmin = max min / 63``, and the values requantized against
-``d * sc`` and ``dmin * m``. Block layouts (as ggml's ``block_q4_K`` / ``block_q5_K``): ``d``, ``dmin``,
-12 bytes of 6-bit scales and mins (ggml's ``get_scale_min_k4`` packing), then Q5_K's 32 bytes of 5th
-bits, then 128 bytes of nibbles: 144 / 176 bytes.
+super-scales ``d = max scale / 63``, ``dmin = max min / 63``, and the values requantized against ``d * sc``
+and ``dmin * m``. Block layouts (as ggml's ``block_q4_K`` / ``block_q5_K``): ``d``, ``dmin``, 12 bytes of
+6-bit scales and mins (ggml's ``get_scale_min_k4`` packing), then Q5_K's 32 bytes of 5th bits, then 128 bytes
+of nibbles: 144 / 176 bytes.
 """
 
 from __future__ import annotations
@@ -113,11 +113,12 @@ def _make_qkx2_quants(x: torch.Tensor, weight: torch.Tensor, nmax: int, rmin: fl
     scale = 1 / iscale
     offset = low.clone()
     best = (weight * (scale[:, None] * levels + offset[:, None] - x).square()).sum(-1)
+    rmin32, rdelta32 = torch.tensor(rmin, dtype=torch.float32), torch.tensor(rdelta, dtype=torch.float32)
     for step in range(nstep + 1):
         # llama.cpp's trials run against the best min found so far (``min`` changes as a trial wins), and its
         # trial constant is float32
         gap = high - offset
-        trial = torch.tensor(rmin, dtype=torch.float32) + torch.tensor(rdelta, dtype=torch.float32) * step + nmax
+        trial = rmin32 + rdelta32 * step + nmax
         iscale = trial / torch.where(flat | (gap == 0), torch.ones_like(gap), gap)
         lv = torch.round(iscale[:, None] * (x - offset[:, None])).clamp_(0, nmax)
         sum_l, sum_l2, sum_xl = (weight * lv).sum(-1), (weight * lv * lv).sum(-1), (weight * lv * x).sum(-1)
@@ -185,7 +186,7 @@ def quantize_q5_k(rows: np.ndarray | torch.Tensor) -> np.ndarray:
     head, levels, count = _quantize_k(rows, 31, -0.5, 15, "Q5_K")
     blocks = levels.shape[0]
     fifth = (levels >> 4).to(torch.uint8)  # [blocks, 8, 32]: bit s of qh[j] is sub-block s's value j
-    qh = torch.zeros(blocks, 32, dtype=torch.uint8)
+    qh = torch.zeros(blocks, 32, dtype=torch.uint8, device=levels.device)
     for s in range(8):
         qh |= fifth[:, s] << s
     low = (levels & 0x0F).reshape(-1, 4, 2, 32)
