@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from PIL import ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from tagmoe_core.cli import main
 from tagmoe_core.errors import DataError
@@ -15,7 +15,7 @@ from tagmoe_core.intent.tagging import rule_tags
 from tagmoe_core.training.data import encode_samples, read_samples
 from tagmoe_core.training.synthetic import (
     COLOURS, HELDOUT_ON_BACKGROUND, HELDOUT_SHAPE_COLOURS, SHAPES, TASK_TAGS, TASKS, TEMPLATES, is_heldout_pair,
-    make_sample, make_samples, read_tasks, render, shape_mask, write_dataset)
+    make_sample, make_samples, read_tasks, render, render_background, shape_mask, write_dataset)
 from tagmoe_core.training.task_success import check_task, task_success
 
 # Seven of each task per split: enough to cover every rule, fast (~1.5 ms a check).
@@ -164,6 +164,33 @@ def test_a_wrong_shape_or_place_fails():
     drawn = render(replace(add.result, objects=add.source.objects + (replace(new, shape=unused),)), add.size)
     verdict = check_task(add.input_image(), add, drawn)
     assert verdict.failed() == ["shape"], verdict.summary()
+
+
+def _blended_edge(spec):
+    """The target with a one-pixel ring around the new object halfway between its colour and the
+    background's: the soft edge a decoder draws."""
+    picture = np.asarray(spec.target_image(), dtype=np.float64).copy()
+    obj = shape_mask(spec.result.objects[spec.subject], spec.size)
+    background = np.asarray(render_background(spec.result, spec.size), dtype=np.float64)
+    ring = ~obj & (np.array(Image.fromarray(obj.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))) > 0)
+    picture[ring] = (background[ring] + np.asarray(COLOURS[spec.colour], dtype=np.float64)) / 2
+    return picture.round().astype(np.uint8), int(obj.sum()), int(ring.sum())
+
+
+@pytest.mark.parametrize("task", ["add", "text2image"])
+def test_a_soft_edge_around_a_drawn_object_is_not_judged_as_its_colour(task):
+    # The ring is found as part of the object (it is farther than colour_tol from the background)
+    # but is neither colour: judged whole, a small object's ring alone failed the colour check.
+    spec = next(s for s in SPECS if s.task == task and _blended_edge(s)[2] > 0.25 * _blended_edge(s)[1])
+    picture, _, _ = _blended_edge(spec)
+    verdict = check_task(spec.input_image(), spec, picture)
+    assert verdict.ok, verdict.summary()
+    # The interior still decides: the right edge around a wrong colour fails.
+    wrong = np.asarray(_wrong_colour(spec), dtype=np.float64)
+    obj = shape_mask(spec.result.objects[spec.subject], spec.size)
+    picture = picture.copy()
+    picture[obj] = wrong[obj]
+    assert "colour" in check_task(spec.input_image(), spec, picture).failed()
 
 
 def test_synth_data_command(tmp_path, capsys):

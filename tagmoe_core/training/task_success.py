@@ -7,14 +7,15 @@ text), the input picture (None for text-to-image) and the output, and makes name
   the rest (outside the object, ``margin`` pixels wider) is the input's within ``psnr`` dB; the
   object count is the input's.
 * add: one more object than the input; exactly one object where the input had none, of the asked
-  colour and shape (read from how much of its bounding box it fills); the rest is the input's.
+  colour (inside its one-pixel edge) and shape (read from how much of its bounding box it fills);
+  the rest is the input's.
 * remove: the object's pixels are the background now; the rest is the input's; one object fewer.
 * background: the background (outside every object) has the asked colour (both tones of a
   two-tone one); the objects are the input's within ``psnr`` dB; the same count.
 * grayscale / invert: the whole output is the input's grayscale (PIL's luma) / negative within
   ``psnr`` dB, with the input's object count.
-* text2image: one object, of the asked colour and shape, its centre in the middle half of the
-  picture; the background (outside it) has the asked colour.
+* text2image: one object, of the asked colour (inside its one-pixel edge) and shape, its centre in
+  the middle half of the picture; the background (outside it) has the asked colour.
 
 Objects in an output are the connected groups (4-neighbours) of pixels farther than
 ``colour_tol`` from the expected background, of at least ``min_area`` pixels (smaller specks are
@@ -111,6 +112,14 @@ def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
 
 def _shrink(mask: np.ndarray, pixels: int) -> np.ndarray:
     return ~_grow(~mask, pixels)
+
+
+def _interior(mask: np.ndarray) -> np.ndarray:
+    """A found object without its outermost pixel ring: the edge, where its colour meets the background's,
+    is judged by neither (as the recolour and remove checks judge the asked region shrunk by one pixel);
+    an object too thin to have an interior is judged whole."""
+    inner = _shrink(mask, 1)
+    return inner if inner.any() else mask
 
 
 def _share(mask: np.ndarray, region: np.ndarray) -> float:
@@ -236,7 +245,7 @@ def check_task(source, spec: TaskSpec | dict, output, bounds: Bounds = Bounds())
         rest = np.ones_like(before)
         if new:
             blob = new[0]
-            share = _share(_distance(out, COLOURS[spec.colour]) <= bounds.colour_tol, blob.mask)
+            share = _share(_distance(out, COLOURS[spec.colour]) <= bounds.colour_tol, _interior(blob.mask))
             verdict.add("colour", share >= bounds.cover, share)
             verdict.add("shape", blob.shape() == spec.shape, blob.area / max(1, (blob.box[2] - blob.box[0]) *
                                                                                (blob.box[3] - blob.box[1])))
@@ -254,7 +263,7 @@ def _text2image(spec: TaskSpec, out: np.ndarray, bounds: Bounds, verdict: Verdic
     if not found:
         return verdict
     blob = found[0]
-    share = _share(_distance(out, COLOURS[spec.colour]) <= bounds.colour_tol, blob.mask)
+    share = _share(_distance(out, COLOURS[spec.colour]) <= bounds.colour_tol, _interior(blob.mask))
     verdict.add("colour", share >= bounds.cover, share)
     fill = blob.area / max(1, (blob.box[2] - blob.box[0]) * (blob.box[3] - blob.box[1]))
     verdict.add("shape", blob.shape() == spec.shape, fill)
