@@ -4,8 +4,9 @@
 
 1. writes the synthetic train and held-out sets (``tagmoe_core.training.synthetic``) to OUT/data/;
 2. trains a tiny AutoencoderKLQwenImage (tiny.py's config unless --vae-base-dim) on the train images
-   with an MSE reconstruction loss + a small KL, sets its latents_mean/std to the measured latent
-   statistics, and measures its round trip (PSNR) on the held-out images and the success rule on
+   with an MSE reconstruction loss + a small KL, rescales its latent convolutions so its latents have
+   Qwen-Image's latents_mean/std (``fold_latent_stats``: ComfyUI's fixed Wan 2.1 latent format then
+   fits it too), and measures its round trip (PSNR) on the held-out images and the success rule on
    the held-out targets round-tripped (the ceiling any transformer can reach through this VAE);
 3. trains the whole tiny TAG-MoE transformer (random tiny bundle's weights as the start, the frozen
    tiny text encoder) with ``tagmoe_core.training`` (L_flow + lambda_lbl L_lbl + lambda_align L_align)
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tagmoe_core.tiny import build_tiny_bundle  # noqa: E402
 from tagmoe_core.training import synthetic  # noqa: E402
-from tagmoe_core.training.bundle import assemble_bundle, latent_stats  # noqa: E402
+from tagmoe_core.training.bundle import assemble_bundle, fold_latent_stats, latent_stats  # noqa: E402
 from tagmoe_core.training.task_success import check_task, psnr  # noqa: E402
 
 
@@ -148,7 +149,7 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
     with torch.no_grad():
         means = torch.cat([vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
         mean, std = latent_stats(means)
-        vae.register_to_config(latents_mean=mean, latents_std=std)
+        fold_latent_stats(vae, mean, std)  # raw latents in Qwen-Image's statistics (what ComfyUI assumes)
         recon = torch.cat([vae.decode(vae.encode(held[i:i + 64]).latent_dist.mode()).sample
                            for i in range(0, len(held), 64)])
     original, rebuilt = to_uint8(held), to_uint8(recon)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tagmoe_core.tiny import ensure_tiny_bundle
-from tagmoe_core.training.bundle import assemble_bundle, latent_stats
+from tagmoe_core.training.bundle import assemble_bundle, fold_latent_stats, latent_stats
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,33 @@ def test_latent_stats_per_channel():
     assert mean == pytest.approx([0.0, 5.0, 0.0])
     assert std[0] == pytest.approx(1e-6) and std[1] == pytest.approx(1e-6)
     assert std[2] == pytest.approx(1.0, rel=0.1)
+
+
+def test_folding_latent_stats_gives_the_target_statistics_and_the_same_pictures():
+    """A VAE whose latents are measured at (mean, std) is rescaled to its config's statistics
+    (Qwen-Image's own): encoded latents then have those, decoded pictures are unchanged."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True]).eval()
+    x = torch.rand(6, 3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist
+        mean, std = latent_stats(before.mean)
+        decoded = vae.decode(before.mean).sample
+        fold_latent_stats(vae, mean, std)
+        after = vae.encode(x).latent_dist
+        target_mean, target_std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
+        got_mean, got_std = latent_stats(after.mean)
+        close = torch.testing.assert_close
+        close(torch.tensor(got_mean), target_mean, atol=1e-4, rtol=0)
+        close(torch.tensor(got_std), target_std, atol=0, rtol=1e-4)
+        # normalised latents are unchanged, and so are the pictures decoded from them
+        view = (1, 16, 1, 1, 1)
+        close((after.mean - target_mean.view(view)) / target_std.view(view),
+              (before.mean - torch.tensor(mean).view(view)) / torch.tensor(std).view(view), atol=1e-4, rtol=0)
+        close(after.std / target_std.view(view), before.std / torch.tensor(std).view(view), atol=0, rtol=1e-4)
+        close(vae.decode(after.mean).sample, decoded, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        fold_latent_stats(vae, mean[:4], std[:4])

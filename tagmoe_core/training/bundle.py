@@ -52,3 +52,36 @@ def latent_stats(latents: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of VAE latents [B, C, ...] (channel 1), as plain lists."""
     flat = latents.detach().float().transpose(0, 1).reshape(latents.shape[1], -1)
     return flat.mean(1).tolist(), flat.std(1).clamp_min(1e-6).tolist()
+
+
+def fold_latent_stats(vae, mean: list[float], std: list[float]) -> None:
+    """Make ``vae``'s raw latents carry its config's ``latents_mean``/``latents_std`` (Qwen-Image's
+    own, by default) instead of ``mean``/``std`` (what this VAE's encoder was measured to give).
+
+    ``quant_conv`` (the encoder's last 1x1 convolution: posterior mean and log-variance) is rescaled
+    so a latent ``z`` becomes ``(z - mean) / std * target_std + target_mean``, and ``post_quant_conv``
+    (the decoder's first) takes the inverse, so the decoded pictures are unchanged within float
+    rounding. Normalised latents are then the same as before, and a reader that knows only
+    Qwen-Image's fixed statistics (ComfyUI's Wan 2.1 latent format) works in the same space as the
+    diffusers pipeline that reads the config.
+    """
+    z = len(mean)
+    target_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float64)
+    target_std = torch.tensor(vae.config.latents_std, dtype=torch.float64)
+    m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    if target_mean.numel() != z or m.numel() != z:
+        raise ValueError(f"latent statistics for {z} channels do not fit this VAE's {target_mean.numel()}")
+    gain = target_std / s  # per channel
+    with torch.no_grad():
+        enc = vae.quant_conv
+        w, b = enc.weight.double(), enc.bias.double()
+        w[:z] *= gain.view(-1, *([1] * (w.dim() - 1)))
+        b[:z] = (b[:z] - m) * gain + target_mean
+        b[z:] += 2 * torch.log(gain)  # log-variance: the variance scales by gain squared
+        enc.weight.copy_(w), enc.bias.copy_(b)
+        dec = vae.post_quant_conv
+        w, b = dec.weight.double(), dec.bias.double()
+        inverse = 1 / gain  # z = (z' - target_mean) / gain + m
+        b = b + (w.flatten(1) @ (m - target_mean * inverse))
+        w = w * inverse.view(1, -1, *([1] * (w.dim() - 2)))
+        dec.weight.copy_(w), dec.bias.copy_(b)
