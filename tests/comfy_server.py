@@ -37,7 +37,7 @@ def _full_size_vae_bundle(tiny_bundle, root: Path) -> tuple[Path, Path]:
     """The tiny base with a full-size (random) Qwen-Image VAE, which ComfyUI's VAE loader can
     build (it fixes the architecture), plus the same weights in ComfyUI's key layout."""
     import torch
-    from comfy_vae_convert import diffusers_qwen_vae_to_comfy
+    from tagmoe_core.model.vae_keys import diffusers_qwen_vae_to_comfy
     from diffusers import AutoencoderKLQwenImage
     from safetensors.torch import save_file
 

@@ -1,14 +1,14 @@
 """Convert a diffusers ``AutoencoderKLQwenImage`` state dict to ComfyUI's Wan 2.1 VAE layout.
 
-Our node pack loads the Qwen-Image VAE in diffusers format. The ComfyUI integration tests
-also run ComfyUI's native ``VAELoader`` / ``VAEDecode`` on the same weights, so that the two
-paths can be compared. ComfyUI's loader (``comfy/sd.py``) only recognises the Wan 2.1 /
-Qwen-Image VAE in the original Wan key layout (it looks for
-``decoder.middle.0.residual.0.gamma`` and builds ``comfy.ldm.wan.vae.WanVAE`` with dim=96,
-z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-temperal_downsample=[False, True, True]). This module renames the diffusers keys into that
-layout; the tensors are passed through unchanged (every tensor has the same shape in both
-layouts, so no reshape is needed).
+The core loads the Qwen-Image VAE in diffusers format; ComfyUI's loader (``comfy/sd.py``) only
+recognises the Wan 2.1 / Qwen-Image VAE in the original Wan key layout (it looks for
+``decoder.middle.0.residual.0.gamma`` and builds ``comfy.ldm.wan.vae.WanVAE`` with dim=96, or
+the file's ``decoder.head.0.gamma`` width in newer ComfyUI, z_dim=16, dim_mult=[1, 2, 4, 4],
+num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True]: ``vae_widen`` makes
+a smaller VAE that shape). This module renames the diffusers keys into that layout, for the
+trained tiny VAE's ComfyUI file and for the ComfyUI tests that run ``VAELoader`` / ``VAEDecode``
+on the same weights; the tensors are passed through unchanged (every tensor has the same shape
+in both layouts, so no reshape is needed).
 
 Renames (diffusers -> ComfyUI/Wan):
 
