@@ -183,6 +183,24 @@ def vae_ceiling(pipe, heldout_dir: Path) -> dict:
     return {task: float(np.mean(v)) for task, v in per_task.items()}
 
 
+def write_comfy_vae(vae_dir: Path, path: Path) -> str:
+    """The trained VAE as a ComfyUI VAE file (Wan 2.1 keys, widened to the shape ComfyUI builds at the
+    VAE's own width: newer ComfyUI's VAELoader reads it), or why not."""
+    from diffusers import AutoencoderKLQwenImage
+    from safetensors.torch import save_file
+
+    from tagmoe_core.model.vae_keys import diffusers_qwen_vae_to_comfy
+    from tagmoe_core.model.vae_widen import widen
+
+    try:
+        wide = widen(AutoencoderKLQwenImage.from_pretrained(vae_dir))
+    except ValueError as exc:
+        return f"no ComfyUI file: {exc}"
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in diffusers_qwen_vae_to_comfy(wide.state_dict()).items()}
+    save_file(state, path)
+    return str(path)
+
+
 # -- the transformer ------------------------------------------------------------------------------------
 def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: Path) -> tuple[dict, Path]:
     from tagmoe_core.training.loop import TrainConfig, prepare
@@ -192,7 +210,8 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
                          lambda_lbl=args.lambda_lbl, lambda_align=args.lambda_align, seed=args.seed,
                          device="cpu", max_grad_norm=1.0, train_tag_embedding=not args.freeze_tag_embedding)
     start = time.perf_counter()
-    trainer = prepare(config)
+    with SingleFrameConvs():  # the data's VAE encoding: the same latents within float rounding, faster
+        trainer = prepare(config)
     encode_seconds = time.perf_counter() - start
     log(f"transformer: {sum(p.numel() for p in trainer.params) / 1e6:.3f} M trained parameters, "
         f"{len(trainer.samples)} samples encoded in {encode_seconds:.0f}s, {trainer.batches_per_epoch} batches/epoch")
@@ -200,6 +219,7 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
     capped = False
     while trainer.step_index < args.steps:
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * trainer.step_index / args.steps))
+        lr *= min(1.0, (trainer.step_index + 1) / max(1, args.warmup))
         for group in trainer.optimizer.param_groups:
             group["lr"] = lr
         report = trainer.step()
@@ -283,13 +303,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--vae-warmup", type=int, default=100, help="linear learning-rate warmup steps")
     parser.add_argument("--vae-kl", type=float, default=1e-4)
     parser.add_argument("--vae-base-dim", type=int, default=8)
-    parser.add_argument("--vae-dim-mult", default="1,2,2,2", help="channel multipliers of the 4 VAE stages")
+    parser.add_argument("--vae-dim-mult", default="1,2,4,4",
+                        help="channel multipliers of the 4 VAE stages (1,2,4,4: the ComfyUI file can be written)")
     parser.add_argument("--vae-crop", type=int, default=0, help="train on random square crops of this size")
-    parser.add_argument("--vae-res-blocks", type=int, default=1)
+    parser.add_argument("--vae-res-blocks", type=int, default=1,
+                        help="residual blocks per stage (ComfyUI file: up to 2)")
     parser.add_argument("--vae-l1", type=float, default=0.0, help="weight of an L1 term beside the MSE")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="use this trained VAE folder (an earlier run's OUT/vae) instead of training one")
@@ -301,7 +323,8 @@ def main(argv=None) -> int:
     parser.add_argument("--freeze-tag-embedding", action="store_true",
                         help="keep tag_embedding at its start (L_align then cannot collapse onto it)")
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=100, help="the transformer's linear learning-rate warmup steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lambda-lbl", type=float, default=0.01)
     parser.add_argument("--lambda-align", type=float, default=0.1)
@@ -332,6 +355,8 @@ def main(argv=None) -> int:
         report["vae"] = json.loads(earlier.read_text())["vae"] if earlier.is_file() else {"from": str(args.vae_from)}
     else:
         report["vae"] = train_vae(args, train_dir, heldout_dir, out / "vae")
+    report["vae"]["comfyui_file"] = write_comfy_vae(out / "vae", out / "qwen_image_vae_tiny.safetensors")
+    log(f"ComfyUI VAE: {report['vae']['comfyui_file']}")
     if args.only_vae:
         (out / "report.json").write_text(json.dumps(report, indent=1))
         return 0
