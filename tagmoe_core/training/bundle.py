@@ -4,8 +4,9 @@ and dense base transformer, with a trained VAE and trained TAG-MoE transformer w
 ``assemble_bundle(source, output, vae=..., transformer=...)`` writes ``output`` in the layout of
 :mod:`tagmoe_core.tiny` (``Qwen-Image-tiny/`` and ``TAG-MoE-tiny/transformer/``), so
 ``load_pipeline(bundle.base, bundle.tagmoe)`` and every loader here read it. ``latent_stats``
-gives the per-channel mean and std that a trained VAE's config should carry
-(``latents_mean``/``latents_std``: what ``pipeline.latents.normalize`` divides by).
+gives a trained VAE's measured per-channel latent mean and std; ``fold_latent_stats`` rescales
+the VAE so its latents carry the config's ``latents_mean``/``latents_std`` (Qwen-Image's, what
+``pipeline.latents.normalize`` and ComfyUI's latent format divide by) instead.
 """
 
 from __future__ import annotations
