@@ -79,10 +79,12 @@ def fold_latent_stats(vae, mean: list[float], std: list[float]) -> None:
         w[:z] *= gain.view(-1, *([1] * (w.dim() - 1)))
         b[:z] = (b[:z] - m) * gain + target_mean
         b[z:] += 2 * torch.log(gain)  # log-variance: the variance scales by gain squared
-        enc.weight.copy_(w), enc.bias.copy_(b)
+        enc.weight.copy_(w)
+        enc.bias.copy_(b)
         dec = vae.post_quant_conv
         w, b = dec.weight.double(), dec.bias.double()
         inverse = 1 / gain  # z = (z' - target_mean) / gain + m
         b = b + (w.flatten(1) @ (m - target_mean * inverse))
         w = w * inverse.view(1, -1, *([1] * (w.dim() - 2)))
-        dec.weight.copy_(w), dec.bias.copy_(b)
+        dec.weight.copy_(w)
+        dec.bias.copy_(b)
