@@ -14,6 +14,47 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny.py"
 
 
+def _script():
+    spec = importlib.util.spec_from_file_location("train_tiny", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_the_vae_training_fast_path_computes_what_encode_then_decode_does():
+    """The script trains its VAE through a cache-free round trip with 2-D convolutions and a one-pass
+    RMS norm: the values, and the gradients, of diffusers' own encode -> sample -> decode."""
+    from diffusers import AutoencoderKLQwenImage
+
+    script = _script()
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
+    with torch.no_grad():  # a random VAE decodes near 0: scale up so that the clamp to -1..1 takes part
+        vae.decoder.conv_out.weight.mul_(30.0)
+    x = torch.rand(2, 3, 1, 32, 32) * 2 - 1
+    noise = torch.randn(2, 16, 1, 4, 4)
+
+    dist = vae.encode(x).latent_dist
+    reference = vae.decode(dist.mean + dist.std * noise).sample
+    reference.pow(2).mean().backward()
+    # (the temporal convolutions of the resampling blocks see no single frame: no gradient either way)
+    reference_grads = {n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None}
+    vae.zero_grad(set_to_none=True)
+    with script.SingleFrameConvs(), script.FastRMSNorm():
+        decoded, mean, logvar = script.single_frame_round_trip(vae, x, noise)
+    decoded.pow(2).mean().backward()
+
+    assert (reference.abs() == 1).any() and (reference.abs() < 1).any()
+    torch.testing.assert_close(mean, dist.mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logvar, dist.logvar, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(decoded, reference, atol=2e-4, rtol=1e-3)  # x30 decoder: float rounding
+    trained = {n: p for n, p in vae.named_parameters() if p.grad is not None}
+    assert set(trained) == set(reference_grads) and len(trained) > 50
+    for name, param in trained.items():  # conv kernels: only the last temporal slice meets a frame, both ways
+        torch.testing.assert_close(param.grad, reference_grads[name], atol=2e-4, rtol=1e-3, msg=name)
+
+
 @pytest.mark.slow
 def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     from diffusers import AutoencoderKLQwenImage
@@ -22,9 +63,7 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     from tagmoe_core.model.vae_keys import diffusers_qwen_vae_to_comfy
     from tagmoe_core.model.vae_widen import widen
 
-    spec = importlib.util.spec_from_file_location("train_tiny", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script()
     out = tmp_path / "run"
     assert script.main([str(out), "--count", "14", "--heldout-count", "7", "--vae-steps", "3", "--vae-crop", "32",
                         "--steps", "3", "--warmup", "2", "--eval-steps", "2", "--eval-limit", "7",
