@@ -112,7 +112,8 @@ class FastRMSNorm:
             if not norm.channel_first or x.dtype != torch.float32:
                 return original(norm, x)
             # F.normalize clamps the norm at 1e-12: the same floor on the sum of squares.
-            return x * torch.rsqrt(x.pow(2).sum(1, keepdim=True).clamp_min(1e-24)) * (norm.scale * norm.gamma) + norm.bias
+            inverse_norm = torch.rsqrt(x.pow(2).sum(1, keepdim=True).clamp_min(1e-24))
+            return x * inverse_norm * (norm.scale * norm.gamma) + norm.bias
 
         self._cls.forward = forward
         return self
@@ -122,7 +123,8 @@ class FastRMSNorm:
         return False
 
 
-def single_frame_round_trip(vae, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def single_frame_round_trip(vae, x: torch.Tensor,
+                            noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(decoded, posterior mean, log-variance) of one-frame pictures ``x`` [B, 3, 1, H, W], decoding
     the posterior sample ``mean + std * noise``: what ``vae.decode(vae.encode(x)...)`` computes, without
     its per-frame feature cache (whose copies serve only videos: exactly the same values for one frame)."""
