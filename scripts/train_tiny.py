@@ -183,6 +183,7 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
                 log(f"VAE: stopped by --vae-minutes at step {step + 1}")
                 break
     seconds = time.perf_counter() - start
+    decoder_steps, decoder_seconds = train_decoder(vae, data, args, generator) if args.vae_decoder_steps else (0, 0.0)
     vae.eval()
     with torch.no_grad():
         means = torch.cat([vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
@@ -198,11 +199,52 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
     report = {"steps": steps_done, "seconds": round(seconds, 1), "mse_start": curve[0], "mse_end": curve[-1],
               "heldout_psnr_mean": float(np.mean(psnrs)), "heldout_psnr_min": float(np.min(psnrs)),
               "heldout_psnr_share_ge_25": float(np.mean(np.array(psnrs) >= 25.0)), "bytes": size,
-              "base_dim": args.vae_base_dim}
+              "base_dim": args.vae_base_dim, "decoder_steps": decoder_steps,
+              "decoder_seconds": round(decoder_seconds, 1)}
     log(f"VAE done: {steps_done} steps in {seconds:.0f}s; held-out round trip PSNR mean "
         f"{report['heldout_psnr_mean']:.2f} dB, min {report['heldout_psnr_min']:.2f} dB, "
         f"{report['heldout_psnr_share_ge_25']:.0%} >= 25 dB; {size / 1e6:.2f} MB")
     return report
+
+
+def train_decoder(vae, data: torch.Tensor, args, generator: torch.Generator) -> tuple[int, float]:
+    """A second VAE phase: the decoder (and post_quant_conv) alone on the encoder's stored posteriors,
+    sampled anew each step. The latents the transformer learns do not move, and a step skips the
+    encoder's two passes (about 0.6x the joint step). Returns (steps, seconds)."""
+    start = time.perf_counter()
+    vae.eval()
+    with torch.no_grad(), SingleFrameConvs(), FastRMSNorm():
+        moments = torch.cat([vae.quant_conv(vae.encoder(data[i:i + 64])) for i in range(0, len(data), 64)])
+    mean, logvar = moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    vae.requires_grad_(False)
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=args.vae_decoder_lr, fused=True)
+    side = mean.shape[-1]
+    crop = args.vae_crop // 8 if args.vae_crop else side  # in latent cells (8 pixels each)
+    vae.train()
+    steps = args.vae_decoder_steps
+    with SingleFrameConvs(), FastRMSNorm():
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = args.vae_decoder_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            idx = torch.randint(len(data), (args.vae_batch,), generator=generator)
+            top, left = (int(v) for v in torch.randint(side - crop + 1, (2,), generator=generator))
+            cells = (..., slice(top, top + crop), slice(left, left + crop))
+            m, s = mean[idx][cells], std[idx][cells]
+            x = data[idx][..., top * 8:(top + crop) * 8, left * 8:(left + crop) * 8]
+            y = vae.decoder(vae.post_quant_conv(m + s * torch.randn(m.shape, generator=generator))).clamp(-1.0, 1.0)
+            rec = (y - x).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            rec.backward()
+            optimizer.step()
+            if step % 500 == 0 or step == steps - 1:
+                log(f"VAE decoder step {step + 1}/{steps}  mse {float(rec.detach()):.5f}  "
+                    f"{time.perf_counter() - start:.0f}s")
+    vae.requires_grad_(True)
+    return steps, time.perf_counter() - start
 
 
 def vae_ceiling(pipe, heldout_dir: Path) -> dict:
@@ -350,6 +392,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-crop", type=int, default=0, help="train on random square crops of this size")
     parser.add_argument("--vae-res-blocks", type=int, default=1,
                         help="residual blocks per stage (ComfyUI file: up to 2)")
+    parser.add_argument("--vae-decoder-steps", type=int, default=0,
+                        help="then train the decoder alone this many steps on the stored latents (0: none)")
+    parser.add_argument("--vae-decoder-lr", type=float, default=1e-3)
     parser.add_argument("--vae-l1", type=float, default=0.0, help="weight of an L1 term beside the MSE")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="use this trained VAE folder (an earlier run's OUT/vae) instead of training one")

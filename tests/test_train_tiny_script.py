@@ -55,6 +55,30 @@ def test_the_vae_training_fast_path_computes_what_encode_then_decode_does():
         torch.testing.assert_close(param.grad, reference_grads[name], atol=2e-4, rtol=1e-3, msg=name)
 
 
+def test_the_decoder_phase_trains_the_decoder_and_leaves_the_latents_where_they_were():
+    from argparse import Namespace
+
+    from diffusers import AutoencoderKLQwenImage
+
+    script = _script()
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
+    data = torch.rand(6, 3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latents = vae.encode(data).latent_dist.mean
+        decoded = vae.decode(latents).sample
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    args = Namespace(vae_decoder_steps=3, vae_decoder_lr=1e-2, vae_crop=16, vae_batch=4)
+    steps, seconds = script.train_decoder(vae, data, args, torch.Generator().manual_seed(0))
+    assert steps == 3 and seconds > 0
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode(data).latent_dist.mean, latents, atol=0, rtol=0)
+        assert (vae.decode(latents).sample - decoded).abs().max() > 1e-4
+    assert any(not torch.equal(v, decoder[k]) for k, v in vae.decoder.state_dict().items())
+    assert all(p.requires_grad for p in vae.parameters())  # handed back trainable, as it came
+
+
 @pytest.mark.slow
 def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     from diffusers import AutoencoderKLQwenImage
@@ -66,10 +90,11 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     script = _script()
     out = tmp_path / "run"
     assert script.main([str(out), "--count", "14", "--heldout-count", "7", "--vae-steps", "3", "--vae-crop", "32",
+                        "--vae-decoder-steps", "2",
                         "--steps", "3", "--warmup", "2", "--eval-steps", "2", "--eval-limit", "7",
                         "--threads", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["vae"]["steps"] == 3 and report["transformer"]["steps"] == 3
+    assert report["vae"]["steps"] == 3 and report["vae"]["decoder_steps"] == 2 and report["transformer"]["steps"] == 3
     assert report["eval"]["n"] == 7 and set(report["vae"]["heldout_target_ceiling"]) == set(report["eval"]["tasks"])
     comfy = Path(report["vae"]["comfyui_file"])
     assert comfy == out / "qwen_image_vae_tiny.safetensors"
