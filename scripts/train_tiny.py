@@ -134,6 +134,11 @@ def single_frame_round_trip(vae, x: torch.Tensor,
     return decoded.clamp(-1.0, 1.0), mean, logvar  # the clamp vae.decode applies
 
 
+def reconstruction_loss(mse: torch.Tensor, y: torch.Tensor, x: torch.Tensor, l1: float) -> torch.Tensor:
+    """Both VAE phases' reconstruction term: the MSE, plus ``l1`` times the mean absolute error."""
+    return mse + l1 * (y - x).abs().mean() if l1 else mse
+
+
 def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
     from diffusers import AutoencoderKLQwenImage
 
@@ -164,10 +169,7 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
             latent_shape = (x.shape[0], vae.config.z_dim, 1, x.shape[-2] // 8, x.shape[-1] // 8)  # 8x down
             y, mean, logvar = single_frame_round_trip(vae, x, torch.randn(latent_shape, generator=generator))
             rec = (y - x).pow(2).mean()
-            if args.vae_l1:
-                rec_loss = rec + args.vae_l1 * (y - x).abs().mean()
-            else:
-                rec_loss = rec
+            rec_loss = reconstruction_loss(rec, y, x, args.vae_l1)
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
             loss = rec_loss + args.vae_kl * kl
             optimizer.zero_grad(set_to_none=True)
@@ -238,7 +240,7 @@ def train_decoder(vae, data: torch.Tensor, args, generator: torch.Generator) -> 
             y = vae.decoder(vae.post_quant_conv(m + s * torch.randn(m.shape, generator=generator))).clamp(-1.0, 1.0)
             rec = (y - x).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
-            rec.backward()
+            reconstruction_loss(rec, y, x, args.vae_l1).backward()
             optimizer.step()
             if step % 500 == 0 or step == steps - 1:
                 log(f"VAE decoder step {step + 1}/{steps}  mse {float(rec.detach()):.5f}  "

@@ -69,7 +69,7 @@ def test_the_decoder_phase_trains_the_decoder_and_leaves_the_latents_where_they_
         latents = vae.encode(data).latent_dist.mean
         decoded = vae.decode(latents).sample
     decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
-    args = Namespace(vae_decoder_steps=3, vae_decoder_lr=1e-2, vae_crop=16, vae_batch=4)
+    args = Namespace(vae_decoder_steps=3, vae_decoder_lr=1e-2, vae_crop=16, vae_batch=4, vae_l1=0.1)
     steps, seconds = script.train_decoder(vae, data, args, torch.Generator().manual_seed(0))
     assert steps == 3 and seconds > 0
     with torch.no_grad():
