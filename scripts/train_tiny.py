@@ -28,6 +28,7 @@ import math
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -332,10 +333,10 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
 
 
 # -- evaluation -----------------------------------------------------------------------------------------
-def evaluate(pipe, heldout_dir: Path, steps: int, cfg: float, limit: int | None, samples_dir: Path | None) -> dict:
+def evaluate(pipe, data_dir: Path, steps: int, cfg: float, limit: int | None, samples_dir: Path | None) -> dict:
     from tagmoe_core.intent.routing import RoutingRecorder, analyse
 
-    specs = synthetic.read_tasks(heldout_dir)
+    specs = synthetic.read_tasks(data_dir)
     if limit:
         specs = specs[:limit]
     per_task: dict[str, list] = {}
@@ -349,7 +350,8 @@ def evaluate(pipe, heldout_dir: Path, steps: int, cfg: float, limit: int | None,
         image = pipe.to_pil(pipe.decode(out.latents))[0]
         verdict = check_task(source, spec, image)
         analysis = analyse(recorder.recording, pipe.transformer, spec.tags)
-        per_task.setdefault(spec.task, []).append((verdict.ok, analysis.alignment, analysis.expert_share.numpy()))
+        per_task.setdefault(spec.task, []).append((verdict.ok, analysis.alignment, analysis.expert_share.numpy(),
+                                                   verdict.failed()))
         if samples_dir is not None and i < 28:
             samples_dir.mkdir(parents=True, exist_ok=True)
             image.save(samples_dir / f"{i:03d}_{spec.task}_{'ok' if verdict.ok else 'fail'}.png")
@@ -360,10 +362,19 @@ def evaluate(pipe, heldout_dir: Path, steps: int, cfg: float, limit: int | None,
     for task, rows in per_task.items():
         tasks[task] = {"n": len(rows), "success": float(np.mean([r[0] for r in rows])),
                        "alignment": float(np.mean([r[1] for r in rows])),
-                       "expert_share": [round(float(v), 3) for v in np.mean([r[2] for r in rows], axis=0)]}
+                       "expert_share": [round(float(v), 3) for v in np.mean([r[2] for r in rows], axis=0)],
+                       # how many outputs failed each check: what the edits get wrong, for the next recipe
+                       "failed_checks": dict(Counter(name for r in rows for name in r[3]).most_common())}
     every = [r[0] for rows in per_task.values() for r in rows]
     return {"tasks": tasks, "success": float(np.mean(every)), "n": len(every), "seconds": round(seconds, 1),
             "steps": steps, "cfg": cfg}
+
+
+def log_eval(split: str, result: dict) -> None:
+    for task, row in result["tasks"].items():
+        log(f"{split} {task:<10} success {row['success']:.0%} (n={row['n']})  alignment {row['alignment']:+.3f}  "
+            f"experts {row['expert_share']}  failed {row['failed_checks']}")
+    log(f"{split} success {result['success']:.1%} of {result['n']} ({result['seconds']:.0f}s)")
 
 
 def transformer_config(args) -> dict:
@@ -418,6 +429,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--eval-cfg", type=float, default=1.0)
     parser.add_argument("--eval-limit", type=int, default=0, help="evaluate only the first N held-out samples")
+    parser.add_argument("--eval-train", type=int, default=0,
+                        help="also judge the first N training samples (under- or over-fitting: same rule, seen data)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -464,11 +477,10 @@ def main(argv=None) -> int:
     log(f"success of the held-out targets after a VAE round trip: {report['vae']['heldout_target_ceiling']}")
     report["eval"] = evaluate(pipe, heldout_dir, args.eval_steps, args.eval_cfg, args.eval_limit or None,
                               out / "samples")
-    for task, row in report["eval"]["tasks"].items():
-        log(f"held-out {task:<10} success {row['success']:.0%} (n={row['n']})  alignment {row['alignment']:+.3f}  "
-            f"experts {row['expert_share']}")
-    log(f"held-out success {report['eval']['success']:.1%} of {report['eval']['n']} "
-        f"({report['eval']['seconds']:.0f}s)")
+    log_eval("held-out", report["eval"])
+    if args.eval_train:
+        report["eval_train"] = evaluate(pipe, train_dir, args.eval_steps, args.eval_cfg, args.eval_train, None)
+        log_eval("train", report["eval_train"])
     report["seconds_total"] = round(time.perf_counter() - total, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     log(f"all done in {report['seconds_total']:.0f}s; report: {out / 'report.json'}")

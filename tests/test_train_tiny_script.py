@@ -91,11 +91,17 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     out = tmp_path / "run"
     assert script.main([str(out), "--count", "14", "--heldout-count", "7", "--vae-steps", "3", "--vae-crop", "32",
                         "--vae-decoder-steps", "2",
-                        "--steps", "3", "--warmup", "2", "--eval-steps", "2", "--eval-limit", "7",
+                        "--steps", "3", "--warmup", "2", "--eval-steps", "2", "--eval-limit", "7", "--eval-train", "3",
                         "--threads", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["vae"]["steps"] == 3 and report["vae"]["decoder_steps"] == 2 and report["transformer"]["steps"] == 3
     assert report["eval"]["n"] == 7 and set(report["vae"]["heldout_target_ceiling"]) == set(report["eval"]["tasks"])
+    assert report["eval_train"]["n"] == 3 and set(report["eval_train"]["tasks"]) == {"recolour", "add", "remove"}
+    for result in (report["eval"], report["eval_train"]):  # a random transformer fails: every failure names a check
+        for row in result["tasks"].values():
+            failures = round(row["n"] * (1 - row["success"]))
+            assert failures == 0 or (row["failed_checks"] and max(row["failed_checks"].values()) <= row["n"])
+            assert sum(row["failed_checks"].values()) >= failures
     comfy = Path(report["vae"]["comfyui_file"])
     assert comfy == out / "qwen_image_vae_tiny.safetensors"
     state = load_file(comfy)
