@@ -351,6 +351,7 @@ def prepare(config: TrainConfig, pipe=None) -> Trainer:
         pipe = load_pipeline(config.base, source, device=config.device, dtype=dtype, backend="torch",
                              placement="single")
     transformer = pipe.transformer
+    own_memory(transformer)
     if not any(isinstance(m, TagMoEFeedForward) for m in transformer.modules()):
         raise TagMoEError("the transformer has no MoE layers to train")
     if not getattr(transformer, "tagmoe_has_tag_modules", True):
@@ -372,6 +373,22 @@ def prepare(config: TrainConfig, pipe=None) -> Trainer:
     return Trainer(pipe, encoded, config, lora=lora, empty_prompt=empty, start_step=start,
                    history=state.get("history") if state else None,
                    optimizer_state=state.get("optimizer") if state else None)
+
+
+def own_memory(module: nn.Module) -> None:
+    """Copy every CPU tensor of ``module`` that lives in a checkpoint's memory map into memory of its own.
+
+    The one-copy loader leaves CPU weights in the safetensors file's map, at whatever offset the file
+    gives them (8-byte aligned): a fresh run and a resumed one then hold the same weights at different
+    alignments, and CPU BLAS (MKL, by its documentation) may round differently for differently aligned
+    inputs, so a resumed run drifted from the uninterrupted one by an ulp on some CPUs. Torch's allocator
+    aligns to 64 bytes; the optimizer also no longer writes into the map's copy-on-write pages.
+    """
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                    tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
 
 
 def _restore_tag_heads(transformer: nn.Module, checkpoint: Path) -> None:
