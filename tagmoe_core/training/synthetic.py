@@ -2,10 +2,13 @@
 
 Every sample is drawn from a structured description (:class:`TaskSpec`): a source scene (none for
 text-to-image), the scene the instruction asks for, and what the instruction names. Scenes are
-small RGB pictures (64x64 by default; any multiples of 16) of up to three objects of different
-shapes (circle, square, triangle) in named colours (:data:`COLOURS`) on a plain background or a
-two-tone one (below a horizontal split the background's darker :func:`shade`), drawn without
-anti-aliasing so that every pixel is a palette colour.
+small RGB pictures (64x64 by default; any multiples of 16) of up to :data:`MAX_OBJECTS` objects of
+different shapes (circle, square, triangle) in named colours (:data:`COLOURS`) on a plain background
+or (a :data:`TWO_TONE` share of scenes) a two-tone one (below a horizontal split the
+background's darker :func:`shade`), drawn without anti-aliasing so that every pixel is a palette
+colour. Objects are 28-38% of the picture's short side: at Qwen-Image's 8x VAE downsampling that is
+2-3 latent pixels a side (version 1's 22-34% and three objects came back from a tiny VAE as blobs
+that merged, which capped every task's success whatever the transformer did).
 
 The tasks cover the paper's scopes, one of :data:`TASKS` per sample in turn (sample ``i`` has task
 ``TASKS[i % 7]``), each with fixed tags that the rule tagger (``intent.tagging.rule_tags``) also
@@ -101,12 +104,15 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "text2image": ("A {colour} {shape} on a {background} background",
                    "Draw a {colour} {shape} on a {background} background"),
 }
+MAX_OBJECTS = 2  # in any picture, input or target
+OBJECT_SIZE = (0.28, 0.375)  # an object's side, as a share of the picture's short side
+TWO_TONE = 0.2  # the share of scenes with a two-tone background
 MIN_GREY_GAP = 32  # grey levels between a grayscale edit's objects and background (~55 in RGB distance)
 DEFAULT_SIZE = (64, 64)
 GAP = 4  # pixels between objects' boxes (and from the border), so objects never touch
 TASKS_FILE = "tasks.jsonl"
 MANIFEST_FILE = "synthetic.json"
-VERSION = 1
+VERSION = 2  # 2: at most two objects, larger, fewer two-tone backgrounds
 
 
 def shade(colour: str) -> tuple[int, int, int]:
@@ -283,7 +289,7 @@ def _place(rng: random.Random, size: tuple[int, int], taken: list[tuple[int, int
            centred: bool = False) -> tuple[int, int, int, int]:
     w, h = size
     short = min(w, h)
-    lo, hi = max(8, round(short * 0.22)), max(9, round(short * 0.34))
+    lo, hi = max(8, round(short * OBJECT_SIZE[0])), max(9, round(short * OBJECT_SIZE[1]))
     for _ in range(50):
         s = rng.randint(lo, hi)
         if centred:
@@ -313,7 +319,7 @@ def _grey_apart(colour: str, background: str) -> bool:
 def _scene(rng: random.Random, size: tuple[int, int], count: int, backgrounds=tuple(COLOURS),
            grey_apart: bool = False) -> Scene:
     background = rng.choice(backgrounds)
-    split = rng.randint(size[1] // 4, 3 * size[1] // 4) if rng.random() < 0.5 else None
+    split = rng.randint(size[1] // 4, 3 * size[1] // 4) if rng.random() < TWO_TONE else None
     objects: list[Shape] = []
     colours = [c for c in COLOURS if c != background and (not grey_apart or _grey_apart(c, background))]
     if not colours:
@@ -338,7 +344,7 @@ def _draw_task(task: str, rng: random.Random, size: tuple[int, int]) -> TaskSpec
         text = template.format(colour=colour, shape=shape, background=background)
         return TaskSpec(task, text, result, None, 0, colour, shape, *size)
     if task == "recolour":
-        source = _scene(rng, size, rng.randint(1, 3))
+        source = _scene(rng, size, rng.randint(1, MAX_OBJECTS))
         k = rng.randrange(len(source.objects))
         old = source.objects[k]
         colour = _colour_for(rng, {old.colour, source.background})
@@ -347,7 +353,7 @@ def _draw_task(task: str, rng: random.Random, size: tuple[int, int]) -> TaskSpec
         return TaskSpec(task, template.format(shape=old.shape, colour=colour), replace(source, objects=tuple(objects)),
                         source, k, colour, old.shape, *size)
     if task == "add":
-        source = _scene(rng, size, rng.randint(0, 2))
+        source = _scene(rng, size, rng.randint(0, MAX_OBJECTS - 1))
         shape = rng.choice([s for s in SHAPES if s not in {o.shape for o in source.objects}])
         colour = _colour_for(rng, {source.background})
         new = Shape(shape, colour, _place(rng, size, [o.box for o in source.objects]))
@@ -355,18 +361,18 @@ def _draw_task(task: str, rng: random.Random, size: tuple[int, int]) -> TaskSpec
         return TaskSpec(task, template.format(shape=shape, colour=colour), result, source, len(source.objects),
                         colour, shape, *size)
     if task == "remove":
-        source = _scene(rng, size, rng.randint(1, 3))
+        source = _scene(rng, size, rng.randint(1, MAX_OBJECTS))
         k = rng.randrange(len(source.objects))
         result = replace(source, objects=source.objects[:k] + source.objects[k + 1:])
         return TaskSpec(task, template.format(shape=source.objects[k].shape), result, source, k, None,
                         source.objects[k].shape, *size)
     if task == "background":
-        source = _scene(rng, size, rng.randint(1, 3))
+        source = _scene(rng, size, rng.randint(1, MAX_OBJECTS))
         colour = _colour_for(rng, {source.background} | {o.colour for o in source.objects})
         return TaskSpec(task, template.format(colour=colour), replace(source, background=colour), source, None,
                         colour, None, *size)
     if task in ("grayscale", "invert"):
-        source = _scene(rng, size, rng.randint(1, 3), backgrounds=CHROMATIC, grey_apart=task == "grayscale")
+        source = _scene(rng, size, rng.randint(1, MAX_OBJECTS), backgrounds=CHROMATIC, grey_apart=task == "grayscale")
         return TaskSpec(task, template, replace(source, filter=task), source, None, None, None, *size)
     raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
