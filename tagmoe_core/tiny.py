@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +74,14 @@ def ensure_tiny_bundle(root: str | os.PathLike | None = None, seed: int = 0) -> 
     return bundle
 
 
-def build_tiny_bundle(root: str | os.PathLike, seed: int = 0, transformer_config: dict | None = None) -> TinyBundle:
+def build_tiny_bundle(root: str | os.PathLike, seed: int = 0, transformer_config: dict | None = None,
+                      corpus: Sequence[str] = ()) -> TinyBundle:
     """Write the tiny bundle to ``root`` (replacing it). Same seed, same bytes.
 
     ``transformer_config`` overrides entries of :data:`TRANSFORMER_CONFIG` (a wider transformer to
-    train, say); ``joint_attention_dim`` is also the text encoder's hidden size."""
+    train, say); ``joint_attention_dim`` is also the text encoder's hidden size. ``corpus``: more
+    text for the tokenizer to learn, so that a model trained on those words sees each as one token
+    (the default corpus spells "yellow" or "circle" letter by letter)."""
     config = {**TRANSFORMER_CONFIG, **(transformer_config or {})}
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +89,7 @@ def build_tiny_bundle(root: str | os.PathLike, seed: int = 0, transformer_config
     try:
         bundle = TinyBundle(staging)
         with torch.random.fork_rng(devices=[]):
-            _write_base(bundle.base, seed, config)
+            _write_base(bundle.base, seed, config, tuple(corpus))
             _write_tagmoe(bundle, seed)
         (staging / "COMPLETE").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}))
         if root.exists():
@@ -97,8 +101,9 @@ def build_tiny_bundle(root: str | os.PathLike, seed: int = 0, transformer_config
     return TinyBundle(root)
 
 
-def train_tokenizer(vocab_size: int = 640):
-    """A byte-level BPE with Qwen2's pre-tokenizer and special tokens, trained on a small corpus."""
+def train_tokenizer(vocab_size: int = 640, corpus: Sequence[str] = ()):
+    """A byte-level BPE with Qwen2's pre-tokenizer and special tokens, trained on a small corpus
+    (and ``corpus``, with room for its words: the default corpus alone gives the same tokenizer)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -112,13 +117,15 @@ def train_tokenizer(vocab_size: int = 640):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     bpe.decoder = decoders.ByteLevel()
+    if corpus:
+        vocab_size += 1024  # merges stop when every word is whole: room, not a size
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     # The prompt template itself is in the corpus, so that, as with Qwen's tokenizer, every word
     # of its system prefix is one token (34 tokens in all, the reference's drop index).
     from .pipeline.text_encoding import PROMPT_TEMPLATE
 
-    bpe.train_from_iterator([_CORPUS, PROMPT_TEMPLATE.format(_CORPUS)] * 4, trainer=trainer)
+    bpe.train_from_iterator([_CORPUS, PROMPT_TEMPLATE.format(_CORPUS)] * 4 + list(corpus), trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, eos_token="<|im_end|>",
@@ -128,11 +135,11 @@ def train_tokenizer(vocab_size: int = 640):
     return tokenizer
 
 
-def _write_base(base: Path, seed: int, config: dict) -> None:
+def _write_base(base: Path, seed: int, config: dict, corpus: tuple[str, ...]) -> None:
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = train_tokenizer()
+    tokenizer = train_tokenizer(corpus=corpus)
     tokenizer.save_pretrained(base / "tokenizer")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     hidden = config["joint_attention_dim"]

@@ -72,3 +72,21 @@ def test_transformer_config_override_builds_a_wider_bundle_that_loads(tmp_path):
                          placement="single")
     assert pipe.transformer.transformer_blocks[0].attn.to_q.weight.shape == (128, 128)
     assert pipe.transformer.transformer_blocks[-1].img_mlp.experts.mlp.w1.shape[-1] == 128
+
+
+def test_a_corpus_teaches_the_tokenizer_the_task_sets_words_and_keeps_the_template_prefix(tiny_pipe):
+    """The default tokenizer spells most synthetic-task words letter by letter ("yellow" in 5 tokens): a tiny
+    model trained on them gets a tokenizer that also learnt the task set's instructions."""
+    from tagmoe_core.pipeline.text_encoding import PROMPT_TEMPLATE
+    from tagmoe_core.tiny import train_tokenizer
+    from tagmoe_core.training.synthetic import COLOURS, SHAPES, instructions
+
+    corpus = instructions()
+    assert "Change the background to yellow" in corpus and "A purple square on a white background" in corpus
+    taught, default = train_tokenizer(corpus=corpus), tiny_pipe.tokenizer
+    words = [" " + w for w in (*COLOURS, *SHAPES, "background", "whole")] + ["Invert", "Remove"]
+    assert [w for w in words if len(taught.tokenize(w)) != 1] == []
+    assert len(default.tokenize(" yellow")) > 1  # what the corpus is for
+    prefix = PROMPT_TEMPLATE.split("{}")[0]
+    assert len(taught(prefix)["input_ids"]) == len(default(prefix)["input_ids"]) == 34
+    assert train_tokenizer().get_vocab() == default.get_vocab()  # no corpus: the random bundle's tokenizer

@@ -377,6 +377,17 @@ def _draw_task(task: str, rng: random.Random, size: tuple[int, int]) -> TaskSpec
     raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
 
+def instructions() -> list[str]:
+    """Every instruction the templates can write (each template with every colour, shape and background):
+    a corpus for a tokenizer that should know the task set's words as whole tokens."""
+    texts = []
+    for templates in TEMPLATES.values():
+        for template in templates:
+            texts.extend(sorted({template.format(colour=c, shape=s, background=b)
+                                 for c in COLOURS for s in SHAPES for b in COLOURS}))
+    return texts
+
+
 def check_size(width: int, height: int) -> None:
     for name, value in (("width", width), ("height", height)):
         if value < 48 or value % 16:
