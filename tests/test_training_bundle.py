@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tagmoe_core.tiny import ensure_tiny_bundle
-from tagmoe_core.training.bundle import assemble_bundle, fold_latent_stats, latent_stats
+from tagmoe_core.training.bundle import assemble_bundle, collapse_posterior, fold_latent_stats, latent_stats
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,36 @@ def test_folding_latent_stats_gives_the_target_statistics_and_the_same_pictures(
         close(vae.decode(after.mean).sample, decoded, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="do not fit"):
         fold_latent_stats(vae, mean[:4], std[:4])
+
+
+def test_a_collapsed_posterior_samples_its_mean_and_decodes_the_same_pictures(source):
+    """A small VAE leaves unused channels at the prior: the condition image an edit samples was mostly noise
+    (two draws far apart). Collapsed, every draw is the mean, and the pipeline's condition tokens with it."""
+    from PIL import Image
+
+    from tagmoe_core.pipeline.builder import load_pipeline
+
+    pipe = load_pipeline(source.base, source.tagmoe, device="cpu", dtype=torch.float32, backend="torch",
+                         placement="single")
+    picture = Image.new("RGB", (64, 48), (200, 60, 40))
+    picture.paste((30, 60, 220), (16, 8, 40, 32))
+
+    def draws():
+        return [pipe.prepare_condition(picture, 64, 48, generator=torch.Generator().manual_seed(s)).tokens
+                for s in (0, 1)]
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    before = draws()
+    mode = pipe.prepare_condition(picture, 64, 48, posterior="mode").tokens
+    assert rel(before[0], before[1]) > 0.1  # the random tiny VAE's posterior: wide
+    x = torch.rand(2, 3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        decoded = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+        removed = collapse_posterior(pipe.vae)
+        after = draws()
+        assert removed > 0.1
+        torch.testing.assert_close(after[0], mode, atol=1e-5, rtol=0)
+        torch.testing.assert_close(after[1], mode, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample, decoded)

@@ -6,7 +6,8 @@ and dense base transformer, with a trained VAE and trained TAG-MoE transformer w
 ``load_pipeline(bundle.base, bundle.tagmoe)`` and every loader here read it. ``latent_stats``
 gives a trained VAE's measured per-channel latent mean and std; ``fold_latent_stats`` rescales
 the VAE so its latents carry the config's ``latents_mean``/``latents_std`` (Qwen-Image's, what
-``pipeline.latents.normalize`` and ComfyUI's latent format divide by) instead.
+``pipeline.latents.normalize`` and ComfyUI's latent format divide by) instead; ``collapse_posterior``
+makes its encoder deterministic (a posterior sample is its mean), as a full-size VAE nearly is.
 """
 
 from __future__ import annotations
@@ -88,3 +89,30 @@ def fold_latent_stats(vae, mean: list[float], std: list[float]) -> None:
         w = w * inverse.view(1, -1, *([1] * (w.dim() - 2)))
         dec.weight.copy_(w)
         dec.bias.copy_(b)
+
+
+# diffusers' DiagonalGaussianDistribution clamps the log-variance to [-30, 20]: at -30 the std is e^-15.
+MIN_LOGVAR = -30.0
+
+
+def collapse_posterior(vae) -> float:
+    """Make ``vae``'s posterior a point: ``quant_conv``'s log-variance half outputs ``MIN_LOGVAR`` for
+    every input, so ``latent_dist.sample()`` is ``latent_dist.mode()`` (within ~3e-7 of a unit latent).
+
+    A small VAE trained with a weak KL term leaves channels it does not use at the prior (std ~1 there):
+    the reference pipeline samples the condition image's posterior, so every edit then saw its input
+    through fresh noise (two draws of one tiny-VAE condition were 78% apart, relative L2) and a
+    transformer trained on one draw per sample could not read it at inference. Qwen-Image's own VAE
+    has a near-point posterior; this gives the tiny one the same. The decoder is untouched (it was
+    trained on samples, and decodes the mean, as ComfyUI's VAE Encode gives it, as well). Returns the
+    mean posterior std (in the raw latent's units) it removed, for reports.
+    """
+    z = vae.config.z_dim
+    conv = vae.quant_conv
+    if conv.weight.shape[0] != 2 * z:
+        raise ValueError(f"quant_conv has {conv.weight.shape[0]} outputs, not mean and log-variance of {z}")
+    with torch.no_grad():
+        removed = float(torch.exp(0.5 * conv.bias[z:].clamp(MIN_LOGVAR, 20.0)).mean())
+        conv.weight[z:].zero_()
+        conv.bias[z:].fill_(MIN_LOGVAR)
+    return removed
