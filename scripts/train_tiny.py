@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tagmoe_core.tiny import build_tiny_bundle  # noqa: E402
 from tagmoe_core.training import synthetic  # noqa: E402
-from tagmoe_core.training.bundle import assemble_bundle, fold_latent_stats, latent_stats  # noqa: E402
+from tagmoe_core.training.bundle import (  # noqa: E402
+    assemble_bundle, collapse_posterior, fold_latent_stats, latent_stats)
 from tagmoe_core.training.task_success import check_task, psnr  # noqa: E402
 
 
@@ -192,6 +193,8 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
         means = torch.cat([vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
         mean, std = latent_stats(means)
         fold_latent_stats(vae, mean, std)  # raw latents in Qwen-Image's statistics (what ComfyUI assumes)
+        if not args.keep_posterior:
+            collapse_posterior(vae)  # a condition's sampled latent is its mean (not 78% noise)
         recon = torch.cat([vae.decode(vae.encode(held[i:i + 64]).latent_dist.mode()).sample
                            for i in range(0, len(held), 64)])
     original, rebuilt = to_uint8(held), to_uint8(recon)
@@ -291,7 +294,8 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
     config = TrainConfig(data=str(train_dir), output=str(run_dir), base=str(base), tagmoe=str(tagmoe),
                          train="whole", steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          lambda_lbl=args.lambda_lbl, lambda_align=args.lambda_align, seed=args.seed,
-                         device="cpu", max_grad_norm=1.0, train_tag_embedding=not args.freeze_tag_embedding)
+                         device="cpu", max_grad_norm=1.0, train_tag_embedding=not args.freeze_tag_embedding,
+                         text_dropout=args.text_dropout)
     start = time.perf_counter()
     with SingleFrameConvs(), FastRMSNorm():  # the data's VAE encoding: the same latents within float rounding
         trainer = prepare(config)
@@ -370,6 +374,26 @@ def evaluate(pipe, data_dir: Path, steps: int, cfg: float, limit: int | None, sa
             "steps": steps, "cfg": cfg}
 
 
+def evaluate_again(args, out: Path, train_dir: Path, heldout_dir: Path) -> int:
+    from tagmoe_core.pipeline.builder import load_pipeline
+    from tagmoe_core.tiny import TinyBundle
+
+    bundle = TinyBundle(out / "bundle")
+    if not (bundle.tagmoe / "transformer").is_dir() or not (heldout_dir / synthetic.TASKS_FILE).is_file():
+        raise SystemExit(f"--evaluate-only: '{out}' holds no finished run (bundle/ and data/heldout/)")
+    pipe = load_pipeline(bundle.base, bundle.tagmoe, device="cpu", dtype=torch.float32, backend="torch",
+                         placement="single")
+    report = {"eval": evaluate(pipe, heldout_dir, args.eval_steps, args.eval_cfg, args.eval_limit or None, None)}
+    log_eval("held-out", report["eval"])
+    if args.eval_train:
+        report["eval_train"] = evaluate(pipe, train_dir, args.eval_steps, args.eval_cfg, args.eval_train, None)
+        log_eval("train", report["eval_train"])
+    path = out / f"eval_cfg{args.eval_cfg:g}_steps{args.eval_steps}.json"
+    path.write_text(json.dumps(report, indent=1))
+    log(f"report: {path}")
+    return 0
+
+
 def log_eval(split: str, result: dict) -> None:
     for task, row in result["tasks"].items():
         log(f"{split} {task:<10} success {row['success']:.0%} (n={row['n']})  alignment {row['alignment']:+.3f}  "
@@ -409,6 +433,9 @@ def main(argv=None) -> int:
                         help="then train the decoder alone this many steps on the stored latents (0: none)")
     parser.add_argument("--vae-decoder-lr", type=float, default=1e-3)
     parser.add_argument("--vae-l1", type=float, default=0.0, help="weight of an L1 term beside the MSE")
+    parser.add_argument("--keep-posterior", action="store_true",
+                        help="keep the trained VAE's posterior variance (by default it is collapsed to a "
+                             "point, so an edit's condition latent is not resampled noise)")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="use this trained VAE folder (an earlier run's OUT/vae) instead of training one")
     parser.add_argument("--only-vae", action="store_true", help="stop after the VAE (for VAE experiments)")
@@ -416,12 +443,18 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks (the last 2 are MoE)")
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=16)
+    parser.add_argument("--task-vocabulary", action=argparse.BooleanOptionalAction, default=True,
+                        help="train the tiny tokenizer on the task set's instructions too, so that each colour, "
+                             "shape and verb is one token (--no-task-vocabulary: the random bundle's tokenizer, "
+                             "which spells most of them letter by letter)")
     parser.add_argument("--freeze-tag-embedding", action="store_true",
                         help="keep tag_embedding at its start (L_align then cannot collapse onto it)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100, help="the transformer's linear learning-rate warmup steps")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--text-dropout", type=float, default=0.0,
+                        help="share of samples trained on the empty prompt (what true CFG, --eval-cfg > 1, needs)")
     parser.add_argument("--lambda-lbl", type=float, default=0.01)
     parser.add_argument("--lambda-align", type=float, default=0.1)
     parser.add_argument("--minutes", type=float, default=0.0, help="cap on the transformer's training (0: none)")
@@ -432,6 +465,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-train", type=int, default=0,
                         help="also judge the first N training samples (under- or over-fitting: same rule, seen data)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="judge OUTPUT's finished bundle again (--eval-steps, --eval-cfg, --eval-limit, "
+                             "--eval-train) without training: writes OUTPUT/eval_cfgC_stepsS.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     total = time.perf_counter()
@@ -440,11 +476,14 @@ def main(argv=None) -> int:
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
 
     train_dir, heldout_dir = out / "data" / "train", out / "data" / "heldout"
+    if args.evaluate_only:
+        return evaluate_again(args, out, train_dir, heldout_dir)
     for folder, count, split in ((train_dir, args.count, "train"), (heldout_dir, args.heldout_count, "heldout")):
         written = synthetic.write_dataset(folder, count, seed=args.seed, split=split, overwrite=True)
         log(f"{split}: {written.count} samples in {written.seconds:.1f}s ({written.per_task})")
 
-    random_bundle = build_tiny_bundle(out / "random", seed=args.seed, transformer_config=transformer_config(args))
+    random_bundle = build_tiny_bundle(out / "random", seed=args.seed, transformer_config=transformer_config(args),
+                                      corpus=synthetic.instructions() if args.task_vocabulary else ())
     if args.vae_from:  # a VAE an earlier run trained (ablations of the transformer share one VAE)
         if (out / "vae").exists():
             shutil.rmtree(out / "vae")

@@ -106,6 +106,8 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     assert comfy == out / "qwen_image_vae_tiny.safetensors"
     state = load_file(comfy)
     vae = AutoencoderKLQwenImage.from_pretrained(out / "vae")
+    z = vae.config.z_dim  # the shipped VAE's posterior is a point: an edit's condition is not resampled noise
+    assert not vae.quant_conv.weight[z:].any() and bool((vae.quant_conv.bias[z:] == -30).all())
     expected = diffusers_qwen_vae_to_comfy(widen(vae).state_dict())
     assert set(state) == set(expected) and "decoder.middle.0.residual.0.gamma" in state
     for key, tensor in expected.items():
