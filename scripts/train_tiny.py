@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tagmoe_core.tiny import build_tiny_bundle  # noqa: E402
 from tagmoe_core.training import synthetic  # noqa: E402
 from tagmoe_core.training.bundle import (  # noqa: E402
-    assemble_bundle, collapse_posterior, fold_latent_stats, latent_stats)
+    assemble_bundle, collapse_posterior, flatten_unused_channels, fold_latent_stats, latent_stats)
 from tagmoe_core.training.task_success import check_task, psnr  # noqa: E402
 
 
@@ -193,8 +193,11 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
         means = torch.cat([vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
         mean, std = latent_stats(means)
         fold_latent_stats(vae, mean, std)  # raw latents in Qwen-Image's statistics (what ComfyUI assumes)
+        unused: list[int] = []
         if not args.keep_posterior:
             collapse_posterior(vae)  # a condition's sampled latent is its mean (not 78% noise)
+            with SingleFrameConvs():  # channels the decoder ignores: constant, so the transformer need not learn them
+                unused = flatten_unused_channels(vae, data[:64])
         recon = torch.cat([vae.decode(vae.encode(held[i:i + 64]).latent_dist.mode()).sample
                            for i in range(0, len(held), 64)])
     original, rebuilt = to_uint8(held), to_uint8(recon)
@@ -206,10 +209,10 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
               "heldout_psnr_mean": float(np.mean(psnrs)), "heldout_psnr_min": float(np.min(psnrs)),
               "heldout_psnr_share_ge_25": float(np.mean(np.array(psnrs) >= 25.0)), "bytes": size,
               "base_dim": args.vae_base_dim, "decoder_steps": decoder_steps,
-              "decoder_seconds": round(decoder_seconds, 1)}
+              "decoder_seconds": round(decoder_seconds, 1), "unused_channels": unused}
     log(f"VAE done: {steps_done} steps in {seconds:.0f}s; held-out round trip PSNR mean "
         f"{report['heldout_psnr_mean']:.2f} dB, min {report['heldout_psnr_min']:.2f} dB, "
-        f"{report['heldout_psnr_share_ge_25']:.0%} >= 25 dB; {size / 1e6:.2f} MB")
+        f"{report['heldout_psnr_share_ge_25']:.0%} >= 25 dB; {size / 1e6:.2f} MB; unused latent channels {unused}")
     return report
 
 
@@ -337,7 +340,8 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
 
 
 # -- evaluation -----------------------------------------------------------------------------------------
-def evaluate(pipe, data_dir: Path, steps: int, cfg: float, limit: int | None, samples_dir: Path | None) -> dict:
+def evaluate(pipe, data_dir: Path, steps: int, cfg: float, limit: int | None, samples_dir: Path | None,
+             tag_guidance: float = 0.0) -> dict:
     from tagmoe_core.intent.routing import RoutingRecorder, analyse
 
     specs = synthetic.read_tasks(data_dir)
@@ -350,7 +354,7 @@ def evaluate(pipe, data_dir: Path, steps: int, cfg: float, limit: int | None, sa
         conditioning = pipe.encode(spec.instruction, "")
         recorder = RoutingRecorder()
         out = pipe.sample(conditioning, source, width=spec.width, height=spec.height, steps=steps, cfg=cfg,
-                          seed=i, recorder=recorder)
+                          seed=i, recorder=recorder, tags=spec.tags, tag_guidance=tag_guidance)
         image = pipe.to_pil(pipe.decode(out.latents))[0]
         verdict = check_task(source, spec, image)
         analysis = analyse(recorder.recording, pipe.transformer, spec.tags)
@@ -371,7 +375,7 @@ def evaluate(pipe, data_dir: Path, steps: int, cfg: float, limit: int | None, sa
                        "failed_checks": dict(Counter(name for r in rows for name in r[3]).most_common())}
     every = [r[0] for rows in per_task.values() for r in rows]
     return {"tasks": tasks, "success": float(np.mean(every)), "n": len(every), "seconds": round(seconds, 1),
-            "steps": steps, "cfg": cfg}
+            "steps": steps, "cfg": cfg, "tag_guidance": tag_guidance}
 
 
 def evaluate_again(args, out: Path, train_dir: Path, heldout_dir: Path) -> int:
@@ -383,12 +387,15 @@ def evaluate_again(args, out: Path, train_dir: Path, heldout_dir: Path) -> int:
         raise SystemExit(f"--evaluate-only: '{out}' holds no finished run (bundle/ and data/heldout/)")
     pipe = load_pipeline(bundle.base, bundle.tagmoe, device="cpu", dtype=torch.float32, backend="torch",
                          placement="single")
-    report = {"eval": evaluate(pipe, heldout_dir, args.eval_steps, args.eval_cfg, args.eval_limit or None, None)}
+    guidance = args.eval_tag_guidance
+    report = {"eval": evaluate(pipe, heldout_dir, args.eval_steps, args.eval_cfg, args.eval_limit or None, None,
+                               guidance)}
     log_eval("held-out", report["eval"])
     if args.eval_train:
-        report["eval_train"] = evaluate(pipe, train_dir, args.eval_steps, args.eval_cfg, args.eval_train, None)
+        report["eval_train"] = evaluate(pipe, train_dir, args.eval_steps, args.eval_cfg, args.eval_train, None,
+                                        guidance)
         log_eval("train", report["eval_train"])
-    path = out / f"eval_cfg{args.eval_cfg:g}_steps{args.eval_steps}.json"
+    path = out / f"eval_cfg{args.eval_cfg:g}_steps{args.eval_steps}_tg{guidance:g}.json"
     path.write_text(json.dumps(report, indent=1))
     log(f"report: {path}")
     return 0
@@ -462,6 +469,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--eval-cfg", type=float, default=1.0)
     parser.add_argument("--eval-limit", type=int, default=0, help="evaluate only the first N held-out samples")
+    parser.add_argument("--eval-tag-guidance", type=float, default=0.0,
+                        help="steer the routers toward each sample's tags while judging (0: the release's routing)")
     parser.add_argument("--eval-train", type=int, default=0,
                         help="also judge the first N training samples (under- or over-fitting: same rule, seen data)")
     parser.add_argument("--threads", type=int, default=2)
@@ -515,10 +524,11 @@ def main(argv=None) -> int:
     report["vae"]["heldout_target_ceiling"] = vae_ceiling(pipe, heldout_dir)
     log(f"success of the held-out targets after a VAE round trip: {report['vae']['heldout_target_ceiling']}")
     report["eval"] = evaluate(pipe, heldout_dir, args.eval_steps, args.eval_cfg, args.eval_limit or None,
-                              out / "samples")
+                              out / "samples", args.eval_tag_guidance)
     log_eval("held-out", report["eval"])
     if args.eval_train:
-        report["eval_train"] = evaluate(pipe, train_dir, args.eval_steps, args.eval_cfg, args.eval_train, None)
+        report["eval_train"] = evaluate(pipe, train_dir, args.eval_steps, args.eval_cfg, args.eval_train, None,
+                                        args.eval_tag_guidance)
         log_eval("train", report["eval_train"])
     report["seconds_total"] = round(time.perf_counter() - total, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1))

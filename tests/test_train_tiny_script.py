@@ -102,6 +102,12 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
             failures = round(row["n"] * (1 - row["success"]))
             assert failures == 0 or (row["failed_checks"] and max(row["failed_checks"].values()) <= row["n"])
             assert sum(row["failed_checks"].values()) >= failures
+    # a finished run judged again, here with tag-guided routing: its own report, the run's left as it was
+    assert script.main([str(out), "--evaluate-only", "--eval-steps", "2", "--eval-limit", "7",
+                        "--eval-tag-guidance", "1", "--threads", "1"]) == 0
+    again = json.loads((out / "eval_cfg1_steps2_tg1.json").read_text())["eval"]
+    assert again["n"] == 7 and again["tag_guidance"] == 1.0 and set(again["tasks"]) == set(report["eval"]["tasks"])
+    assert json.loads((out / "report.json").read_text()) == report
     comfy = Path(report["vae"]["comfyui_file"])
     assert comfy == out / "qwen_image_vae_tiny.safetensors"
     state = load_file(comfy)
