@@ -6,18 +6,23 @@
 2. trains a tiny AutoencoderKLQwenImage (tiny.py's config unless --vae-base-dim) on the train images
    with an MSE reconstruction loss + a small KL, rescales its latent convolutions so its latents have
    Qwen-Image's latents_mean/std (``fold_latent_stats``: ComfyUI's fixed Wan 2.1 latent format then
-   fits it too), and measures its round trip (PSNR) on the held-out images and the success rule on
-   the held-out targets round-tripped (the ceiling any transformer can reach through this VAE);
+   fits it too), collapses its posterior to the mean and makes the latent channels its decoder
+   ignores constant (``collapse_posterior``, ``flatten_unused_channels``: else an edit's sampled
+   condition is mostly noise), and measures its round trip (PSNR) on the held-out images and the
+   success rule on the held-out targets round-tripped (the ceiling any transformer can reach through
+   this VAE);
 3. trains the whole tiny TAG-MoE transformer (random tiny bundle's weights as the start, the frozen
-   tiny text encoder) with ``tagmoe_core.training`` (L_flow + lambda_lbl L_lbl + lambda_align L_align)
-   on the trained VAE's latents, with a cosine learning-rate decay over --steps;
+   tiny text encoder, its tokenizer taught the task set's words) with ``tagmoe_core.training``
+   (L_flow + lambda_lbl L_lbl + lambda_align L_align) on the trained VAE's latents, with a cosine
+   learning-rate decay over --steps;
 4. assembles OUT/bundle (trained VAE + trained transformer + the tiny text encoder, tokenizer,
    scheduler) and evaluates it on the held-out set through ``load_pipeline``: task success per
    task (``task_success.check_task``), the alignment score and per-task expert usage
    (``intent.routing``). Figures go to OUT/report.json.
 
 Not run by CI. Fixed step counts (not wall time) make a run reproducible for a seed; --minutes /
---vae-minutes only cap a run that would overrun (then the report says so).
+--vae-minutes only cap a run that would overrun (then the report says so). ``--evaluate-only`` judges
+a finished OUT again.
 """
 
 from __future__ import annotations
