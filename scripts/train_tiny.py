@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tagmoe_core.tiny import build_tiny_bundle  # noqa: E402
 from tagmoe_core.training import synthetic  # noqa: E402
 from tagmoe_core.training.bundle import (  # noqa: E402
-    assemble_bundle, collapse_posterior, flatten_unused_channels, fold_latent_stats, latent_stats)
+    assemble_bundle, collapse_posterior, flatten_unused_channels, fold_latent_stats, is_collapsed, latent_stats)
 from tagmoe_core.training.task_success import check_task, psnr  # noqa: E402
 
 
@@ -198,11 +198,7 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
         means = torch.cat([vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
         mean, std = latent_stats(means)
         fold_latent_stats(vae, mean, std)  # raw latents in Qwen-Image's statistics (what ComfyUI assumes)
-        unused: list[int] = []
-        if not args.keep_posterior:
-            collapse_posterior(vae)  # a condition's sampled latent is its mean (not 78% noise)
-            with SingleFrameConvs():  # channels the decoder ignores: constant, so the transformer need not learn them
-                unused = flatten_unused_channels(vae, data[:64])
+        unused = finish_vae(vae, data[:64], args)
         recon = torch.cat([vae.decode(vae.encode(held[i:i + 64]).latent_dist.mode()).sample
                            for i in range(0, len(held), 64)])
     original, rebuilt = to_uint8(held), to_uint8(recon)
@@ -218,6 +214,36 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
     log(f"VAE done: {steps_done} steps in {seconds:.0f}s; held-out round trip PSNR mean "
         f"{report['heldout_psnr_mean']:.2f} dB, min {report['heldout_psnr_min']:.2f} dB, "
         f"{report['heldout_psnr_share_ge_25']:.0%} >= 25 dB; {size / 1e6:.2f} MB; unused latent channels {unused}")
+    return report
+
+
+def finish_vae(vae, pictures: torch.Tensor, args) -> list[int]:
+    """After the fold: the posterior collapsed to its mean (a condition's sampled latent is not 78% noise)
+    unless --keep-posterior, and the latent channels the decoder ignores made constant (the transformer
+    need not learn them) unless --keep-unused-channels. Returns the flattened channels."""
+    with torch.no_grad():
+        if not args.keep_posterior:
+            collapse_posterior(vae)
+        if args.keep_unused_channels:
+            return []
+        with SingleFrameConvs():
+            return flatten_unused_channels(vae, pictures)
+
+
+def reuse_vae(args, train_dir: Path, out_dir: Path) -> dict:
+    """--vae-from: an earlier run's VAE, finished as a trained one is (the same steps are a no-op on a
+    VAE they already ran on, so an older run's VAE gets them too)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    vae = AutoencoderKLQwenImage.from_pretrained(args.vae_from).eval()
+    unused = finish_vae(vae, load_pixels(train_dir)[:64], args)
+    vae.save_pretrained(out_dir)
+    earlier = args.vae_from.parent / "report.json"
+    report = json.loads(earlier.read_text())["vae"] if earlier.is_file() else {"from": str(args.vae_from)}
+    report.update(unused_channels=unused, posterior_collapsed=is_collapsed(vae))
+    log(f"VAE from {args.vae_from}: unused latent channels {unused}, posterior collapsed {is_collapsed(vae)}")
     return report
 
 
@@ -400,7 +426,10 @@ def evaluate_again(args, out: Path, train_dir: Path, heldout_dir: Path) -> int:
         report["eval_train"] = evaluate(pipe, train_dir, args.eval_steps, args.eval_cfg, args.eval_train, None,
                                         guidance)
         log_eval("train", report["eval_train"])
-    path = out / f"eval_cfg{args.eval_cfg:g}_steps{args.eval_steps}_tg{guidance:g}.json"
+    name = f"eval_cfg{args.eval_cfg:g}_steps{args.eval_steps}_tg{guidance:g}"
+    name += f"_n{args.eval_limit}" if args.eval_limit else ""
+    name += f"_train{args.eval_train}" if args.eval_train else ""
+    path = out / f"{name}.json"
     path.write_text(json.dumps(report, indent=1))
     log(f"report: {path}")
     return 0
@@ -448,6 +477,9 @@ def main(argv=None) -> int:
     parser.add_argument("--keep-posterior", action="store_true",
                         help="keep the trained VAE's posterior variance (by default it is collapsed to a "
                              "point, so an edit's condition latent is not resampled noise)")
+    parser.add_argument("--keep-unused-channels", action="store_true",
+                        help="keep the latent channels the VAE's decoder ignores as the encoder left them (by "
+                             "default they are made constant: 0 in the latents the transformer predicts)")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="use this trained VAE folder (an earlier run's OUT/vae) instead of training one")
     parser.add_argument("--only-vae", action="store_true", help="stop after the VAE (for VAE experiments)")
@@ -481,17 +513,18 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--evaluate-only", action="store_true",
                         help="judge OUTPUT's finished bundle again (--eval-steps, --eval-cfg, --eval-limit, "
-                             "--eval-train) without training: writes OUTPUT/eval_cfgC_stepsS.json")
+                             "--eval-train, --eval-tag-guidance) without training: writes "
+                             "OUTPUT/eval_cfgC_stepsS_tgG[_nN][_trainT].json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     total = time.perf_counter()
     out: Path = args.output
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
-
     train_dir, heldout_dir = out / "data" / "train", out / "data" / "heldout"
     if args.evaluate_only:
         return evaluate_again(args, out, train_dir, heldout_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+
     for folder, count, split in ((train_dir, args.count, "train"), (heldout_dir, args.heldout_count, "heldout")):
         written = synthetic.write_dataset(folder, count, seed=args.seed, split=split, overwrite=True)
         log(f"{split}: {written.count} samples in {written.seconds:.1f}s ({written.per_task})")
@@ -499,11 +532,7 @@ def main(argv=None) -> int:
     random_bundle = build_tiny_bundle(out / "random", seed=args.seed, transformer_config=transformer_config(args),
                                       corpus=synthetic.instructions() if args.task_vocabulary else ())
     if args.vae_from:  # a VAE an earlier run trained (ablations of the transformer share one VAE)
-        if (out / "vae").exists():
-            shutil.rmtree(out / "vae")
-        shutil.copytree(args.vae_from, out / "vae")
-        earlier = args.vae_from.parent / "report.json"
-        report["vae"] = json.loads(earlier.read_text())["vae"] if earlier.is_file() else {"from": str(args.vae_from)}
+        report["vae"] = reuse_vae(args, train_dir, out / "vae")
     else:
         report["vae"] = train_vae(args, train_dir, heldout_dir, out / "vae")
     report["vae"]["comfyui_file"] = write_comfy_vae(out / "vae", out / "qwen_image_vae_tiny.safetensors")

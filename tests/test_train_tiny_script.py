@@ -86,6 +86,7 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
 
     from tagmoe_core.model.vae_keys import diffusers_qwen_vae_to_comfy
     from tagmoe_core.model.vae_widen import widen
+    from tagmoe_core.training.bundle import is_collapsed
 
     script = _script()
     out = tmp_path / "run"
@@ -105,7 +106,7 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     # a finished run judged again, here with tag-guided routing: its own report, the run's left as it was
     assert script.main([str(out), "--evaluate-only", "--eval-steps", "2", "--eval-limit", "7",
                         "--eval-tag-guidance", "1", "--threads", "1"]) == 0
-    again = json.loads((out / "eval_cfg1_steps2_tg1.json").read_text())["eval"]
+    again = json.loads((out / "eval_cfg1_steps2_tg1_n7.json").read_text())["eval"]
     assert again["n"] == 7 and again["tag_guidance"] == 1.0 and set(again["tasks"]) == set(report["eval"]["tasks"])
     assert json.loads((out / "report.json").read_text()) == report
     comfy = Path(report["vae"]["comfyui_file"])
@@ -118,3 +119,10 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     assert set(state) == set(expected) and "decoder.middle.0.residual.0.gamma" in state
     for key, tensor in expected.items():
         torch.testing.assert_close(state[key].float(), tensor.to(torch.bfloat16).float())
+    # --vae-from finishes an earlier run's VAE as a trained one is: an older one with a wide posterior too
+    with torch.no_grad():
+        vae.quant_conv.bias[z:] = 0.0
+    vae.save_pretrained(tmp_path / "older_vae")
+    assert script.main([str(tmp_path / "reuse"), "--count", "7", "--heldout-count", "7", "--only-vae",
+                        "--vae-from", str(tmp_path / "older_vae"), "--threads", "1"]) == 0
+    assert is_collapsed(AutoencoderKLQwenImage.from_pretrained(tmp_path / "reuse" / "vae"))

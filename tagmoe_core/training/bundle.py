@@ -97,7 +97,22 @@ def fold_latent_stats(vae, mean: list[float], std: list[float]) -> None:
 MIN_LOGVAR = -30.0
 
 
-def collapse_posterior(vae) -> float:
+def _quant_conv(vae):
+    """``vae.quant_conv``, checked to output a mean and a log-variance per latent channel (diffusers'
+    ``DiagonalGaussianDistribution`` splits it in two halves along the channels)."""
+    z, conv = vae.config.z_dim, vae.quant_conv
+    if conv.weight.shape[0] != 2 * z:
+        raise ValueError(f"quant_conv has {conv.weight.shape[0]} outputs, not mean and log-variance of {z}")
+    return conv
+
+
+def is_collapsed(vae) -> bool:
+    """Whether ``collapse_posterior`` has been applied (every log-variance output pinned)."""
+    z, conv = vae.config.z_dim, _quant_conv(vae)
+    return not bool(conv.weight[z:].any()) and bool((conv.bias[z:] == MIN_LOGVAR).all())
+
+
+def collapse_posterior(vae) -> None:
     """Make ``vae``'s posterior a point: ``quant_conv``'s log-variance half outputs ``MIN_LOGVAR`` for
     every input, so ``latent_dist.sample()`` is ``latent_dist.mode()`` (within ~3e-7 of a unit latent).
 
@@ -106,56 +121,50 @@ def collapse_posterior(vae) -> float:
     through fresh noise (two draws of one tiny-VAE condition were 78% apart, relative L2) and a
     transformer trained on one draw per sample could not read it at inference. Qwen-Image's own VAE
     has a near-point posterior; this gives the tiny one the same. The decoder is untouched (it was
-    trained on samples, and decodes the mean, as ComfyUI's VAE Encode gives it, as well). Returns the
-    mean posterior std (in the raw latent's units) it removed, for reports.
+    trained on samples, and decodes the mean, as ComfyUI's VAE Encode gives it, as well).
     """
-    z = vae.config.z_dim
-    conv = vae.quant_conv
-    if conv.weight.shape[0] != 2 * z:
-        raise ValueError(f"quant_conv has {conv.weight.shape[0]} outputs, not mean and log-variance of {z}")
+    z, conv = vae.config.z_dim, _quant_conv(vae)
     with torch.no_grad():
-        removed = float(torch.exp(0.5 * conv.bias[z:].clamp(MIN_LOGVAR, 20.0)).mean())
         conv.weight[z:].zero_()
         conv.bias[z:].fill_(MIN_LOGVAR)
-    return removed
 
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """dB between pictures in -1..1 (peak-to-peak 2)."""
+def _psnr_signed(a: torch.Tensor, b: torch.Tensor) -> float:
+    """dB between pictures in -1..1 (peak-to-peak 2); ``task_success.psnr`` is the 0..255 one."""
     return 10 * math.log10(4.0 / max(float(((a - b) ** 2).mean()), 1e-20))
 
 
 def flatten_unused_channels(vae, pictures: torch.Tensor, min_db: float = 45.0) -> list[int]:
     """Make every latent channel that ``vae``'s decoder ignores a constant; returns those channels.
 
-    A channel is unused when setting it to its mean over ``pictures`` ([B, 3, 1, H, W] in -1..1) leaves
-    the decoded pictures within ``min_db`` dB PSNR of what the decoder gives from the unchanged latents
-    (each channel alone, then all of them together within 3 dB less; one goes back while they are not).
-    ``quant_conv`` then outputs that mean for every input, with a point posterior there: the pictures
-    decode as before, and the normalised latents a transformer learns to predict are 0 in those channels
-    instead of the unit-variance values that ``fold_latent_stats`` had stretched out of what the encoder
-    left in them (a tiny VAE left 3 of 16 so). Call it after the fold.
+    The constant is the config's ``latents_mean`` of the channel (where ``fold_latent_stats`` centred
+    it: call this after the fold), so the normalised latents a transformer learns to predict are 0 in
+    those channels instead of the unit-variance values the fold had stretched out of what the encoder
+    left in them (a tiny VAE left 3 of 16 so). A channel is unused when setting it to that constant for
+    ``pictures`` ([B, 3, 1, H, W] in -1..1) leaves the decoded pictures within ``min_db`` dB PSNR of what
+    the decoder gives from the unchanged latents (each channel alone, then all of them together within
+    3 dB less; while they are not, the one that moves the pictures most goes back). ``quant_conv`` then
+    outputs the constant for every input there, with a point posterior; the decoder is untouched.
     """
-    z = vae.config.z_dim
+    z, conv = vae.config.z_dim, _quant_conv(vae)
+    constants = torch.tensor(vae.config.latents_mean, dtype=torch.float32)
     with torch.no_grad():
         mode = vae.encode(pictures).latent_dist.mode()
         decoded = vae.decode(mode).sample
-        means = mode.transpose(0, 1).reshape(z, -1).mean(1)
 
         def kept(channels: list[int]) -> float:
             latent = mode.clone()
             for c in channels:
-                latent[:, c] = means[c]
-            return _psnr(vae.decode(latent).sample, decoded)
+                latent[:, c] = constants[c]
+            return _psnr_signed(vae.decode(latent).sample, decoded)
 
         alone = {c: kept([c]) for c in range(z)}
         unused = [c for c in range(z) if alone[c] >= min_db]
         while unused and kept(unused) < min_db - 3:
-            unused.remove(min(unused, key=alone.__getitem__))  # the one that moves the pictures most goes back
-        conv = vae.quant_conv
+            unused.remove(min(unused, key=alone.__getitem__))
         for c in unused:
             conv.weight[c].zero_()
-            conv.bias[c] = means[c]
+            conv.bias[c] = constants[c]
             conv.weight[z + c].zero_()
             conv.bias[z + c] = MIN_LOGVAR
     return unused

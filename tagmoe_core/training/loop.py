@@ -376,13 +376,14 @@ def prepare(config: TrainConfig, pipe=None) -> Trainer:
 
 
 def own_memory(module: nn.Module) -> None:
-    """Copy every CPU tensor of ``module`` that lives in a checkpoint's memory map into memory of its own.
+    """Copy every CPU tensor of ``module`` that is not at the allocator's 64-byte alignment into memory
+    of its own (a tied parameter is one object: copied once, still tied).
 
     The one-copy loader leaves CPU weights in the safetensors file's map, at whatever offset the file
-    gives them (8-byte aligned): a fresh run and a resumed one then hold the same weights at different
-    alignments, and CPU BLAS (MKL, by its documentation) may round differently for differently aligned
-    inputs, so a resumed run drifted from the uninterrupted one by an ulp on some CPUs. Torch's allocator
-    aligns to 64 bytes; the optimizer also no longer writes into the map's copy-on-write pages.
+    gives them: a fresh run and a resumed one then held the same weights at different alignments, and
+    CPU BLAS (MKL, by its documentation) may round differently for differently aligned inputs, so a
+    resumed run drifted from the uninterrupted one by an ulp on some CPUs. After this every tensor sits
+    at 64 bytes in both runs (aligned ones may stay in the map, copy-on-write).
     """
     for sub in module.modules():
         for table in (sub._parameters, sub._buffers):
