@@ -387,7 +387,7 @@ def own_memory(module: nn.Module) -> None:
     """
     for sub in module.modules():
         for table in (sub._parameters, sub._buffers):
-            for name, tensor in table.items():
+            for tensor in table.values():
                 if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % 64:
                     tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
 
