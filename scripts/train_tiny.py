@@ -1,6 +1,9 @@
 """Train the tiny TAG-MoE on the synthetic task set, on the CPU, and measure it (issue 16, section 2).
 
-    python scripts/train_tiny.py OUT [--vae-steps 600] [--steps 3000] ...
+    python scripts/train_tiny.py OUT
+
+The defaults are the recipe (about 26 minutes on 2 cores; the --vae-minutes / --minutes caps keep a
+slower machine under 30); every stage's size and step count is a flag.
 
 1. writes the synthetic train and held-out sets (``tagmoe_core.training.synthetic``) to OUT/data/;
 2. trains a tiny AutoencoderKLQwenImage (tiny.py's config unless --vae-base-dim) on the train images
@@ -8,7 +11,8 @@
    Qwen-Image's latents_mean/std (``fold_latent_stats``: ComfyUI's fixed Wan 2.1 latent format then
    fits it too), collapses its posterior to the mean and makes the latent channels its decoder
    ignores constant (``collapse_posterior``, ``flatten_unused_channels``: else an edit's sampled
-   condition is mostly noise), and measures its round trip (PSNR) on the held-out images and the
+   condition is mostly noise), then (--vae-decoder-steps) trains the decoder alone on those very
+   latents (the transformer's targets do not move), and measures its round trip (PSNR) on the held-out images and the
    success rule on the held-out targets round-tripped (the ceiling any transformer can reach through
    this VAE);
 3. trains the whole tiny TAG-MoE transformer (random tiny bundle's weights as the start, the frozen
@@ -192,13 +196,14 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
                 log(f"VAE: stopped by --vae-minutes at step {step + 1}")
                 break
     seconds = time.perf_counter() - start
-    decoder_steps, decoder_seconds = train_decoder(vae, data, args, generator) if args.vae_decoder_steps else (0, 0.0)
     vae.eval()
     with torch.no_grad():
         means = torch.cat([vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
         mean, std = latent_stats(means)
         fold_latent_stats(vae, mean, std)  # raw latents in Qwen-Image's statistics (what ComfyUI assumes)
         unused = finish_vae(vae, data[:64], args)
+    decoder_steps, decoder_seconds = tune_decoder(vae, data, args, generator)
+    with torch.no_grad():
         recon = torch.cat([vae.decode(vae.encode(held[i:i + 64]).latent_dist.mode()).sample
                            for i in range(0, len(held), 64)])
     original, rebuilt = to_uint8(held), to_uint8(recon)
@@ -238,13 +243,25 @@ def reuse_vae(args, train_dir: Path, out_dir: Path) -> dict:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     vae = AutoencoderKLQwenImage.from_pretrained(args.vae_from).eval()
-    unused = finish_vae(vae, load_pixels(train_dir)[:64], args)
+    data = load_pixels(train_dir)
+    unused = finish_vae(vae, data[:64], args)
+    decoder_steps, decoder_seconds = tune_decoder(vae, data, args, torch.Generator().manual_seed(args.seed))
     vae.save_pretrained(out_dir)
     earlier = args.vae_from.parent / "report.json"
     report = json.loads(earlier.read_text())["vae"] if earlier.is_file() else {"from": str(args.vae_from)}
-    report.update(unused_channels=unused, posterior_collapsed=is_collapsed(vae))
+    report.update(unused_channels=unused, posterior_collapsed=is_collapsed(vae), decoder_steps=decoder_steps,
+                  decoder_seconds=round(decoder_seconds, 1))
     log(f"VAE from {args.vae_from}: unused latent channels {unused}, posterior collapsed {is_collapsed(vae)}")
     return report
+
+
+def tune_decoder(vae, data: torch.Tensor, args, generator: torch.Generator) -> tuple[int, float]:
+    """--vae-decoder-steps: the decoder phase on a finished VAE (posterior collapsed, unused channels
+    constant), so the decoder learns the very latents it will decode (each picture's one mean); the
+    encoder, and so the transformer's targets, do not move. Leaves the VAE in eval mode."""
+    result = train_decoder(vae, data, args, generator) if args.vae_decoder_steps else (0, 0.0)
+    vae.eval()
+    return result
 
 
 def train_decoder(vae, data: torch.Tensor, args, generator: torch.Generator) -> tuple[int, float]:
@@ -459,7 +476,7 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--heldout-count", type=int, default=140)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=6500)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--vae-warmup", type=int, default=100, help="linear learning-rate warmup steps")
@@ -467,11 +484,12 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-base-dim", type=int, default=8)
     parser.add_argument("--vae-dim-mult", default="1,2,4,4",
                         help="channel multipliers of the 4 VAE stages (1,2,4,4: the ComfyUI file can be written)")
-    parser.add_argument("--vae-crop", type=int, default=0, help="train on random square crops of this size")
+    parser.add_argument("--vae-crop", type=int, default=32, help="train on random square crops of this size (0: whole)")
     parser.add_argument("--vae-res-blocks", type=int, default=1,
                         help="residual blocks per stage (ComfyUI file: up to 2)")
-    parser.add_argument("--vae-decoder-steps", type=int, default=0,
-                        help="then train the decoder alone this many steps on the stored latents (0: none)")
+    parser.add_argument("--vae-decoder-steps", type=int, default=3000,
+                        help="then train the decoder alone this many steps on the finished VAE's latents, also "
+                             "on a --vae-from VAE (0: none)")
     parser.add_argument("--vae-decoder-lr", type=float, default=1e-3)
     parser.add_argument("--vae-l1", type=float, default=0.0, help="weight of an L1 term beside the MSE")
     parser.add_argument("--keep-posterior", action="store_true",
@@ -483,17 +501,17 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="use this trained VAE folder (an earlier run's OUT/vae) instead of training one")
     parser.add_argument("--only-vae", action="store_true", help="stop after the VAE (for VAE experiments)")
-    parser.add_argument("--vae-minutes", type=float, default=0.0, help="cap (0: none)")
+    parser.add_argument("--vae-minutes", type=float, default=8.0, help="cap on the VAE's joint phase (0: none)")
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks (the last 2 are MoE)")
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--task-vocabulary", action=argparse.BooleanOptionalAction, default=True,
                         help="train the tiny tokenizer on the task set's instructions too, so that each colour, "
                              "shape and verb is one token (--no-task-vocabulary: the random bundle's tokenizer, "
                              "which spells most of them letter by letter)")
-    parser.add_argument("--freeze-tag-embedding", action="store_true",
+    parser.add_argument("--freeze-tag-embedding", action=argparse.BooleanOptionalAction, default=True,
                         help="keep tag_embedding at its start (L_align then cannot collapse onto it)")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=15000)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100, help="the transformer's linear learning-rate warmup steps")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -501,14 +519,14 @@ def main(argv=None) -> int:
                         help="share of samples trained on the empty prompt (what true CFG, --eval-cfg > 1, needs)")
     parser.add_argument("--lambda-lbl", type=float, default=0.01)
     parser.add_argument("--lambda-align", type=float, default=0.1)
-    parser.add_argument("--minutes", type=float, default=0.0, help="cap on the transformer's training (0: none)")
+    parser.add_argument("--minutes", type=float, default=17.0, help="cap on the transformer's training (0: none)")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--eval-cfg", type=float, default=1.0)
     parser.add_argument("--eval-limit", type=int, default=0, help="evaluate only the first N held-out samples")
     parser.add_argument("--eval-tag-guidance", type=float, default=0.0,
                         help="steer the routers toward each sample's tags while judging (0: the release's routing)")
-    parser.add_argument("--eval-train", type=int, default=0,
+    parser.add_argument("--eval-train", type=int, default=70,
                         help="also judge the first N training samples (under- or over-fitting: same rule, seen data)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--evaluate-only", action="store_true",

@@ -93,7 +93,7 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     assert script.main([str(out), "--count", "14", "--heldout-count", "7", "--vae-steps", "3", "--vae-crop", "32",
                         "--vae-decoder-steps", "2",
                         "--steps", "3", "--warmup", "2", "--eval-steps", "2", "--eval-limit", "7", "--eval-train", "3",
-                        "--threads", "1"]) == 0
+                        "--heads", "2", "--head-dim", "16", "--threads", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["vae"]["steps"] == 3 and report["vae"]["decoder_steps"] == 2 and report["transformer"]["steps"] == 3
     assert report["eval"]["n"] == 7 and set(report["vae"]["heldout_target_ceiling"]) == set(report["eval"]["tasks"])
@@ -105,7 +105,7 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
             assert sum(row["failed_checks"].values()) >= failures
     # a finished run judged again, here with tag-guided routing: its own report, the run's left as it was
     assert script.main([str(out), "--evaluate-only", "--eval-steps", "2", "--eval-limit", "7",
-                        "--eval-tag-guidance", "1", "--threads", "1"]) == 0
+                        "--eval-tag-guidance", "1", "--eval-train", "0", "--threads", "1"]) == 0
     again = json.loads((out / "eval_cfg1_steps2_tg1_n7.json").read_text())["eval"]
     assert again["n"] == 7 and again["tag_guidance"] == 1.0 and set(again["tasks"]) == set(report["eval"]["tasks"])
     assert json.loads((out / "report.json").read_text()) == report
@@ -124,5 +124,10 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
         vae.quant_conv.bias[z:] = 0.0
     vae.save_pretrained(tmp_path / "older_vae")
     assert script.main([str(tmp_path / "reuse"), "--count", "7", "--heldout-count", "7", "--only-vae",
-                        "--vae-from", str(tmp_path / "older_vae"), "--threads", "1"]) == 0
-    assert is_collapsed(AutoencoderKLQwenImage.from_pretrained(tmp_path / "reuse" / "vae"))
+                        "--vae-from", str(tmp_path / "older_vae"), "--vae-decoder-steps", "2", "--threads", "1"]) == 0
+    reused = AutoencoderKLQwenImage.from_pretrained(tmp_path / "reuse" / "vae")
+    assert is_collapsed(reused)
+    # ... and its decoder phase (after the collapse, on the latents it will decode) moved the decoder only
+    assert json.loads((tmp_path / "reuse" / "report.json").read_text())["vae"]["decoder_steps"] == 2
+    torch.testing.assert_close(reused.encoder.state_dict(), vae.encoder.state_dict(), rtol=0, atol=0)
+    assert not torch.equal(reused.decoder.conv_out.weight, vae.decoder.conv_out.weight)
