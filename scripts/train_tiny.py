@@ -2,8 +2,9 @@
 
     python scripts/train_tiny.py OUT
 
-The defaults are the recipe (about 26 minutes on 2 cores; the --vae-minutes / --minutes caps keep a
-slower machine under 30); every stage's size and step count is a flag.
+The defaults are the recipe: about 26 minutes on 2 cores; the --vae-minutes / --minutes caps bound
+the training to 26 minutes and the rest (data, encoding, evaluation: about 2 minutes here) scales
+with the machine. Every stage's size and step count is a flag.
 
 1. writes the synthetic train and held-out sets (``tagmoe_core.training.synthetic``) to OUT/data/;
 2. trains a tiny AutoencoderKLQwenImage (tiny.py's config unless --vae-base-dim) on the train images
@@ -202,19 +203,13 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
         mean, std = latent_stats(means)
         fold_latent_stats(vae, mean, std)  # raw latents in Qwen-Image's statistics (what ComfyUI assumes)
         unused = finish_vae(vae, data[:64], args)
-    decoder_steps, decoder_seconds = tune_decoder(vae, data, args, generator)
-    with torch.no_grad():
-        recon = torch.cat([vae.decode(vae.encode(held[i:i + 64]).latent_dist.mode()).sample
-                           for i in range(0, len(held), 64)])
-    original, rebuilt = to_uint8(held), to_uint8(recon)
-    psnrs = [psnr(rebuilt[i].astype(np.float64), original[i].astype(np.float64)) for i in range(len(held))]
+    deadline = start + args.vae_minutes * 60 if args.vae_minutes else None  # both phases share the cap
+    decoder_steps, decoder_seconds = tune_decoder(vae, data, args, generator, deadline)
     out_dir.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out_dir)
     size = sum(f.stat().st_size for f in out_dir.iterdir())
     report = {"steps": steps_done, "seconds": round(seconds, 1), "mse_start": curve[0], "mse_end": curve[-1],
-              "heldout_psnr_mean": float(np.mean(psnrs)), "heldout_psnr_min": float(np.min(psnrs)),
-              "heldout_psnr_share_ge_25": float(np.mean(np.array(psnrs) >= 25.0)), "bytes": size,
-              "base_dim": args.vae_base_dim, "decoder_steps": decoder_steps,
+              **round_trip(vae, held), "bytes": size, "base_dim": args.vae_base_dim, "decoder_steps": decoder_steps,
               "decoder_seconds": round(decoder_seconds, 1), "unused_channels": unused}
     log(f"VAE done: {steps_done} steps in {seconds:.0f}s; held-out round trip PSNR mean "
         f"{report['heldout_psnr_mean']:.2f} dB, min {report['heldout_psnr_min']:.2f} dB, "
@@ -235,9 +230,22 @@ def finish_vae(vae, pictures: torch.Tensor, args) -> list[int]:
             return flatten_unused_channels(vae, pictures)
 
 
-def reuse_vae(args, train_dir: Path, out_dir: Path) -> dict:
-    """--vae-from: an earlier run's VAE, finished as a trained one is (the same steps are a no-op on a
-    VAE they already ran on, so an older run's VAE gets them too)."""
+def round_trip(vae, held: torch.Tensor) -> dict:
+    """PSNR of ``held`` pictures after an encode -> decode (the posterior's mode), as uint8 pictures."""
+    with torch.no_grad():
+        recon = torch.cat([vae.decode(vae.encode(held[i:i + 64]).latent_dist.mode()).sample
+                           for i in range(0, len(held), 64)])
+    original, rebuilt = to_uint8(held), to_uint8(recon)
+    psnrs = np.array([psnr(rebuilt[i].astype(np.float64), original[i].astype(np.float64)) for i in range(len(held))])
+    return {"heldout_psnr_mean": float(psnrs.mean()), "heldout_psnr_min": float(psnrs.min()),
+            "heldout_psnr_share_ge_25": float((psnrs >= 25.0).mean())}
+
+
+def reuse_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
+    """--vae-from: an earlier run's VAE, finished as a trained one is (collapse and flattening are no-ops
+    on a VAE they already ran on, so an older run's VAE gets them too); a decoder phase only when
+    --vae-decoder-steps is given (ablations of the transformer then share the earlier VAE as it was).
+    The round trip is measured again; the earlier run's figures are kept under ``earlier``."""
     from diffusers import AutoencoderKLQwenImage
 
     if out_dir.exists():
@@ -248,32 +256,42 @@ def reuse_vae(args, train_dir: Path, out_dir: Path) -> dict:
     decoder_steps, decoder_seconds = tune_decoder(vae, data, args, torch.Generator().manual_seed(args.seed))
     vae.save_pretrained(out_dir)
     earlier = args.vae_from.parent / "report.json"
-    report = json.loads(earlier.read_text())["vae"] if earlier.is_file() else {"from": str(args.vae_from)}
-    report.update(unused_channels=unused, posterior_collapsed=is_collapsed(vae), decoder_steps=decoder_steps,
+    report = {"from": str(args.vae_from)}
+    if earlier.is_file():
+        report["earlier"] = json.loads(earlier.read_text()).get("vae", {})
+    report.update(round_trip(vae, load_pixels(heldout_dir)), unused_channels=unused,
+                  posterior_collapsed=is_collapsed(vae), decoder_steps=decoder_steps,
                   decoder_seconds=round(decoder_seconds, 1))
     log(f"VAE from {args.vae_from}: unused latent channels {unused}, posterior collapsed {is_collapsed(vae)}")
     return report
 
 
-def tune_decoder(vae, data: torch.Tensor, args, generator: torch.Generator) -> tuple[int, float]:
+def tune_decoder(vae, data: torch.Tensor, args, generator: torch.Generator,
+                 deadline: float | None = None) -> tuple[int, float]:
     """--vae-decoder-steps: the decoder phase on a finished VAE (posterior collapsed, unused channels
     constant), so the decoder learns the very latents it will decode (each picture's one mean); the
     encoder, and so the transformer's targets, do not move. Leaves the VAE in eval mode."""
-    result = train_decoder(vae, data, args, generator) if args.vae_decoder_steps else (0, 0.0)
+    result = train_decoder(vae, data, args, generator, deadline) if args.vae_decoder_steps else (0, 0.0)
     vae.eval()
     return result
 
 
-def train_decoder(vae, data: torch.Tensor, args, generator: torch.Generator) -> tuple[int, float]:
+def train_decoder(vae, data: torch.Tensor, args, generator: torch.Generator,
+                  deadline: float | None = None) -> tuple[int, float]:
     """A second VAE phase: the decoder (and post_quant_conv) alone on the encoder's stored posteriors,
-    sampled anew each step. The latents the transformer learns do not move, and a step skips the
-    encoder's two passes (about 0.6x the joint step). Returns (steps, seconds)."""
+    sampled anew each step (a collapsed posterior: each picture's one mean). The latents the transformer
+    learns do not move, and a step skips the encoder's two passes (about 0.6x the joint step). Latent
+    channels that are the same constant for every picture (``flatten_unused_channels``) keep their
+    post_quant_conv columns: the decoder stays blind to them. Stops early once ``deadline``
+    (``time.perf_counter()``) has passed. Returns (steps, seconds)."""
     start = time.perf_counter()
     vae.eval()
     with torch.no_grad(), SingleFrameConvs(), FastRMSNorm():
         moments = torch.cat([vae.quant_conv(vae.encoder(data[i:i + 64])) for i in range(0, len(data), 64)])
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    flat = mean.flatten(2)
+    constant = (flat.amax(dim=(0, 2)) == flat.amin(dim=(0, 2))).nonzero().flatten()
     params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
     vae.requires_grad_(False)
     for param in params:
@@ -282,7 +300,7 @@ def train_decoder(vae, data: torch.Tensor, args, generator: torch.Generator) -> 
     side = mean.shape[-1]
     crop = args.vae_crop // 8 if args.vae_crop else side  # in latent cells (8 pixels each)
     vae.train()
-    steps = args.vae_decoder_steps
+    steps, done = args.vae_decoder_steps, 0
     with SingleFrameConvs(), FastRMSNorm():
         for step in range(steps):
             for group in optimizer.param_groups:
@@ -296,12 +314,17 @@ def train_decoder(vae, data: torch.Tensor, args, generator: torch.Generator) -> 
             rec = (y - x).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             reconstruction_loss(rec, y, x, args.vae_l1).backward()
+            vae.post_quant_conv.weight.grad[:, constant] = 0.0  # (Adam leaves a weight with zero gradient)
             optimizer.step()
+            done = step + 1
             if step % 500 == 0 or step == steps - 1:
                 log(f"VAE decoder step {step + 1}/{steps}  mse {float(rec.detach()):.5f}  "
                     f"{time.perf_counter() - start:.0f}s")
+            if deadline is not None and time.perf_counter() > deadline:
+                log(f"VAE decoder: stopped by --vae-minutes at step {done}")
+                break
     vae.requires_grad_(True)
-    return steps, time.perf_counter() - start
+    return done, time.perf_counter() - start
 
 
 def vae_ceiling(pipe, heldout_dir: Path) -> dict:
@@ -487,9 +510,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-crop", type=int, default=32, help="train on random square crops of this size (0: whole)")
     parser.add_argument("--vae-res-blocks", type=int, default=1,
                         help="residual blocks per stage (ComfyUI file: up to 2)")
-    parser.add_argument("--vae-decoder-steps", type=int, default=3000,
-                        help="then train the decoder alone this many steps on the finished VAE's latents, also "
-                             "on a --vae-from VAE (0: none)")
+    parser.add_argument("--vae-decoder-steps", type=int, default=None,
+                        help="then train the decoder alone this many steps on the finished VAE's latents, "
+                             "within --vae-minutes (default 3000; with --vae-from 0, the earlier VAE as it was)")
     parser.add_argument("--vae-decoder-lr", type=float, default=1e-3)
     parser.add_argument("--vae-l1", type=float, default=0.0, help="weight of an L1 term beside the MSE")
     parser.add_argument("--keep-posterior", action="store_true",
@@ -501,7 +524,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="use this trained VAE folder (an earlier run's OUT/vae) instead of training one")
     parser.add_argument("--only-vae", action="store_true", help="stop after the VAE (for VAE experiments)")
-    parser.add_argument("--vae-minutes", type=float, default=8.0, help="cap on the VAE's joint phase (0: none)")
+    parser.add_argument("--vae-minutes", type=float, default=9.0,
+                        help="cap on the VAE's training, both phases (0: none)")
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks (the last 2 are MoE)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=32)
@@ -511,7 +535,7 @@ def main(argv=None) -> int:
                              "which spells most of them letter by letter)")
     parser.add_argument("--freeze-tag-embedding", action=argparse.BooleanOptionalAction, default=True,
                         help="keep tag_embedding at its start (L_align then cannot collapse onto it)")
-    parser.add_argument("--steps", type=int, default=15000)
+    parser.add_argument("--steps", type=int, default=14000)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100, help="the transformer's linear learning-rate warmup steps")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -526,14 +550,19 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-limit", type=int, default=0, help="evaluate only the first N held-out samples")
     parser.add_argument("--eval-tag-guidance", type=float, default=0.0,
                         help="steer the routers toward each sample's tags while judging (0: the release's routing)")
-    parser.add_argument("--eval-train", type=int, default=70,
-                        help="also judge the first N training samples (under- or over-fitting: same rule, seen data)")
+    parser.add_argument("--eval-train", type=int, default=None,
+                        help="also judge the first N training samples (under- or over-fitting: same rule, seen "
+                             "data; default 70, with --evaluate-only 0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--evaluate-only", action="store_true",
                         help="judge OUTPUT's finished bundle again (--eval-steps, --eval-cfg, --eval-limit, "
                              "--eval-train, --eval-tag-guidance) without training: writes "
                              "OUTPUT/eval_cfgC_stepsS_tgG[_nN][_trainT].json")
     args = parser.parse_args(argv)
+    if args.vae_decoder_steps is None:
+        args.vae_decoder_steps = 0 if args.vae_from else 3000
+    if args.eval_train is None:
+        args.eval_train = 0 if args.evaluate_only else 70
     torch.set_num_threads(args.threads)
     total = time.perf_counter()
     out: Path = args.output
@@ -550,7 +579,7 @@ def main(argv=None) -> int:
     random_bundle = build_tiny_bundle(out / "random", seed=args.seed, transformer_config=transformer_config(args),
                                       corpus=synthetic.instructions() if args.task_vocabulary else ())
     if args.vae_from:  # a VAE an earlier run trained (ablations of the transformer share one VAE)
-        report["vae"] = reuse_vae(args, train_dir, out / "vae")
+        report["vae"] = reuse_vae(args, train_dir, heldout_dir, out / "vae")
     else:
         report["vae"] = train_vae(args, train_dir, heldout_dir, out / "vae")
     report["vae"]["comfyui_file"] = write_comfy_vae(out / "vae", out / "qwen_image_vae_tiny.safetensors")

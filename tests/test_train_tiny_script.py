@@ -79,6 +79,39 @@ def test_the_decoder_phase_trains_the_decoder_and_leaves_the_latents_where_they_
     assert all(p.requires_grad for p in vae.parameters())  # handed back trainable, as it came
 
 
+def test_the_decoder_phase_on_a_finished_vae_keeps_it_finished():
+    """After the collapse and the flattening the decoder phase trains the decoder on the point latents:
+    the posterior stays a point, the encoder does not move, the flattened channels' post_quant_conv
+    columns stay as they were (failed before: they drifted, making the decoder see those channels), a
+    deadline that has passed stops it after one step, and the VAE comes back in eval mode."""
+    from argparse import Namespace
+
+    from diffusers import AutoencoderKLQwenImage
+
+    from tagmoe_core.training.bundle import collapse_posterior, is_collapsed
+
+    script = _script()
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
+    with torch.no_grad():
+        collapse_posterior(vae)
+        vae.quant_conv.weight[3].zero_()  # channel 3 flattened as flatten_unused_channels does
+        vae.quant_conv.bias[3] = 0.7
+    data = torch.rand(6, 3, 1, 32, 32) * 2 - 1
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    quant, post = vae.quant_conv.weight.clone(), vae.post_quant_conv.weight.clone()
+    args = Namespace(vae_decoder_steps=3, vae_decoder_lr=1e-2, vae_crop=16, vae_batch=4, vae_l1=0.0)
+    assert script.tune_decoder(vae, data, args, torch.Generator().manual_seed(0))[0] == 3
+    assert is_collapsed(vae) and not vae.training and torch.equal(vae.quant_conv.weight, quant)
+    assert all(torch.equal(v, encoder[k]) for k, v in vae.encoder.state_dict().items())
+    assert torch.equal(vae.post_quant_conv.weight[:, 3], post[:, 3])
+    assert not torch.equal(vae.post_quant_conv.weight[:, :3], post[:, :3])
+    assert script.tune_decoder(vae, data, args, torch.Generator().manual_seed(0), deadline=0.0)[0] == 1
+    assert script.tune_decoder(vae, data, Namespace(**{**vars(args), "vae_decoder_steps": 0}),
+                               torch.Generator())[0] == 0
+
+
 @pytest.mark.slow
 def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     from diffusers import AutoencoderKLQwenImage
@@ -127,7 +160,10 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
                         "--vae-from", str(tmp_path / "older_vae"), "--vae-decoder-steps", "2", "--threads", "1"]) == 0
     reused = AutoencoderKLQwenImage.from_pretrained(tmp_path / "reuse" / "vae")
     assert is_collapsed(reused)
-    # ... and its decoder phase (after the collapse, on the latents it will decode) moved the decoder only
-    assert json.loads((tmp_path / "reuse" / "report.json").read_text())["vae"]["decoder_steps"] == 2
+    # ... and its decoder phase (after the collapse, on the latents it will decode) moved the decoder only;
+    # the round trip is measured again, the earlier run's figures kept apart
+    reuse_report = json.loads((tmp_path / "reuse" / "report.json").read_text())["vae"]
+    assert reuse_report["decoder_steps"] == 2 and reuse_report["from"] == str(tmp_path / "older_vae")
+    assert 0 < reuse_report["heldout_psnr_mean"] < 100 and "earlier" not in reuse_report  # (no report there)
     torch.testing.assert_close(reused.encoder.state_dict(), vae.encoder.state_dict(), rtol=0, atol=0)
     assert not torch.equal(reused.decoder.conv_out.weight, vae.decoder.conv_out.weight)
