@@ -2,8 +2,8 @@
 
     python scripts/train_tiny.py OUT
 
-The defaults are the recipe: about 26 minutes on 2 cores; the --vae-minutes / --minutes caps bound
-the training to 26 minutes and the rest (data, encoding, evaluation: about 2 minutes here) scales
+The defaults are the recipe: about 25 minutes on 2 cores; the --vae-minutes / --minutes caps bound
+the training to 27 minutes and the rest (data, encoding, evaluation: about 2 minutes here) scales
 with the machine. Every stage's size and step count is a flag.
 
 1. writes the synthetic train and held-out sets (``tagmoe_core.training.synthetic``) to OUT/data/;
@@ -535,7 +535,7 @@ def main(argv=None) -> int:
                              "which spells most of them letter by letter)")
     parser.add_argument("--freeze-tag-embedding", action=argparse.BooleanOptionalAction, default=True,
                         help="keep tag_embedding at its start (L_align then cannot collapse onto it)")
-    parser.add_argument("--steps", type=int, default=14000)
+    parser.add_argument("--steps", type=int, default=15000)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100, help="the transformer's linear learning-rate warmup steps")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -543,7 +543,7 @@ def main(argv=None) -> int:
                         help="share of samples trained on the empty prompt (what true CFG, --eval-cfg > 1, needs)")
     parser.add_argument("--lambda-lbl", type=float, default=0.01)
     parser.add_argument("--lambda-align", type=float, default=0.1)
-    parser.add_argument("--minutes", type=float, default=17.0, help="cap on the transformer's training (0: none)")
+    parser.add_argument("--minutes", type=float, default=18.0, help="cap on the transformer's training (0: none)")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--eval-cfg", type=float, default=1.0)
