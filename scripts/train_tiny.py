@@ -13,9 +13,9 @@ with the machine. Every stage's size and step count is a flag.
    fits it too), collapses its posterior to the mean and makes the latent channels its decoder
    ignores constant (``collapse_posterior``, ``flatten_unused_channels``: else an edit's sampled
    condition is mostly noise), then (--vae-decoder-steps) trains the decoder alone on those very
-   latents (the transformer's targets do not move), and measures its round trip (PSNR) on the held-out images and the
-   success rule on the held-out targets round-tripped (the ceiling any transformer can reach through
-   this VAE);
+   latents (the transformer's targets do not move), and measures its round trip (PSNR) on the
+   held-out images and the success rule on the held-out targets round-tripped (the ceiling any
+   transformer can reach through this VAE);
 3. trains the whole tiny TAG-MoE transformer (random tiny bundle's weights as the start, the frozen
    tiny text encoder, its tokenizer taught the task set's words) with ``tagmoe_core.training``
    (L_flow + lambda_lbl L_lbl + lambda_align L_align) on the trained VAE's latents, with a cosine
@@ -204,7 +204,7 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
         fold_latent_stats(vae, mean, std)  # raw latents in Qwen-Image's statistics (what ComfyUI assumes)
         unused = finish_vae(vae, data[:64], args)
     deadline = start + args.vae_minutes * 60 if args.vae_minutes else None  # both phases share the cap
-    decoder_steps, decoder_seconds = tune_decoder(vae, data, args, generator, deadline)
+    decoder_steps, decoder_seconds = train_decoder(vae, data, args, generator, deadline)
     out_dir.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out_dir)
     size = sum(f.stat().st_size for f in out_dir.iterdir())
@@ -253,7 +253,7 @@ def reuse_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
     vae = AutoencoderKLQwenImage.from_pretrained(args.vae_from).eval()
     data = load_pixels(train_dir)
     unused = finish_vae(vae, data[:64], args)
-    decoder_steps, decoder_seconds = tune_decoder(vae, data, args, torch.Generator().manual_seed(args.seed))
+    decoder_steps, decoder_seconds = train_decoder(vae, data, args, torch.Generator().manual_seed(args.seed))
     vae.save_pretrained(out_dir)
     earlier = args.vae_from.parent / "report.json"
     report = {"from": str(args.vae_from)}
@@ -266,26 +266,20 @@ def reuse_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
     return report
 
 
-def tune_decoder(vae, data: torch.Tensor, args, generator: torch.Generator,
-                 deadline: float | None = None) -> tuple[int, float]:
-    """--vae-decoder-steps: the decoder phase on a finished VAE (posterior collapsed, unused channels
-    constant), so the decoder learns the very latents it will decode (each picture's one mean); the
-    encoder, and so the transformer's targets, do not move. Leaves the VAE in eval mode."""
-    result = train_decoder(vae, data, args, generator, deadline) if args.vae_decoder_steps else (0, 0.0)
-    vae.eval()
-    return result
-
-
 def train_decoder(vae, data: torch.Tensor, args, generator: torch.Generator,
                   deadline: float | None = None) -> tuple[int, float]:
-    """A second VAE phase: the decoder (and post_quant_conv) alone on the encoder's stored posteriors,
-    sampled anew each step (a collapsed posterior: each picture's one mean). The latents the transformer
+    """--vae-decoder-steps (none when 0): the decoder (and post_quant_conv) alone on the encoder's
+    stored posteriors, sampled anew each step; run on a finished VAE (posterior collapsed: each
+    picture's one mean), the decoder learns the very latents it will decode. The latents the transformer
     learns do not move, and a step skips the encoder's two passes (about 0.6x the joint step). Latent
     channels that are the same constant for every picture (``flatten_unused_channels``) keep their
     post_quant_conv columns: the decoder stays blind to them. Stops early once ``deadline``
-    (``time.perf_counter()``) has passed. Returns (steps, seconds)."""
+    (``time.perf_counter()``) has passed. Leaves the VAE in eval mode, trainable as it came. Returns
+    (steps, seconds)."""
     start = time.perf_counter()
     vae.eval()
+    if not args.vae_decoder_steps:
+        return 0, 0.0
     with torch.no_grad(), SingleFrameConvs(), FastRMSNorm():
         moments = torch.cat([vae.quant_conv(vae.encoder(data[i:i + 64])) for i in range(0, len(data), 64)])
     mean, logvar = moments.chunk(2, dim=1)
@@ -324,6 +318,7 @@ def train_decoder(vae, data: torch.Tensor, args, generator: torch.Generator,
                 log(f"VAE decoder: stopped by --vae-minutes at step {done}")
                 break
     vae.requires_grad_(True)
+    vae.eval()
     return done, time.perf_counter() - start
 
 

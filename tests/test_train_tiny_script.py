@@ -102,13 +102,13 @@ def test_the_decoder_phase_on_a_finished_vae_keeps_it_finished():
     encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
     quant, post = vae.quant_conv.weight.clone(), vae.post_quant_conv.weight.clone()
     args = Namespace(vae_decoder_steps=3, vae_decoder_lr=1e-2, vae_crop=16, vae_batch=4, vae_l1=0.0)
-    assert script.tune_decoder(vae, data, args, torch.Generator().manual_seed(0))[0] == 3
+    assert script.train_decoder(vae, data, args, torch.Generator().manual_seed(0))[0] == 3
     assert is_collapsed(vae) and not vae.training and torch.equal(vae.quant_conv.weight, quant)
     assert all(torch.equal(v, encoder[k]) for k, v in vae.encoder.state_dict().items())
     assert torch.equal(vae.post_quant_conv.weight[:, 3], post[:, 3])
     assert not torch.equal(vae.post_quant_conv.weight[:, :3], post[:, :3])
-    assert script.tune_decoder(vae, data, args, torch.Generator().manual_seed(0), deadline=0.0)[0] == 1
-    assert script.tune_decoder(vae, data, Namespace(**{**vars(args), "vae_decoder_steps": 0}),
+    assert script.train_decoder(vae, data, args, torch.Generator().manual_seed(0), deadline=0.0)[0] == 1
+    assert script.train_decoder(vae, data, Namespace(**{**vars(args), "vae_decoder_steps": 0}),
                                torch.Generator())[0] == 0
 
 
