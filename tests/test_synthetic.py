@@ -41,6 +41,23 @@ def test_generation_is_deterministic_for_a_seed(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
+def test_a_later_range_of_the_train_split_is_new_samples_of_the_same_kind(tmp_path):
+    """``start``: samples drawn as the training ones, after them (the script's unseen split)."""
+    train = make_samples(70, seed=2)
+    later = make_samples(28, seed=2, start=70)
+    assert [s.index for s in later] == list(range(70, 98))
+    assert [s.to_dict() for s in later] == [make_sample(i, seed=2).to_dict() for i in range(70, 98)]
+    assert [s.task for s in later[:7]] == list(TASKS)  # 70 is a multiple of 7: the tasks in turn again
+    seen = [{k: v for k, v in s.to_dict().items() if k != "index"} for s in train]
+    assert not any({k: v for k, v in s.to_dict().items() if k != "index"} in seen for s in later)
+    assert not any(map(is_heldout_pair, (p for s in later for p in s.all_pairs())))
+    report = write_dataset(tmp_path, 7, seed=2, start=70)
+    assert report.count == 7 and [s.index for s in read_tasks(tmp_path)] == list(range(70, 77))
+    assert json.loads((tmp_path / "synthetic.json").read_text())["start"] == 70
+    with pytest.raises(DataError, match="index must be 0 or more"):
+        write_dataset(tmp_path / "bad", 7, start=-1)
+
+
 def test_held_out_combinations_never_occur_in_the_train_split():
     train, heldout = make_samples(700, seed=0, split="train"), make_samples(140, seed=0, split="heldout")
     for spec in train:

@@ -36,7 +36,8 @@ every ``heldout`` sample holds one in what its instruction acts on (the recolour
 removed object, the objects on a new background, the whole picture of a global edit, the
 text-to-image picture), so success there measures composition of what training taught separately.
 
-Sample ``i`` of a split depends only on (seed, split, i), not on how many are written. A data
+Sample ``i`` of a split depends only on (seed, split, i), not on how many are written, so a later
+range of ``train`` (``start``) is unseen pictures of the combinations training sees. A data
 folder (:func:`write_dataset`, ``tagmoe synth-data``) holds ``samples.jsonl`` as ``tagmoe train``
 reads it (``training.data``, which refuses unknown keys) and, line for line, ``tasks.jsonl``: each
 sample's :class:`TaskSpec`, which ``training.task_success`` judges an output against.
@@ -416,11 +417,14 @@ def make_sample(index: int, seed: int = 0, split: str = "train", size: tuple[int
 
 
 def make_samples(count: int, seed: int = 0, split: str = "train", size: tuple[int, int] = DEFAULT_SIZE,
-                 tasks: tuple[str, ...] | None = None) -> list[TaskSpec]:
-    """``count`` samples; with ``tasks``, only those tasks, in turn."""
+                 tasks: tuple[str, ...] | None = None, start: int = 0) -> list[TaskSpec]:
+    """``count`` samples, ``start`` to ``start + count - 1`` (a later range of ``train`` is drawn as
+    the training samples are and holds none of them: unseen pictures of seen combinations); with
+    ``tasks``, only those tasks, in turn."""
+    indices = range(start, start + count)
     if tasks is None:
-        return [make_sample(i, seed, split, size) for i in range(count)]
-    return [make_sample(i, seed, split, size, tasks[i % len(tasks)]) for i in range(count)]
+        return [make_sample(i, seed, split, size) for i in indices]
+    return [make_sample(i, seed, split, size, tasks[i % len(tasks)]) for i in indices]
 
 
 # -- the data folder ------------------------------------------------------------------------------------
@@ -437,23 +441,25 @@ class WriteReport:
 
 
 def write_dataset(folder: str | os.PathLike, count: int, seed: int = 0, split: str = "train",
-                  size: tuple[int, int] = DEFAULT_SIZE, overwrite: bool = False) -> WriteReport:
-    """Write ``count`` samples of ``split`` as a data folder ``tagmoe train`` reads: ``samples.jsonl``
-    and PNGs (``NNNNN_in.png`` / ``NNNNN_out.png``), ``tasks.jsonl`` (each line the :class:`TaskSpec`
+                  size: tuple[int, int] = DEFAULT_SIZE, overwrite: bool = False, start: int = 0) -> WriteReport:
+    """Write ``count`` samples of ``split`` (from index ``start``) as a data folder ``tagmoe train`` reads:
+    ``samples.jsonl`` and PNGs (``NNNNN_in.png`` / ``NNNNN_out.png``), ``tasks.jsonl`` (each line the :class:`TaskSpec`
     of the same line of samples.jsonl, with its ``target`` and ``input``) and ``synthetic.json``."""
     if count < 1:
         raise DataError(f"--count must be at least 1, got {count}")
+    if start < 0:
+        raise DataError(f"the first sample's index must be 0 or more, got {start}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
     check_size(*size)
-    start = time.perf_counter()
+    began = time.perf_counter()
     root = Path(os.path.expanduser(str(folder)))
     if (root / "samples.jsonl").exists() and not overwrite:
         raise DataError(f"'{root}' already holds a samples.jsonl (pass --overwrite to replace it)")
     root.mkdir(parents=True, exist_ok=True)
     samples, tasks = [], []
     per_task = dict.fromkeys(TASKS, 0)
-    for spec in make_samples(count, seed, split, size):
+    for spec in make_samples(count, seed, split, size, start=start):
         stem = f"{spec.index:05d}"
         entry = {"target": f"{stem}_out.png", "input": None, "instruction": spec.instruction,
                  "tags": spec.tags.to_dict()}
@@ -467,11 +473,11 @@ def write_dataset(folder: str | os.PathLike, count: int, seed: int = 0, split: s
     (root / "samples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in samples), encoding="utf-8")
     (root / TASKS_FILE).write_text("".join(json.dumps(t) + "\n" for t in tasks), encoding="utf-8")
     manifest = {"generator": "tagmoe_core.training.synthetic", "version": VERSION, "seed": seed, "split": split,
-                "count": count, "width": size[0], "height": size[1], "per_task": per_task,
+                "count": count, "start": start, "width": size[0], "height": size[1], "per_task": per_task,
                 "heldout_shape_colours": sorted(map(list, HELDOUT_SHAPE_COLOURS)),
                 "heldout_on_background": sorted(map(list, HELDOUT_ON_BACKGROUND))}
     (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    return WriteReport(root, count, per_task, time.perf_counter() - start)
+    return WriteReport(root, count, per_task, time.perf_counter() - began)
 
 
 def read_tasks(folder: str | os.PathLike) -> list[TaskSpec]:
