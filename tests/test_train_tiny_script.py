@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tagmoe_core.training import synthetic
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny.py"
 
 
@@ -53,6 +55,82 @@ def test_the_vae_training_fast_path_computes_what_encode_then_decode_does():
     assert set(trained) == set(reference_grads) and len(trained) > 50
     for name, param in trained.items():  # conv kernels: only the last temporal slice meets a frame, both ways
         torch.testing.assert_close(param.grad, reference_grads[name], atol=2e-4, rtol=1e-3, msg=name)
+
+
+def _vae_and_batch():
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
+    return vae, torch.rand(4, 3, 1, 32, 32) * 2 - 1, torch.randn(4, 16, 1, 4, 4)
+
+
+def _step_grads(script, vae, x, noise, use_compile: bool):
+    vae.zero_grad(set_to_none=True)
+    step = script.VAEStep(vae, 1e-4, 0.0, use_compile)
+    with script.SingleFrameConvs(), script.FastRMSNorm():
+        rec, kl = step(x, noise)
+    return step, rec, kl, {n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None}
+
+
+def test_a_vae_step_whose_compiling_fails_runs_eagerly_with_the_same_gradients(monkeypatch):
+    """Where torch.compile cannot build the step (no C++ compiler: it fails at the first call, here
+    after a backward that had left gradients, as a failing backward graph would), the step says so
+    once, drops what the failed call left and runs eagerly: the eager step's values."""
+    script = _script()
+    vae, x, noise = _vae_and_batch()
+    _, rec, kl, grads = _step_grads(script, vae, x, noise, use_compile=False)
+    expected_rec = (script.single_frame_round_trip(vae, x, noise)[0] - x).pow(2).mean()
+    torch.testing.assert_close(rec, expected_rec.detach())
+
+    calls = []
+
+    def broken_compile(fn):
+        def compiled(*args):
+            calls.append(args)
+            (fn(*args)[0] * 3.0).backward()  # gradients land (wrong ones) before the failure
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    step, rec2, kl2, grads2 = _step_grads(script, vae, x, noise, use_compile=True)
+    assert len(calls) == 1 and not step.compiled and "InvalidCxxCompiler" in step.failed
+    torch.testing.assert_close(rec2, rec)
+    torch.testing.assert_close(kl2, kl)
+    assert grads2.keys() == grads.keys() and len(grads) > 50
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], msg=name)
+    step(x, noise)  # later steps go straight to the eager function
+    assert len(calls) == 1
+
+    def refusing_compile(fn):  # a platform torch.compile does not support: refused when asked
+        raise RuntimeError("torch.compile is not supported on Python 3.15+")
+
+    monkeypatch.setattr(torch, "compile", refusing_compile)
+    step, rec3, _, grads3 = _step_grads(script, vae, x, noise, use_compile=True)
+    assert not step.compiled and "not supported" in step.failed
+    torch.testing.assert_close(rec3, rec)
+    for name in grads:
+        torch.testing.assert_close(grads3[name], grads[name], msg=name)
+
+
+@pytest.mark.slow
+def test_the_compiled_vae_step_gives_the_eager_gradients():
+    """The default step runs through torch.compile (Inductor's CPU kernels: about a minute to build):
+    the same loss and gradients as the eager step within float rounding."""
+    script = _script()
+    vae, x, noise = _vae_and_batch()
+    _, rec, kl, grads = _step_grads(script, vae, x, noise, use_compile=False)
+    step, rec2, kl2, grads2 = _step_grads(script, vae, x, noise, use_compile=True)
+    if step.failed:
+        pytest.skip(f"torch.compile cannot build here: {step.failed}")
+    assert step.compiled
+    torch.testing.assert_close(rec2, rec, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kl2, kl, atol=1e-5, rtol=1e-4)
+    assert grads2.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], atol=1e-5, rtol=1e-3, msg=name)
 
 
 def test_the_decoder_phase_trains_the_decoder_and_leaves_the_latents_where_they_were():
@@ -124,11 +202,15 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     script = _script()
     out = tmp_path / "run"
     assert script.main([str(out), "--count", "14", "--heldout-count", "7", "--vae-steps", "3", "--vae-crop", "32",
-                        "--vae-decoder-steps", "2",
+                        "--vae-decoder-steps", "2", "--no-vae-compile", "--eval-unseen", "7",
                         "--steps", "3", "--warmup", "2", "--eval-steps", "2", "--eval-limit", "7", "--eval-train", "3",
                         "--heads", "2", "--head-dim", "16", "--threads", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["vae"]["steps"] == 3 and report["vae"]["decoder_steps"] == 2 and report["transformer"]["steps"] == 3
+    assert report["vae"]["compiled"] is False
+    # the unseen split: the 7 samples after the 14 training ones, judged as the others
+    assert [s.index for s in synthetic.read_tasks(out / "data" / "unseen")] == list(range(14, 21))
+    assert report["eval_unseen"]["n"] == 7 and set(report["eval_unseen"]["tasks"]) == set(report["eval"]["tasks"])
     assert report["eval"]["n"] == 7 and set(report["vae"]["heldout_target_ceiling"]) == set(report["eval"]["tasks"])
     assert report["eval_train"]["n"] == 3 and set(report["eval_train"]["tasks"]) == {"recolour", "add", "remove"}
     for result in (report["eval"], report["eval_train"]):  # a random transformer fails: every failure names a check
@@ -137,9 +219,17 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
             assert failures == 0 or (row["failed_checks"] and max(row["failed_checks"].values()) <= row["n"])
             assert sum(row["failed_checks"].values()) >= failures
     # a finished run judged again, here with tag-guided routing: its own report, the run's left as it was
+    # (unseen samples: the first of the run's own folder, or more of them, after the run's --count, apart)
     assert script.main([str(out), "--evaluate-only", "--eval-steps", "2", "--eval-limit", "7",
-                        "--eval-tag-guidance", "1", "--eval-train", "0", "--threads", "1"]) == 0
-    again = json.loads((out / "eval_cfg1_steps2_tg1_n7.json").read_text())["eval"]
+                        "--eval-tag-guidance", "1", "--eval-train", "0", "--eval-unseen", "3", "--threads", "1"]) == 0
+    judged = json.loads((out / "eval_cfg1_steps2_tg1_n7_unseen3.json").read_text())
+    again = judged["eval"]
+    assert judged["eval_unseen"]["n"] == 3 and not (out / "data" / "unseen_3").exists()
+    assert script.main([str(out), "--evaluate-only", "--eval-steps", "2", "--eval-limit", "1", "--eval-unseen", "9",
+                        "--threads", "1"]) == 0
+    assert json.loads((out / "eval_cfg1_steps2_tg0_n1_unseen9.json").read_text())["eval_unseen"]["n"] == 9
+    assert [s.index for s in synthetic.read_tasks(out / "data" / "unseen_9")] == list(range(14, 23))
+    assert [s.index for s in synthetic.read_tasks(out / "data" / "unseen")] == list(range(14, 21))
     assert again["n"] == 7 and again["tag_guidance"] == 1.0 and set(again["tasks"]) == set(report["eval"]["tasks"])
     assert json.loads((out / "report.json").read_text()) == report
     comfy = Path(report["vae"]["comfyui_file"])
