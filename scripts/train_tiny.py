@@ -7,7 +7,8 @@ the training to 28.5 minutes and the rest (data, encoding, evaluation: about 2 m
 scales with the machine. Every stage's size and step count is a flag.
 
 1. writes the synthetic train and held-out sets (``tagmoe_core.training.synthetic``) to OUT/data/;
-2. trains a tiny AutoencoderKLQwenImage (tiny.py's config unless --vae-base-dim) on the train images
+2. trains a tiny AutoencoderKLQwenImage (base width 16, ComfyUI's stage multipliers 1,2,4,4, one
+   residual block per stage: --vae-base-dim, --vae-dim-mult, --vae-res-blocks) on the train images
    with an MSE reconstruction loss + a small KL (the step through torch.compile unless
    --no-vae-compile), rescales its latent convolutions so its latents have
    Qwen-Image's latents_mean/std (``fold_latent_stats``: ComfyUI's fixed Wan 2.1 latent format then
@@ -165,7 +166,7 @@ def vae_step_losses(vae, x: torch.Tensor, noise: torch.Tensor, kl_weight: float,
 
 class VAEStep:
     """The joint VAE step's forward and backward (the gradients land on ``vae``'s parameters), through
-    ``torch.compile`` when ``compile``: Inductor fuses a tiny VAE's many small convolutions, norms and
+    ``torch.compile`` when ``use_compile``: Inductor fuses a tiny VAE's many small convolutions, norms and
     activations (about 0.6x the eager step on 2 cores, after about 80 s of compiling). Where compiling
     fails (no C++ compiler, an unsupported platform) the step says why once, drops what it computed and
     runs eagerly from then on: the same math."""
