@@ -503,20 +503,9 @@ def evaluate_again(args, out: Path, train_dir: Path, heldout_dir: Path) -> int:
         raise SystemExit(f"--evaluate-only: '{out}' holds no finished run (bundle/ and data/heldout/)")
     pipe = load_pipeline(bundle.base, bundle.tagmoe, device="cpu", dtype=torch.float32, backend="torch",
                          placement="single")
-    guidance = args.eval_tag_guidance
-    report = {"eval": evaluate(pipe, heldout_dir, args.eval_steps, args.eval_cfg, args.eval_limit or None, None,
-                               guidance)}
-    log_eval("held-out", report["eval"])
-    if args.eval_train:
-        report["eval_train"] = evaluate(pipe, train_dir, args.eval_steps, args.eval_cfg, args.eval_train, None,
-                                        guidance)
-        log_eval("train", report["eval_train"])
-    if args.eval_unseen:
-        unseen = unseen_after_run(out, args.eval_unseen)
-        report["eval_unseen"] = evaluate(pipe, unseen, args.eval_steps, args.eval_cfg, args.eval_unseen, None,
-                                         guidance)
-        log_eval("unseen", report["eval_unseen"])
-    name = f"eval_cfg{args.eval_cfg:g}_steps{args.eval_steps}_tg{guidance:g}"
+    unseen = unseen_after_run(out, args.eval_unseen) if args.eval_unseen else None
+    report = judge(pipe, args, heldout_dir, train_dir, unseen, None)
+    name = f"eval_cfg{args.eval_cfg:g}_steps{args.eval_steps}_tg{args.eval_tag_guidance:g}"
     name += f"_n{args.eval_limit}" if args.eval_limit else ""
     name += f"_train{args.eval_train}" if args.eval_train else ""
     name += f"_unseen{args.eval_unseen}" if args.eval_unseen else ""
@@ -524,6 +513,22 @@ def evaluate_again(args, out: Path, train_dir: Path, heldout_dir: Path) -> int:
     path.write_text(json.dumps(report, indent=1))
     log(f"report: {path}")
     return 0
+
+
+def judge(pipe, args, heldout_dir: Path, train_dir: Path, unseen_dir: Path | None,
+          samples_dir: Path | None) -> dict:
+    """The held-out split (--eval-limit), the first --eval-train training samples and the first
+    --eval-unseen of ``unseen_dir``, each judged and logged: the report's eval, eval_train, eval_unseen."""
+    splits = [("eval", "held-out", heldout_dir, args.eval_limit or None, samples_dir)]
+    if args.eval_train:
+        splits.append(("eval_train", "train", train_dir, args.eval_train, None))
+    if unseen_dir is not None:
+        splits.append(("eval_unseen", "unseen", unseen_dir, args.eval_unseen, None))
+    report = {}
+    for key, label, folder, limit, samples in splits:
+        report[key] = evaluate(pipe, folder, args.eval_steps, args.eval_cfg, limit, samples, args.eval_tag_guidance)
+        log_eval(label, report[key])
+    return report
 
 
 def write_unseen(folder: Path, count: int, seed: int, train_count: int) -> Path:
@@ -687,18 +692,9 @@ def main(argv=None) -> int:
                          placement="single")
     report["vae"]["heldout_target_ceiling"] = vae_ceiling(pipe, heldout_dir)
     log(f"success of the held-out targets after a VAE round trip: {report['vae']['heldout_target_ceiling']}")
-    report["eval"] = evaluate(pipe, heldout_dir, args.eval_steps, args.eval_cfg, args.eval_limit or None,
-                              out / "samples", args.eval_tag_guidance)
-    log_eval("held-out", report["eval"])
-    if args.eval_train:
-        report["eval_train"] = evaluate(pipe, train_dir, args.eval_steps, args.eval_cfg, args.eval_train, None,
-                                        args.eval_tag_guidance)
-        log_eval("train", report["eval_train"])
-    if args.eval_unseen:
-        unseen = write_unseen(out / "data" / "unseen", args.eval_unseen, args.seed, args.count)
-        report["eval_unseen"] = evaluate(pipe, unseen, args.eval_steps, args.eval_cfg, None, None,
-                                         args.eval_tag_guidance)
-        log_eval("unseen", report["eval_unseen"])
+    unseen = write_unseen(out / "data" / "unseen", args.eval_unseen, args.seed, args.count) if args.eval_unseen \
+        else None
+    report.update(judge(pipe, args, heldout_dir, train_dir, unseen, out / "samples"))
     report["seconds_total"] = round(time.perf_counter() - total, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     log(f"all done in {report['seconds_total']:.0f}s; report: {out / 'report.json'}")
