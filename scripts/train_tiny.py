@@ -155,13 +155,28 @@ def reconstruction_loss(mse: torch.Tensor, y: torch.Tensor, x: torch.Tensor, l1:
     return mse + l1 * (y - x).abs().mean() if l1 else mse
 
 
+LINEAR_CHANNELS = 12  # latent channels --vae-linear ties to the picture: 2x2 blocks of 4x4 pixels x RGB
+
+
+def block_means(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 1, H, W] pictures -> [B, 12, 1, H/8, W/8]: each latent pixel's four 4x4-pixel blocks' mean
+    colours, channel ``4 * c + 2 * dy + dx`` for the block at (dy, dx), as ``pixel_unshuffle`` orders them)."""
+    import torch.nn.functional as F
+
+    return F.pixel_unshuffle(F.avg_pool2d(x[:, :, 0], 4), 2)[:, :, None]
+
+
 def vae_step_losses(vae, x: torch.Tensor, noise: torch.Tensor, kl_weight: float,
-                    l1: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, mse, kl) of one joint VAE step on pictures ``x`` with posterior ``noise``."""
+                    l1: float, linear: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mse, kl) of one joint VAE step on pictures ``x`` with posterior ``noise``; ``linear`` weighs
+    the posterior means' first :data:`LINEAR_CHANNELS` channels against :func:`block_means`."""
     y, mean, logvar = single_frame_round_trip(vae, x, noise)
     rec = (y - x).pow(2).mean()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    return reconstruction_loss(rec, y, x, l1) + kl_weight * kl, rec, kl
+    loss = reconstruction_loss(rec, y, x, l1) + kl_weight * kl
+    if linear:
+        loss = loss + linear * (mean[:, :LINEAR_CHANNELS] - block_means(x)).pow(2).mean()
+    return loss, rec, kl
 
 
 class VAEStep:
@@ -171,8 +186,8 @@ class VAEStep:
     fails (no C++ compiler, an unsupported platform) the step says why once, drops what it computed and
     runs eagerly from then on: the same math."""
 
-    def __init__(self, vae, kl_weight: float, l1: float, use_compile: bool):
-        self.vae, self.kl_weight, self.l1 = vae, kl_weight, l1
+    def __init__(self, vae, kl_weight: float, l1: float, use_compile: bool, linear: float = 0.0):
+        self.vae, self.kl_weight, self.l1, self.linear = vae, kl_weight, l1, linear
         self.losses = vae_step_losses
         self.failed: str | None = None
         if use_compile:
@@ -193,7 +208,7 @@ class VAEStep:
     def __call__(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward of one step; returns its (mse, kl), detached."""
         try:
-            loss, rec, kl = self.losses(self.vae, x, noise, self.kl_weight, self.l1)
+            loss, rec, kl = self.losses(self.vae, x, noise, self.kl_weight, self.l1, self.linear)
             loss.backward()  # (the backward graph compiles on its first call)
         except Exception as exc:  # noqa: BLE001 - any backend failure: the eager step is the same math
             if not self.compiled:
@@ -207,22 +222,37 @@ class VAEStep:
 def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
     from diffusers import AutoencoderKLQwenImage
 
-    torch.manual_seed(args.seed)
     dim_mult = [int(v) for v in args.vae_dim_mult.split(",")]
-    vae = AutoencoderKLQwenImage(base_dim=args.vae_base_dim, z_dim=16, dim_mult=dim_mult,
-                                 num_res_blocks=args.vae_res_blocks, temperal_downsample=[False, True, True])
+
+    def fresh(attempt: int):  # start ``attempt`` (0, 1, ...): its own initialisation
+        torch.manual_seed(args.seed + 1000 * attempt)
+        model = AutoencoderKLQwenImage(base_dim=args.vae_base_dim, z_dim=16, dim_mult=dim_mult,
+                                       num_res_blocks=args.vae_res_blocks, temperal_downsample=[False, True, True])
+        return model
+
+    vae = fresh(0)
     data = load_pixels(train_dir)
     held = load_pixels(heldout_dir)
     log(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, {len(data)} train pictures, "
         f"{len(held)} held-out")
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.vae_lr, fused=True)  # one kernel, not a loop per tensor
     generator = torch.Generator().manual_seed(args.seed)
-    start, curve, steps_done = time.perf_counter(), [], 0
+    start, curve, steps_done, restarts = time.perf_counter(), [], 0, []
     vae.train()
-    vae_step = VAEStep(vae, args.vae_kl, args.vae_l1, use_compile=args.vae_compile)
+    vae_step = VAEStep(vae, args.vae_kl, args.vae_l1, use_compile=args.vae_compile, linear=args.vae_linear)
     # The training loop only: the measured round trip below runs the unchanged VAE.
     with SingleFrameConvs(), FastRMSNorm():
-        for step in range(args.vae_steps):
+        step = 0
+        while step < args.vae_steps:
+            if (step == args.vae_restart_at and len(restarts) < args.vae_restarts
+                    and (recent := sum(curve[-100:]) / len(curve[-100:])) > args.vae_restart_mse):
+                # Still painting the mean colour: a start that escapes late or never (the lottery of
+                # tiny VAEs). A fresh one, in place (the compiled step keeps its graphs), costs less.
+                restarts.append({"step": step, "mse": round(recent, 5)})
+                vae.load_state_dict(fresh(len(restarts)).state_dict())
+                optimizer = torch.optim.Adam(vae.parameters(), lr=args.vae_lr, fused=True)
+                log(f"VAE: mse {recent:.3f} at step {step} (over {args.vae_restart_mse}): start {len(restarts) + 1}")
+                step, curve, steps_done = 0, [], 0
             lr = args.vae_lr * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
             lr *= min(1.0, (step + 1) / max(1, args.vae_warmup))
             for group in optimizer.param_groups:
@@ -236,7 +266,7 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
             optimizer.zero_grad(set_to_none=True)
             rec, kl = vae_step(x, torch.randn(latent_shape, generator=generator))
             optimizer.step()
-            steps_done = step + 1
+            steps_done += 1
             curve.append(float(rec))
             if step % 50 == 0 or step == args.vae_steps - 1:
                 db = 10 * math.log10(4.0 / max(curve[-1], 1e-12))  # range -1..1: peak-to-peak 2
@@ -245,6 +275,7 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
             if args.vae_minutes and time.perf_counter() - start > args.vae_minutes * 60:
                 log(f"VAE: stopped by --vae-minutes at step {step + 1}")
                 break
+            step += 1
     seconds = time.perf_counter() - start
     vae.eval()
     with torch.no_grad():
@@ -258,7 +289,7 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
     vae.save_pretrained(out_dir)
     size = sum(f.stat().st_size for f in out_dir.iterdir())
     report = {"steps": steps_done, "seconds": round(seconds, 1), "mse_start": curve[0], "mse_end": curve[-1],
-              "compiled": vae_step.compiled,
+              "compiled": vae_step.compiled, "restarts": restarts,
               **round_trip(vae, held), "bytes": size, "base_dim": args.vae_base_dim, "decoder_steps": decoder_steps,
               "decoder_seconds": round(decoder_seconds, 1), "unused_channels": unused}
     log(f"VAE done: {steps_done} steps in {seconds:.0f}s; held-out round trip PSNR mean "
@@ -583,6 +614,14 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--vae-warmup", type=int, default=100, help="linear learning-rate warmup steps")
     parser.add_argument("--vae-kl", type=float, default=1e-4)
+    parser.add_argument("--vae-linear", type=float, default=0.0,
+                        help="weight of a loss tying 12 latent channels to the picture's 4x4-pixel block means "
+                             "(latents near-linear in colour; 0: off)")
+    parser.add_argument("--vae-restart-at", type=int, default=1500,
+                        help="at this step, a VAE whose mse (mean of the last 100 steps) is over --vae-restart-mse "
+                             "starts again from a new initialisation")
+    parser.add_argument("--vae-restart-mse", type=float, default=0.2)
+    parser.add_argument("--vae-restarts", type=int, default=1, help="at most this many fresh starts")
     parser.add_argument("--vae-base-dim", type=int, default=16)
     parser.add_argument("--vae-dim-mult", default="1,2,4,4",
                         help="channel multipliers of the 4 VAE stages (1,2,4,4: the ComfyUI file can be written)")
@@ -645,6 +684,8 @@ def main(argv=None) -> int:
                              "--eval-train, --eval-unseen, --eval-tag-guidance) without training: writes "
                              "OUTPUT/eval_cfgC_stepsS_tgG[_nN][_trainT][_unseenU].json")
     args = parser.parse_args(argv)
+    if args.vae_crop % 8 or args.vae_crop < 0:
+        parser.error(f"--vae-crop must be 0 or a multiple of 8 (the VAE's latent pixel), got {args.vae_crop}")
     if args.vae_decoder_steps is None:
         args.vae_decoder_steps = 0 if args.vae_from else 1000
     if args.eval_train is None:

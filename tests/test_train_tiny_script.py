@@ -133,6 +133,29 @@ def test_the_compiled_vae_step_gives_the_eager_gradients():
         torch.testing.assert_close(grads2[name], grads[name], atol=1e-5, rtol=1e-3, msg=name)
 
 
+def test_vae_linear_ties_twelve_latent_channels_to_the_block_means_of_the_picture():
+    """--vae-linear adds weight x the mean square between the posterior means' first 12 channels (diffusers'
+    own encode) and each latent pixel's four 4x4-pixel blocks' mean colours, ordered colour-major."""
+    script = _script()
+    vae, x, noise = _vae_and_batch()
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean
+    blocks = torch.empty(4, 12, 1, 4, 4)
+    for c in range(3):
+        for dy in range(2):
+            for dx in range(2):
+                for i in range(4):
+                    for j in range(4):
+                        window = x[:, c, 0, 8 * i + 4 * dy:8 * i + 4 * dy + 4, 8 * j + 4 * dx:8 * j + 4 * dx + 4]
+                        blocks[:, 4 * c + 2 * dy + dx, 0, i, j] = window.mean(dim=(1, 2))
+    torch.testing.assert_close(script.block_means(x), blocks)
+    with torch.no_grad(), script.SingleFrameConvs(), script.FastRMSNorm():
+        plain, rec, kl = script.vae_step_losses(vae, x, noise, 1e-4, 0.0)
+        tied, rec2, kl2 = script.vae_step_losses(vae, x, noise, 1e-4, 0.0, linear=0.5)
+    assert torch.equal(rec, rec2) and torch.equal(kl, kl2)
+    torch.testing.assert_close(tied - plain, 0.5 * (mean[:, :12] - blocks).pow(2).mean(), atol=1e-5, rtol=1e-4)
+
+
 def test_the_decoder_phase_trains_the_decoder_and_leaves_the_latents_where_they_were():
     from argparse import Namespace
 
@@ -188,6 +211,41 @@ def test_the_decoder_phase_on_a_finished_vae_keeps_it_finished():
     assert script.train_decoder(vae, data, args, torch.Generator().manual_seed(0), deadline=0.0)[0] == 1
     assert script.train_decoder(vae, data, Namespace(**{**vars(args), "vae_decoder_steps": 0}),
                                torch.Generator())[0] == 0
+
+
+def _vae_only(script, out, *extra):
+    return script.main([str(out), "--count", "7", "--heldout-count", "7", "--only-vae", "--vae-steps", "4",
+                        "--vae-decoder-steps", "0", "--no-vae-compile", "--vae-base-dim", "8", "--threads", "1",
+                        *extra])
+
+
+def test_a_crop_that_is_not_whole_latent_pixels_is_refused_before_any_work(tmp_path, capsys):
+    script = _script()
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path / "run"), "--vae-crop", "20"])
+    assert "--vae-crop must be 0 or a multiple of 8" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_vae_still_at_the_mean_colour_starts_again(tmp_path):
+    """--vae-restart-at: a VAE whose mse (last 100 steps) is over --vae-restart-mse then starts again from
+    a new initialisation, at most --vae-restarts times; the report lists the restarts and counts the
+    kept start's steps. One under the bound goes on (and with --vae-restarts 0 any does)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    script = _script()
+    at = ["--vae-restart-at", "2"]
+    assert _vae_only(script, tmp_path / "again", *at, "--vae-restart-mse", "0", "--vae-restarts", "1") == 0
+    assert _vae_only(script, tmp_path / "on", *at, "--vae-restart-mse", "100") == 0
+    assert _vae_only(script, tmp_path / "never", *at, "--vae-restart-mse", "0", "--vae-restarts", "0") == 0
+    again, on, never = (json.loads((tmp_path / name / "report.json").read_text())["vae"]
+                        for name in ("again", "on", "never"))
+    assert [r["step"] for r in again["restarts"]] == [2] and again["restarts"][0]["mse"] > 0
+    assert again["steps"] == 4 and on["steps"] == 4 and on["restarts"] == [] and never["restarts"] == []
+    weights = {name: AutoencoderKLQwenImage.from_pretrained(tmp_path / name / "vae").encoder.conv_in.weight
+               for name in ("again", "on", "never")}
+    torch.testing.assert_close(weights["on"], weights["never"], rtol=0, atol=0)  # one start, the same run
+    assert not torch.allclose(weights["again"], weights["on"], atol=1e-3)  # another start
 
 
 @pytest.mark.slow
