@@ -9,8 +9,10 @@ scales with the machine. Every stage's size and step count is a flag.
 1. writes the synthetic train and held-out sets (``tagmoe_core.training.synthetic``) to OUT/data/;
 2. trains a tiny AutoencoderKLQwenImage (base width 16, ComfyUI's stage multipliers 1,2,4,4, one
    residual block per stage: --vae-base-dim, --vae-dim-mult, --vae-res-blocks) on the train images
-   with an MSE reconstruction loss + a small KL (the step through torch.compile unless
-   --no-vae-compile), rescales its latent convolutions so its latents have
+   with an MSE reconstruction loss + a small KL + a tie of 12 latent channels to each latent pixel's
+   4x4-pixel block mean colours (--vae-linear: latents near-linear in colour, so an edit is a simple
+   map, and no plateau at the mean colour; a start still there at --vae-restart-at starts again), the
+   step through torch.compile unless --no-vae-compile; rescales its latent convolutions so its latents have
    Qwen-Image's latents_mean/std (``fold_latent_stats``: ComfyUI's fixed Wan 2.1 latent format then
    fits it too), collapses its posterior to the mean and makes the latent channels its decoder
    ignores constant (``collapse_posterior``, ``flatten_unused_channels``: else an edit's sampled
@@ -160,16 +162,16 @@ LINEAR_CHANNELS = 12  # latent channels --vae-linear ties to the picture: 2x2 bl
 
 def block_means(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, 1, H, W] pictures -> [B, 12, 1, H/8, W/8]: each latent pixel's four 4x4-pixel blocks' mean
-    colours, channel ``4 * c + 2 * dy + dx`` for the block at (dy, dx), as ``pixel_unshuffle`` orders them)."""
-    import torch.nn.functional as F
-
-    return F.pixel_unshuffle(F.avg_pool2d(x[:, :, 0], 4), 2)[:, :, None]
+    colours, channel ``4 * c + 2 * dy + dx`` for colour ``c`` of the block at (dy, dx), as
+    ``pixel_unshuffle`` orders them."""
+    return torch.nn.functional.pixel_unshuffle(torch.nn.functional.avg_pool2d(x[:, :, 0], 4), 2)[:, :, None]
 
 
 def vae_step_losses(vae, x: torch.Tensor, noise: torch.Tensor, kl_weight: float,
                     l1: float, linear: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, mse, kl) of one joint VAE step on pictures ``x`` with posterior ``noise``; ``linear`` weighs
-    the posterior means' first :data:`LINEAR_CHANNELS` channels against :func:`block_means`."""
+    the mean square between the posterior means' first :data:`LINEAR_CHANNELS` channels and
+    :func:`block_means` (0 here and in :class:`VAEStep`; the script's --vae-linear default is 1)."""
     y, mean, logvar = single_frame_round_trip(vae, x, noise)
     rec = (y - x).pow(2).mean()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -219,25 +221,30 @@ class VAEStep:
         return rec.detach(), kl.detach()
 
 
+def restart_seed(seed: int, attempt: int) -> int:
+    """The initialisation seed of the VAE's fresh start ``attempt`` (1, 2, ...) for --seed ``seed``: apart
+    from every first start's (``seed`` itself, below 2**32) and, for ``attempt`` < 64, from each other."""
+    return 2**32 + seed * 64 + attempt
+
+
 def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
     from diffusers import AutoencoderKLQwenImage
 
     dim_mult = [int(v) for v in args.vae_dim_mult.split(",")]
 
-    def fresh(attempt: int):  # start ``attempt`` (0, 1, ...): its own initialisation
-        torch.manual_seed(args.seed + 1000 * attempt)
-        model = AutoencoderKLQwenImage(base_dim=args.vae_base_dim, z_dim=16, dim_mult=dim_mult,
-                                       num_res_blocks=args.vae_res_blocks, temperal_downsample=[False, True, True])
-        return model
+    def fresh():
+        return AutoencoderKLQwenImage(base_dim=args.vae_base_dim, z_dim=16, dim_mult=dim_mult,
+                                      num_res_blocks=args.vae_res_blocks, temperal_downsample=[False, True, True])
 
-    vae = fresh(0)
+    torch.manual_seed(args.seed)
+    vae = fresh()
     data = load_pixels(train_dir)
     held = load_pixels(heldout_dir)
     log(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, {len(data)} train pictures, "
         f"{len(held)} held-out")
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.vae_lr, fused=True)  # one kernel, not a loop per tensor
     generator = torch.Generator().manual_seed(args.seed)
-    start, curve, steps_done, restarts = time.perf_counter(), [], 0, []
+    start, curve, steps_done, restarts, steps_total = time.perf_counter(), [], 0, [], 0
     vae.train()
     vae_step = VAEStep(vae, args.vae_kl, args.vae_l1, use_compile=args.vae_compile, linear=args.vae_linear)
     # The training loop only: the measured round trip below runs the unchanged VAE.
@@ -246,10 +253,13 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
         while step < args.vae_steps:
             if (step == args.vae_restart_at and len(restarts) < args.vae_restarts
                     and (recent := sum(curve[-100:]) / len(curve[-100:])) > args.vae_restart_mse):
-                # Still painting the mean colour: a start that escapes late or never (the lottery of
-                # tiny VAEs). A fresh one, in place (the compiled step keeps its graphs), costs less.
+                # Still painting the mean colour: a start that leaves that plateau late or never (the
+                # lottery of tiny VAEs). A fresh initialisation costs less than waiting; loaded in
+                # place, so the compiled step keeps its graphs. Its time counts against --vae-minutes.
                 restarts.append({"step": step, "mse": round(recent, 5)})
-                vae.load_state_dict(fresh(len(restarts)).state_dict())
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(restart_seed(args.seed, len(restarts)))
+                    vae.load_state_dict(fresh().state_dict())
                 optimizer = torch.optim.Adam(vae.parameters(), lr=args.vae_lr, fused=True)
                 log(f"VAE: mse {recent:.3f} at step {step} (over {args.vae_restart_mse}): start {len(restarts) + 1}")
                 step, curve, steps_done = 0, [], 0
@@ -267,6 +277,7 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
             rec, kl = vae_step(x, torch.randn(latent_shape, generator=generator))
             optimizer.step()
             steps_done += 1
+            steps_total += 1
             curve.append(float(rec))
             if step % 50 == 0 or step == args.vae_steps - 1:
                 db = 10 * math.log10(4.0 / max(curve[-1], 1e-12))  # range -1..1: peak-to-peak 2
@@ -289,7 +300,7 @@ def train_vae(args, train_dir: Path, heldout_dir: Path, out_dir: Path) -> dict:
     vae.save_pretrained(out_dir)
     size = sum(f.stat().st_size for f in out_dir.iterdir())
     report = {"steps": steps_done, "seconds": round(seconds, 1), "mse_start": curve[0], "mse_end": curve[-1],
-              "compiled": vae_step.compiled, "restarts": restarts,
+              "compiled": vae_step.compiled, "restarts": restarts, "steps_total": steps_total,
               **round_trip(vae, held), "bytes": size, "base_dim": args.vae_base_dim, "decoder_steps": decoder_steps,
               "decoder_seconds": round(decoder_seconds, 1), "unused_channels": unused}
     log(f"VAE done: {steps_done} steps in {seconds:.0f}s; held-out round trip PSNR mean "
@@ -614,14 +625,16 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--vae-warmup", type=int, default=100, help="linear learning-rate warmup steps")
     parser.add_argument("--vae-kl", type=float, default=1e-4)
-    parser.add_argument("--vae-linear", type=float, default=0.0,
+    parser.add_argument("--vae-linear", type=float, default=1.0,
                         help="weight of a loss tying 12 latent channels to the picture's 4x4-pixel block means "
                              "(latents near-linear in colour; 0: off)")
     parser.add_argument("--vae-restart-at", type=int, default=1500,
-                        help="at this step, a VAE whose mse (mean of the last 100 steps) is over --vae-restart-mse "
-                             "starts again from a new initialisation")
-    parser.add_argument("--vae-restart-mse", type=float, default=0.2)
-    parser.add_argument("--vae-restarts", type=int, default=1, help="at most this many fresh starts")
+                        help="at this step, a VAE whose mse over the last 100 steps (fewer before) is above "
+                             "--vae-restart-mse starts again from a new initialisation (its time counts against "
+                             "--vae-minutes)")
+    parser.add_argument("--vae-restart-mse", type=float, default=0.2,
+                        help="mse above which a start counts as stuck (0.2 ~ 13 dB; the mean-colour plateau is ~11 dB)")
+    parser.add_argument("--vae-restarts", type=int, default=1, help="at most this many fresh starts (0: none)")
     parser.add_argument("--vae-base-dim", type=int, default=16)
     parser.add_argument("--vae-dim-mult", default="1,2,4,4",
                         help="channel multipliers of the 4 VAE stages (1,2,4,4: the ComfyUI file can be written)")
@@ -684,8 +697,14 @@ def main(argv=None) -> int:
                              "--eval-train, --eval-unseen, --eval-tag-guidance) without training: writes "
                              "OUTPUT/eval_cfgC_stepsS_tgG[_nN][_trainT][_unseenU].json")
     args = parser.parse_args(argv)
-    if args.vae_crop % 8 or args.vae_crop < 0:
-        parser.error(f"--vae-crop must be 0 or a multiple of 8 (the VAE's latent pixel), got {args.vae_crop}")
+    if args.vae_crop % 8 or not 0 <= args.vae_crop <= min(synthetic.DEFAULT_SIZE):
+        parser.error(f"--vae-crop must be 0 or a multiple of 8 (the VAE's latent pixel) up to "
+                     f"{min(synthetic.DEFAULT_SIZE)} (the pictures' side), got {args.vae_crop}")
+    if args.vae_restart_at < 1 or not 0 <= args.vae_restarts < 64:
+        parser.error("--vae-restart-at must be at least 1 and --vae-restarts from 0 to 63, got "
+                     f"{args.vae_restart_at} and {args.vae_restarts}")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be from 0 to 2**32 - 1, got {args.seed}")
     if args.vae_decoder_steps is None:
         args.vae_decoder_steps = 0 if args.vae_from else 1000
     if args.eval_train is None:
