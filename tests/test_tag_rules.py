@@ -61,6 +61,24 @@ def test_colours_of_added_things(instruction, tags):
     assert rule_tags(instruction) == tags, rule_tags(instruction).to_text()
 
 
+# The colour of a thing that is removed says which thing goes: object editing only.
+@pytest.mark.parametrize("instruction, tags", [
+    ("Remove the red circle", local("object editing")),
+    ("Get rid of the green square", local("object editing")),
+    ("Take away the white triangle", local("object editing")),
+    ("Delete the black car from the street", local("object editing")),
+    ("Erase the blue cup on the table", local("object editing")),
+    # a second clause with a colour of its own is still an attribute edit
+    ("Remove the red circle and make the square blue", TaskTags("multi region editing", ("object editing",
+                                                                                        "attribute editing"),
+                                                                LOCAL_KEEP)),
+    ("Remove the lamp, then make the sofa red", TaskTags("multi region editing", ("object editing",
+                                                                                 "attribute editing"), LOCAL_KEEP)),
+])
+def test_colours_of_removed_things(instruction, tags):
+    assert rule_tags(instruction) == tags, rule_tags(instruction).to_text()
+
+
 # "from the left" after a removal says where the thing is, and light "from the left" says where it
 # comes from: neither is another camera position. "Show ... from the side" still is.
 @pytest.mark.parametrize("instruction, tags", [
