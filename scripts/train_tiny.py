@@ -456,7 +456,7 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
                          train="whole", steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          lambda_lbl=args.lambda_lbl, lambda_align=args.lambda_align, seed=args.seed,
                          device="cpu", max_grad_norm=1.0, train_tag_embedding=not args.freeze_tag_embedding,
-                         text_dropout=args.text_dropout)
+                         text_dropout=args.text_dropout, weight_decay=args.weight_decay)
     start = time.perf_counter()
     with SingleFrameConvs(), FastRMSNorm():  # the data's VAE encoding: the same latents within float rounding
         trainer = prepare(config)
@@ -491,7 +491,7 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
                "first_50_mean": {k: float(np.mean([h[k] for h in head])) for k in head[0]},
                "last_200_mean": {k: float(np.mean([h[k] for h in tail])) for k in tail[0]},
                "lr": args.lr, "batch_size": args.batch_size, "lambda_lbl": args.lambda_lbl,
-               "lambda_align": args.lambda_align}
+               "lambda_align": args.lambda_align, "weight_decay": args.weight_decay}
     log(f"transformer done: {trainer.step_index} steps in {seconds:.0f}s; loss first 50 "
         f"{summary['first_50_mean']['loss']:.4f} -> last 200 {summary['last_200_mean']['loss']:.4f}")
     return summary, checkpoint
@@ -516,8 +516,9 @@ def evaluate(pipe, data_dir: Path, steps: int, cfg: float, limit: int | None, sa
         image = pipe.to_pil(pipe.decode(out.latents))[0]
         verdict = check_task(source, spec, image)
         analysis = analyse(recorder.recording, pipe.transformer, spec.tags)
+        objects = len(spec.source.objects) if spec.source is not None else 0
         per_task.setdefault(spec.task, []).append((verdict.ok, analysis.alignment, analysis.expert_share.numpy(),
-                                                   verdict.failed()))
+                                                   verdict.failed(), objects))
         if samples_dir is not None and i < 28:
             samples_dir.mkdir(parents=True, exist_ok=True)
             image.save(samples_dir / f"{i:03d}_{spec.task}_{'ok' if verdict.ok else 'fail'}.png")
@@ -530,7 +531,11 @@ def evaluate(pipe, data_dir: Path, steps: int, cfg: float, limit: int | None, sa
                        "alignment": float(np.mean([r[1] for r in rows])),
                        "expert_share": [round(float(v), 3) for v in np.mean([r[2] for r in rows], axis=0)],
                        # how many outputs failed each check: what the edits get wrong, for the next recipe
-                       "failed_checks": dict(Counter(name for r in rows for name in r[3]).most_common())}
+                       "failed_checks": dict(Counter(name for r in rows for name in r[3]).most_common()),
+                       # successes / samples by the number of objects in the input picture (0 for text-to-image)
+                       "by_input_objects": {str(n): f"{sum(r[0] for r in rows if r[4] == n)}/"
+                                                    f"{sum(1 for r in rows if r[4] == n)}"
+                                            for n in sorted({r[4] for r in rows})}}
     every = [r[0] for rows in per_task.values() for r in rows]
     return {"tasks": tasks, "success": float(np.mean(every)), "n": len(every), "seconds": round(seconds, 1),
             "steps": steps, "cfg": cfg, "tag_guidance": tag_guidance}
@@ -673,6 +678,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100, help="the transformer's linear learning-rate warmup steps")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     parser.add_argument("--text-dropout", type=float, default=0.0,
                         help="share of samples trained on the empty prompt (what true CFG, --eval-cfg > 1, needs)")
     parser.add_argument("--lambda-lbl", type=float, default=0.01)

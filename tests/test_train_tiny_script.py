@@ -289,8 +289,12 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     assert script.main([str(out), "--count", "14", "--heldout-count", "7", "--vae-steps", "3", "--vae-crop", "32",
                         "--vae-decoder-steps", "2", "--no-vae-compile", "--eval-unseen", "7",
                         "--steps", "3", "--warmup", "2", "--eval-steps", "2", "--eval-limit", "7", "--eval-train", "3",
-                        "--heads", "2", "--head-dim", "16", "--threads", "1"]) == 0
+                        "--heads", "2", "--head-dim", "16", "--threads", "1", "--weight-decay", "0.05"]) == 0
     report = json.loads((out / "report.json").read_text())
+    # --weight-decay reaches AdamW (the checkpoint's optimizer state)
+    from tagmoe_core.training.checkpoints import latest_checkpoint, load_state
+    groups = load_state(latest_checkpoint(out / "run"))["optimizer"]["param_groups"]
+    assert report["transformer"]["weight_decay"] == 0.05 and {g["weight_decay"] for g in groups} == {0.05}
     assert report["vae"]["steps"] == 3 and report["vae"]["decoder_steps"] == 2 and report["transformer"]["steps"] == 3
     assert report["vae"]["compiled"] is False
     # the unseen split: the 7 samples after the 14 training ones, judged as the others
@@ -303,6 +307,8 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
             failures = round(row["n"] * (1 - row["success"]))
             assert failures == 0 or (row["failed_checks"] and max(row["failed_checks"].values()) <= row["n"])
             assert sum(row["failed_checks"].values()) >= failures
+            counts = [tuple(map(int, v.split("/"))) for v in row["by_input_objects"].values()]
+            assert sum(n for _, n in counts) == row["n"] and sum(ok for ok, _ in counts) == row["n"] - failures
     # a finished run judged again, here with tag-guided routing: its own report, the run's left as it was
     # (unseen samples: the first of the run's own folder, or more of them, after the run's --count, apart)
     assert script.main([str(out), "--evaluate-only", "--eval-steps", "2", "--eval-limit", "7",
