@@ -532,7 +532,7 @@ def evaluate(pipe, data_dir: Path, steps: int, cfg: float, limit: int | None, sa
                        "expert_share": [round(float(v), 3) for v in np.mean([r[2] for r in rows], axis=0)],
                        # how many outputs failed each check: what the edits get wrong, for the next recipe
                        "failed_checks": dict(Counter(name for r in rows for name in r[3]).most_common()),
-                       # successes / samples by the number of objects in the input picture (0 for text-to-image)
+                       # successes / samples by the number of objects in the input picture (0: none, or no picture)
                        "by_input_objects": {str(n): f"{sum(r[0] for r in rows if r[4] == n)}/"
                                                     f"{sum(1 for r in rows if r[4] == n)}"
                                             for n in sorted({r[4] for r in rows})}}

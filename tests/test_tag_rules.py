@@ -61,19 +61,24 @@ def test_colours_of_added_things(instruction, tags):
     assert rule_tags(instruction) == tags, rule_tags(instruction).to_text()
 
 
-# The colour of a thing that is removed says which thing goes: object editing only.
+# The colour of a thing that is removed says which thing goes: object editing only. A colour, texture or
+# feature that is itself removed is still an attribute edit, and so is a later clause's colour.
 @pytest.mark.parametrize("instruction, tags", [
     ("Remove the red circle", local("object editing")),
     ("Get rid of the green square", local("object editing")),
     ("Take away the white triangle", local("object editing")),
     ("Delete the black car from the street", local("object editing")),
     ("Erase the blue cup on the table", local("object editing")),
-    # a second clause with a colour of its own is still an attribute edit
+    ("Remove the dark red car", local("object editing")),
+    ("Remove the red colour from the car", local("object editing", "attribute editing")),
+    ("Remove all the red", local("object editing", "attribute editing")),
+    ("Remove his beard", local("object editing", "attribute editing")),
+    ("Remove the wooden texture", local("object editing", "attribute editing")),
+    ("Remove the lamp while the sofa turns red", local("object editing", "attribute editing")),
+    ("Remove the lamp so the sofa looks red", local("object editing", "attribute editing")),
     ("Remove the red circle and make the square blue", TaskTags("multi region editing", ("object editing",
                                                                                         "attribute editing"),
                                                                 LOCAL_KEEP)),
-    ("Remove the lamp, then make the sofa red", TaskTags("multi region editing", ("object editing",
-                                                                                 "attribute editing"), LOCAL_KEEP)),
 ])
 def test_colours_of_removed_things(instruction, tags):
     assert rule_tags(instruction) == tags, rule_tags(instruction).to_text()

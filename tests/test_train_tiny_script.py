@@ -309,6 +309,9 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
             assert sum(row["failed_checks"].values()) >= failures
             counts = [tuple(map(int, v.split("/"))) for v in row["by_input_objects"].values()]
             assert sum(n for _, n in counts) == row["n"] and sum(ok for ok, _ in counts) == row["n"] - failures
+        for task, row in result["tasks"].items():  # no input picture: 0; an add's may be empty; others 1 or 2
+            allowed = {"text2image": {"0"}, "add": {"0", "1"}}.get(task, {"1", "2"})
+            assert row["by_input_objects"] and set(row["by_input_objects"]) <= allowed, (task, row["by_input_objects"])
     # a finished run judged again, here with tag-guided routing: its own report, the run's left as it was
     # (unseen samples: the first of the run's own folder, or more of them, after the run's --count, apart)
     assert script.main([str(out), "--evaluate-only", "--eval-steps", "2", "--eval-limit", "7",

@@ -90,11 +90,17 @@ ADDED = re.compile(r"\b(?:add(?:s|ed|ing)?|insert|put|place|draw|wear(?:s|ing)?|
                    r"\s+(?:a|an|some|another|one|two|three|the same)\b[^,;]*?"
                    r"(?=\s+(?:to|on|onto|in|into|at|next|beside|near|around|over|under|behind|between|from|and)\b"
                    r"|[,;]|$)")
-# The noun phrase of a thing that is removed ("remove the red car", "get rid of the green square"): its
-# colour or material says which thing goes, not an attribute edit.
-REMOVED = re.compile(r"\b(?:remove[sd]?|removing|delete[sd]?|erase[sd]?|get rid of|take away|without)"
+# The noun phrase of a thing that is removed ("remove the red car", "get rid of the green square"): the
+# colour or material words that describe it (DESCRIBING: before its noun) say which thing goes, not an
+# attribute edit; a colour or texture that is itself removed ("remove the red colour", "remove all the
+# red", "remove his beard") still is one. The phrase ends where a place or another clause begins.
+REMOVED = re.compile(r"\b(?:remove[sd]?|removing|delete|erase|get rid of|take away|without)"
                      r"\s+(?:the|a|an|all|every|this|that|these|those|his|her|their|its)\b[^,;]*?"
-                     r"(?=\s+(?:from|in|on|at|next|beside|near|around|over|under|behind|between|and)\b|[,;]|$)")
+                     r"(?=\s+(?:from|in|on|at|next|beside|near|around|over|under|behind|between|and|to|so|while|"
+                     r"whilst|which|who|as|until|because|making|leaving|turning)\b|[,;]|$)")
+DESCRIBING = re.compile(r"\b(?:(?:(?:light|dark|pale|bright|deep)(?:er)?\s+)?" + COLOUR_WORDS +
+                        r"|wooden|metal(?:lic)?|glass|leather|marble|velvet|denim|silk|shiny|matte|rusty|striped)"
+                        r"\b(?=\s+\w)")
 # A body part named as the place of a new thing ("add a balloon to the girl's hand") is not a pose.
 POSE_PLACE = re.compile(r"\b(?:to|on|onto|in|into|around|at)\s+(?:the\s+)?(?:\w+'s\s+|his\s+|her\s+|their\s+|its\s+)?"
                         r"(?:left\s+|right\s+)?(?:hands?|arms?|fingers?|wrists?|legs?|feet|foot|neck|head)\b")
@@ -206,7 +212,7 @@ def _read(instruction: str) -> tuple[TaskTags, set[Tier]]:
                 and not ("illumination editing" in found and verbs <= {"add", "adds", "added", "adding"}):
             found.add("object editing")  # but "put her in front of a new background", "add sunset light" are not
         swapped = re.search(r"\b(?:replace[sd]?|swap)\b.*\bwith\b", t)  # "replace the cat with a golden retriever"
-        described = REMOVED.sub(" ", ADDED.sub(" ", t))
+        described = REMOVED.sub(lambda m: DESCRIBING.sub("", m.group(0)), ADDED.sub(" ", t))
         if "illumination editing" in found:
             described = LIGHT_WEAK.sub("", described)  # "make the room darker"
         if ATTRIBUTE.search(described) and "style transfer" not in found and not swapped:
