@@ -678,7 +678,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100, help="the transformer's linear learning-rate warmup steps")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled weight decay")
     parser.add_argument("--text-dropout", type=float, default=0.0,
                         help="share of samples trained on the empty prompt (what true CFG, --eval-cfg > 1, needs)")
     parser.add_argument("--lambda-lbl", type=float, default=0.01)
