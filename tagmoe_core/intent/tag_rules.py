@@ -75,14 +75,16 @@ OBJECT = _words(r"add(?:s|ed|ing)?", r"draw", r"remove[sd]?", r"removing", r"del
                 r"give (?:him|her|them|the " + _LIVING + r") (?:a|an|some|the same)")
 COLOUR_WORDS = r"(?:red|blue|green|yellow|black|white|pink|purple|orange|brown|gold(?:en)?|silver|gr[ae]y|beige|" \
                r"turquoise)\b"
+SHADE = r"(?:light|dark|pale|bright|deep)(?:er)?"  # "dark red", "lighter blue"
+# Words for what a thing is made of or how its surface looks: attributes, or (before a noun) a description.
+MATERIALS = (r"wooden", r"metal(?:lic)?", r"glass", r"leather", r"marble", r"velvet", r"denim", r"silk", r"shiny",
+             r"matte", r"rusty", r"striped")
 ATTRIBUTE = _words(r"colou?rs?", r"red", r"blue", r"green", r"yellow", r"black", r"white", r"pink", r"purple",
                    r"orange", r"brown", r"golden", r"gold", r"silver", r"gr[ae]y", r"beige", r"turquoise",
-                   r"brighter", r"darker", r"lighter",
-                   r"wooden", r"metal(?:lic)?", r"glass", r"leather", r"marble", r"velvet", r"denim", r"silk",
+                   r"brighter", r"darker", r"lighter", *MATERIALS,
                    r"bigger", r"smaller", r"larger", r"taller", r"shorter", r"longer", r"thicker", r"thinner",
                    r"older", r"younger", r"smil(?:e|es|ing)", r"sad", r"angry", r"happy", r"texture", r"material",
-                   r"shiny", r"matte", r"rusty", r"striped", r"polka", r"hair(?:style)?", r"curly", r"straight",
-                   r"beard", r"bald", r"tattoo")
+                   r"polka", r"hair(?:style)?", r"curly", r"straight", r"beard", r"bald", r"tattoo")
 # The noun phrase of a thing that is added ("add a red hat", "hold a white umbrella", "swap the mug for a
 # glass of orange juice"): its colour or material describes the new thing, not an attribute edit.
 ADDED = re.compile(r"\b(?:add(?:s|ed|ing)?|insert|put|place|draw|wear(?:s|ing)?|hold(?:s|ing)?|carry(?:ing)?|"
@@ -98,9 +100,7 @@ REMOVED = re.compile(r"\b(?:remove[sd]?|removing|delete|erase|get rid of|take aw
                      r"\s+(?:the|a|an|all|every|this|that|these|those|his|her|their|its)\b[^,;]*?"
                      r"(?=\s+(?:from|in|on|at|next|beside|near|around|over|under|behind|between|and|to|so|while|"
                      r"whilst|which|who|as|until|because|making|leaving|turning)\b|[,;]|$)")
-DESCRIBING = re.compile(r"\b(?:(?:(?:light|dark|pale|bright|deep)(?:er)?\s+)?" + COLOUR_WORDS +
-                        r"|wooden|metal(?:lic)?|glass|leather|marble|velvet|denim|silk|shiny|matte|rusty|striped)"
-                        r"\b(?=\s+\w)")
+DESCRIBING = re.compile(r"\b(?:(?:" + SHADE + r"\s+)?" + COLOUR_WORDS + "|" + "|".join(MATERIALS) + r")\b(?=\s+\w)")
 # A body part named as the place of a new thing ("add a balloon to the girl's hand") is not a pose.
 POSE_PLACE = re.compile(r"\b(?:to|on|onto|in|into|around|at)\s+(?:the\s+)?(?:\w+'s\s+|his\s+|her\s+|their\s+|its\s+)?"
                         r"(?:left\s+|right\s+)?(?:hands?|arms?|fingers?|wrists?|legs?|feet|foot|neck|head)\b")
@@ -202,7 +202,7 @@ def _read(instruction: str) -> tuple[TaskTags, set[Tier]]:
             found.add("pose editing")
         if BACKGROUND.search(t):
             found.add("background editing")
-        colourless = re.sub(r"\b(?:light|dark|pale|bright|deep)(?:er)? (?=" + COLOUR_WORDS + r")", "", t)
+        colourless = re.sub(r"\b" + SHADE + " (?=" + COLOUR_WORDS + r")", "", t)
         if LIGHT.search(colourless) or WEATHER.search(colourless) or \
                 (LIGHT_WEAK.search(colourless) and SCENE.search(colourless)):
             found.add("illumination editing")
