@@ -500,7 +500,7 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
 # -- evaluation -----------------------------------------------------------------------------------------
 def evaluate(pipe, data_dir: Path, steps: int, cfg: float, limit: int | None, samples_dir: Path | None,
              tag_guidance: float = 0.0) -> dict:
-    from tagmoe_core.intent.routing import RoutingRecorder, analyse
+    from tagmoe_core.training.evaluation import judge_sample
 
     specs = synthetic.read_tasks(data_dir)
     if limit:
@@ -508,22 +508,14 @@ def evaluate(pipe, data_dir: Path, steps: int, cfg: float, limit: int | None, sa
     per_task: dict[str, list] = {}
     start = time.perf_counter()
     for i, spec in enumerate(specs):
-        source = spec.input_image()
-        conditioning = pipe.encode(spec.instruction, "")
-        recorder = RoutingRecorder()
-        out = pipe.sample(conditioning, source, width=spec.width, height=spec.height, steps=steps, cfg=cfg,
-                          seed=i, recorder=recorder, tags=spec.tags, tag_guidance=tag_guidance)
-        image = pipe.to_pil(pipe.decode(out.latents))[0]
-        verdict = check_task(source, spec, image)
-        analysis = analyse(recorder.recording, pipe.transformer, spec.tags)
-        objects = len(spec.source.objects) if spec.source is not None else 0
-        per_task.setdefault(spec.task, []).append((verdict.ok, analysis.alignment, analysis.expert_share.numpy(),
-                                                   verdict.failed(), objects))
+        judged = judge_sample(pipe, spec, seed=i, steps=steps, cfg=cfg, tag_guidance=tag_guidance)
+        per_task.setdefault(spec.task, []).append((judged.ok, judged.alignment, judged.expert_share,
+                                                   judged.verdict.failed(), judged.input_objects))
         if samples_dir is not None and i < 28:
             samples_dir.mkdir(parents=True, exist_ok=True)
-            image.save(samples_dir / f"{i:03d}_{spec.task}_{'ok' if verdict.ok else 'fail'}.png")
-            if source is not None:
-                source.save(samples_dir / f"{i:03d}_{spec.task}_in.png")
+            judged.output.save(samples_dir / f"{i:03d}_{spec.task}_{'ok' if judged.ok else 'fail'}.png")
+            if spec.source is not None:
+                spec.input_image().save(samples_dir / f"{i:03d}_{spec.task}_in.png")
     seconds = time.perf_counter() - start
     tasks = {}
     for task, rows in per_task.items():
@@ -619,7 +611,7 @@ def transformer_config(args) -> dict:
             "axes_dims_rope": [frame, side, side]}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)
     parser.add_argument("--count", type=int, default=1000)
@@ -702,6 +694,11 @@ def main(argv=None) -> int:
                         help="judge OUTPUT's finished bundle again (--eval-steps, --eval-cfg, --eval-limit, "
                              "--eval-train, --eval-unseen, --eval-tag-guidance) without training: writes "
                              "OUTPUT/eval_cfgC_stepsS_tgG[_nN][_trainT][_unseenU].json")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.vae_crop % 8 or not 0 <= args.vae_crop <= min(synthetic.DEFAULT_SIZE):
         parser.error(f"--vae-crop must be 0 or a multiple of 8 (the VAE's latent pixel) up to "

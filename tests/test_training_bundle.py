@@ -9,7 +9,8 @@ import torch
 
 from tagmoe_core.tiny import ensure_tiny_bundle
 from tagmoe_core.training.bundle import (
-    assemble_bundle, collapse_posterior, flatten_unused_channels, fold_latent_stats, is_collapsed, latent_stats)
+    assemble_bundle, collapse_posterior, flatten_unused_channels, fold_latent_stats, is_collapsed, latent_stats,
+    pack_bundle)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,32 @@ def test_channels_the_decoder_ignores_become_constant_and_the_pictures_stay():
                                                                             vae.config.latents_mean[c]))
         assert float(posterior.std[:, c].max()) < 1e-6
     assert 10 * torch.log10(4 / ((after - before) ** 2).mean()) > 40  # the pictures barely move
+
+
+def test_a_packed_bundle_is_fp16_without_the_base_weights_and_samples_as_the_original(source, tmp_path):
+    """What scripts/pack_tiny.py ships: every weight in fp16, the dense base transformer's weights left
+    out (the TAG-MoE checkpoint is complete), the demo picture and the card; it loads as the shipped
+    model does and samples within fp16 rounding of the original."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    from tagmoe_core.pipeline.builder import load_pipeline
+
+    packed = pack_bundle(source, tmp_path / "packed", demo_picture=Image.new("RGB", (64, 64), (200, 40, 40)),
+                         card="# card\n")
+    assert (packed.root / "demo.png").is_file() and (packed.tagmoe / "transformer" / "config.json").is_file()
+    assert not list((packed.base / "transformer").glob("*.safetensors*"))
+    assert (packed.root / "README.md").read_text() == "# card\n" and not (packed.root / "COMPLETE").exists()
+    weights = sorted(packed.root.rglob("*.safetensors"))
+    assert len(weights) >= 3
+    for path in weights:
+        with safe_open(str(path), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "I64"}, path
+    outputs = []
+    for bundle in (source, packed):
+        pipe = load_pipeline(bundle.base, bundle.tagmoe, device="cpu", dtype=torch.float32, backend="torch",
+                             placement="single")
+        outputs.append(pipe.sample(pipe.encode("Remove the circle", ""), Image.new("RGB", (32, 32), (40, 80, 220)),
+                                   width=32, height=32, steps=2, cfg=1.0, seed=0).latents)
+    relative = float((outputs[1] - outputs[0]).norm() / outputs[0].norm())
+    assert 0 < relative < 5e-3, relative

@@ -168,3 +168,33 @@ def flatten_unused_channels(vae, pictures: torch.Tensor, min_db: float = 45.0) -
             conv.weight[z + c].zero_()
             conv.bias[z + c] = MIN_LOGVAR
     return unused
+
+
+def pack_bundle(bundle: str | os.PathLike | TinyBundle, target: str | os.PathLike, *, demo_picture,
+                card: str, dtype: torch.dtype = torch.float16) -> TinyBundle:
+    """Write a trained bundle as the package ships it (``tiny.trained_tiny_bundle``) at ``target``
+    (replacing it): every file of ``bundle`` but the base's dense transformer weights (the TAG-MoE
+    checkpoint is complete, so no loader opens them), floating-point weights stored as ``dtype``
+    (half the bytes; the loaders cast back to their compute dtype), ``demo_picture`` (a PIL image) as
+    ``demo.png`` and ``card`` as ``README.md``."""
+    from safetensors.torch import load_file, save_file
+
+    src = bundle if isinstance(bundle, TinyBundle) else TinyBundle(Path(bundle))
+    out = Path(target)
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    skip = src.base / "transformer"
+    shutil.copytree(src.root, staging, ignore=lambda folder, names: [
+        n for n in names if n == "COMPLETE" or (Path(folder) == skip and n.endswith((".safetensors", ".json"))
+                                                and n != "config.json")])
+    for path in sorted(staging.rglob("*.safetensors")):
+        state = load_file(path)
+        save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, path,
+                  metadata={"format": "pt"})
+    demo_picture.convert("RGB").save(staging / "demo.png")
+    (staging / "README.md").write_text(card)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return TinyBundle(out)
