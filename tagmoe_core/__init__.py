@@ -26,7 +26,7 @@ _EXPORTS = {
     "resolve_devices": "runtime.devices", "parse_device_spec": "runtime.devices", "DeviceSpec": "runtime.devices",
     "nearest_bucket": "pipeline.buckets", "PREFERRED_BUCKETS": "pipeline.buckets",
     "open_image": "images", "to_rgb": "images",
-    "build_tiny_bundle": "tiny", "ensure_tiny_bundle": "tiny",
+    "build_tiny_bundle": "tiny", "ensure_tiny_bundle": "tiny", "trained_tiny_bundle": "tiny",
     "TAG_NAMES": "taxonomy", "TAG_IDS": "taxonomy",
 }
 

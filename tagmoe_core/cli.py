@@ -3,7 +3,8 @@ task set (``synth-data``) from the command line.
 
 The flags of the reference ``infer.py`` are accepted as they are (``--pretrained_model_path``,
 ``--transformer_model_path``, ``--transformer_weight_name``, ...) and in dashed form.
-``--tiny`` runs on the embedded tiny model (random weights: the image is noise, the run is real).
+``--tiny`` runs on the embedded trained tiny model (64x64 pictures of shapes: "Remove the circle"; without
+--image, edit takes its demo picture).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def _common(parser: argparse.ArgumentParser, edit: bool) -> None:
     _flag(src, "local_files_only", action="store_true", help="never download; use the local hub cache only")
     _flag(src, "ignore_unexpected_keys", action="store_true",
           help="load even if the TAG-MoE weights hold keys the transformer has no place for (skipped, counted)")
-    src.add_argument("--tiny", action="store_true", help="use the embedded tiny model (built on first use)")
+    src.add_argument("--tiny", action="store_true",
+                     help="use the embedded trained tiny model (64x64 pictures of shapes; without --image, edit "
+                          "takes its demo picture)")
     run = parser.add_argument_group("run")
     _flag(run, "device", default="auto", help="'auto', 'cpu', '0', 'cuda:1', or '0,1' to split across GPUs")
     _flag(run, "dtype", default="auto", choices=list(DTYPES), help="default: bf16 on GPUs, fp32 on the CPU")
@@ -74,8 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("edit", help="edit an image following an instruction"), edit=True)
     _common(sub.add_parser("generate", help="text-to-image"), edit=False)
-    tiny = sub.add_parser("tiny", help="build the embedded tiny model and print where it is")
-    tiny.add_argument("--root", default=None, help="where to build it (default: the user cache)")
+    tiny = sub.add_parser("tiny", help="print where the embedded trained tiny model is (--random: build the "
+                                       "random test model)")
+    tiny.add_argument("--random", action="store_true",
+                      help="build the random tiny model the tests use (same layout, random weights)")
+    tiny.add_argument("--root", default=None, help="with --random: where to build it (default: the user cache)")
     _add_refine(sub)
     _add_convert(sub)
     _tags_parser(sub)
@@ -94,7 +100,7 @@ def _tags_parser(sub) -> None:
     tags.add_argument("--json", action="store_true", help="print one JSON object: tags, source, confidence, warnings")
     src = tags.add_argument_group("model (without one: the rules)")
     src.add_argument("--tiny", action="store_true",
-                     help="score with the embedded tiny model's text encoder (random weights: the tags are noise)")
+                     help="score with the embedded tiny model's text encoder (random, frozen: the tags are noise)")
     _flag(src, "pretrained_model_path", metavar="BASE",
           help="score with the text encoder (Qwen2.5-VL) of this Qwen-Image folder or hub repo id")
     _flag(src, "local_files_only", action="store_true", help="never download; use the local hub cache only")
@@ -108,9 +114,9 @@ def _tag_scorer(args):
 
     device = resolve_devices(args.device)
     if args.tiny:
-        from .tiny import ensure_tiny_bundle
+        from .tiny import trained_tiny_bundle
 
-        base = str(ensure_tiny_bundle().base)
+        base = str(trained_tiny_bundle().base)
     else:
         base = args.pretrained_model_path
         if not Path(base).expanduser().is_dir() and (Path(base).expanduser().exists() or base.count("/") != 1):
@@ -155,9 +161,9 @@ def run_tags(args) -> int:
 
 def _sources(args) -> tuple[str, str]:
     if args.tiny:
-        from .tiny import ensure_tiny_bundle
+        from .tiny import trained_tiny_bundle
 
-        bundle = ensure_tiny_bundle()
+        bundle = trained_tiny_bundle()
         return str(bundle.base), str(bundle.tagmoe)
     if not args.pretrained_model_path or not args.transformer_model_path:
         raise TagMoEError("give --pretrained_model_path (base Qwen-Image) and --transformer_model_path "
@@ -315,12 +321,18 @@ def run(args) -> int:
         if args.image is None:
             if not args.tiny:
                 raise TagMoEError("edit needs --image (or use --tiny for a built-in demo picture)")
-            from .demo import demo_image
+            from .tiny import trained_tiny_demo_picture
 
-            image = demo_image()
+            image = trained_tiny_demo_picture()
         else:
             image = _open_image(args.image)
-    width, height = target_size(image, args.width, args.height)
+    size_given = args.width is not None or args.height is not None
+    if args.tiny:  # the trained tiny model knows 64x64 pictures only: its size unless one is given
+        from .tiny import TRAINED_SIZE
+
+        width, height = target_size(image, args.width or TRAINED_SIZE, args.height or TRAINED_SIZE)
+    else:
+        width, height = target_size(image, args.width, args.height)
     region = None
     if region_px is not None:  # finite, inside the image: checked on the grid the edit will use
         region = region_from_pixel_box(region_px, image.size, (width, height))
@@ -348,10 +360,15 @@ def run(args) -> int:
             bar.update(1)
 
         if args.command == "edit":
-            result = pipe.edit(image, args.prompt, args.negative_prompt, width=args.width, height=args.height,
-                               steps=args.steps, cfg=args.cfg, seed=seed, num_images=args.num_images,
-                               keep_original_size=args.keep_original_size, region=region, use_vlm=args.use_vlm,
-                               callback=on_step)
+            result = pipe.edit(image, args.prompt, args.negative_prompt, width=width if args.tiny else args.width,
+                               height=height if args.tiny else args.height, steps=args.steps, cfg=args.cfg,
+                               seed=seed, num_images=args.num_images,
+                               keep_original_size=args.keep_original_size and not args.tiny, region=region,
+                               use_vlm=args.use_vlm, callback=on_step)
+            if args.keep_original_size and args.tiny and not size_given:  # as edit() does without a size
+                from PIL import Image
+
+                result.images = [im.resize(image.size, Image.LANCZOS) for im in result.images]
         else:
             result = pipe.generate(args.prompt, args.negative_prompt, width=width, height=height, steps=args.steps,
                                    cfg=args.cfg, seed=seed, num_images=args.num_images, callback=on_step)
@@ -422,9 +439,9 @@ def _refine_backend(args):
 
     base = args.pretrained_model_path
     if args.tiny:
-        from .tiny import ensure_tiny_bundle
+        from .tiny import trained_tiny_bundle
 
-        base = str(ensure_tiny_bundle().base)
+        base = str(trained_tiny_bundle().base)
     path = Path(base).expanduser()
     looks_local = base.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir())
     if looks_local and not path.exists():  # a local path, not a hub repo id
@@ -494,9 +511,9 @@ def convert(args) -> int:
         raise TagMoEError("convert takes SRC and OUT.safetensors (or OUT.gguf)" if want == 2 else
                           "convert --tiny takes only OUT.safetensors or OUT.gguf (the source is the tiny model)")
     if args.tiny:
-        from .tiny import ensure_tiny_bundle
+        from .tiny import trained_tiny_bundle
 
-        src, out = str(ensure_tiny_bundle().tagmoe), args.paths[0]
+        src, out = str(trained_tiny_bundle().tagmoe), args.paths[0]
     else:
         src, out = args.paths
     gguf = str(out).lower().endswith(".gguf")
@@ -627,9 +644,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         if args.command == "tiny":
-            from .tiny import ensure_tiny_bundle
+            from .tiny import ensure_tiny_bundle, trained_tiny_bundle
 
-            bundle = ensure_tiny_bundle(args.root)
+            if args.root is not None and not args.random:
+                raise TagMoEError("--root is where --random builds the random model (the trained one is shipped)")
+            bundle = ensure_tiny_bundle(args.root) if args.random else trained_tiny_bundle()
             print(f"base:   {bundle.base}\ntag-moe: {bundle.tagmoe}")
             return 0
         if args.command == "refine":

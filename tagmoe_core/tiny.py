@@ -10,7 +10,14 @@
   the last blocks, ``tag_embedding``, ``router_head``), sharded with a safetensors index.
 
 The weights are random, so images are noise; everything else (loading, shapes, routing, the
-sampling loop, the nodes) runs for real. The demo and the tests use it.
+sampling loop, the nodes) runs for real. The tests use it.
+
+``trained_tiny_bundle()`` is the other embedded model, shipped in the package (``assets/tiny-shapes``,
+about 12 MB): the same layout, with a VAE and a TAG-MoE transformer trained by
+``scripts/train_tiny.py`` on the synthetic shapes task set (``training.synthetic``), so it really
+edits 64x64 pictures of shapes ("Remove the circle", "Turn the whole image black and white"). Its
+base folder holds the dense transformer's config but not its weights: the TAG-MoE checkpoint is
+complete, so no loader here opens them. ``--tiny`` and the README's demo use it.
 """
 
 from __future__ import annotations
@@ -59,6 +66,39 @@ class TinyBundle:
     @property
     def tagmoe(self) -> Path:
         return self.root / "TAG-MoE-tiny"
+
+
+TRAINED_ROOT = Path(__file__).resolve().parent / "assets" / "tiny-shapes"
+TRAINED_SIZE = 64  # the trained tiny model's pictures: 64x64 (what --tiny edits and draws by default)
+TRAINED_FILES = (
+    "Qwen-Image-tiny/model_index.json", "Qwen-Image-tiny/scheduler/scheduler_config.json",
+    "Qwen-Image-tiny/text_encoder/config.json", "Qwen-Image-tiny/text_encoder/model.safetensors",
+    "Qwen-Image-tiny/tokenizer/tokenizer.json", "Qwen-Image-tiny/tokenizer/tokenizer_config.json",
+    "Qwen-Image-tiny/transformer/config.json", "Qwen-Image-tiny/vae/config.json",
+    "Qwen-Image-tiny/vae/diffusion_pytorch_model.safetensors", "TAG-MoE-tiny/transformer/config.json",
+    "TAG-MoE-tiny/transformer/diffusion_pytorch_model.safetensors", "demo.png",
+)
+
+
+def trained_tiny_bundle(root: str | os.PathLike | None = None) -> TinyBundle:
+    """The trained tiny model shipped with the package (or a packed one at ``root``). Raises one line
+    naming the first missing file (an install that left the package's data out)."""
+    from .errors import CheckpointNotFoundError
+
+    bundle = TinyBundle(Path(root) if root is not None else TRAINED_ROOT)
+    missing = next((name for name in TRAINED_FILES if not (bundle.root / name).is_file()), None)
+    if missing is not None:
+        raise CheckpointNotFoundError(f"the trained tiny model is incomplete: '{bundle.root / missing}' is missing "
+                                      "(reinstall the pack; a wheel must include tagmoe_core/assets)")
+    return bundle
+
+
+def trained_tiny_demo_picture(root: str | os.PathLike | None = None):
+    """The picture ``tagmoe edit --tiny`` edits when no --image is given: one of the task set's."""
+    from PIL import Image
+
+    with Image.open(trained_tiny_bundle(root).root / "demo.png") as image:
+        return image.convert("RGB")
 
 
 def default_tiny_root() -> Path:

@@ -26,13 +26,20 @@ def test_edit_with_reference_flags(tiny_bundle, photo, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_tiny_demo_at_bucket_size_keeping_the_original_size(tiny_bundle, tmp_path):
-    assert main(["edit", "--tiny", "--prompt", "Make it night", "--steps", "1", "--cfg", "1",
-                 "--keep-original-size", "--num-images", "2", "--output", str(tmp_path / "e.png")]) == 0
-    sizes = {Image.open(tmp_path / f"e_{i}.png").size for i in range(2)}
-    from tagmoe_core.demo import demo_image
+def test_tiny_edit_keeping_the_original_size(tiny_bundle, photo, tmp_path):
+    photo.save(tmp_path / "p.png")
+    assert main(["edit", "--tiny", "--prompt", "Make it night", "--image", str(tmp_path / "p.png"), "--steps", "1",
+                 "--cfg", "1", "--keep-original-size", "--num-images", "2", "--output", str(tmp_path / "e.png")]) == 0
+    assert {Image.open(tmp_path / f"e_{i}.png").size for i in range(2)} == {photo.size}
 
-    assert sizes == {demo_image().size}
+
+def test_tiny_edits_its_demo_picture_at_its_size(tmp_path):
+    """--tiny without --image or a size: the trained tiny model's demo picture, at the 64x64 it knows."""
+    from tagmoe_core.tiny import TRAINED_SIZE
+
+    assert main(["edit", "--tiny", "--prompt", "Remove the circle", "--steps", "2", "--output",
+                 str(tmp_path / "d.png")]) == 0
+    assert Image.open(tmp_path / "d.png").size == (TRAINED_SIZE, TRAINED_SIZE)
 
 
 def test_tiny_edit_generate_and_dashed_flags(tiny_bundle, tmp_path):
@@ -46,7 +53,7 @@ def test_tiny_edit_generate_and_dashed_flags(tiny_bundle, tmp_path):
 
 def test_region_flag(tiny_bundle, tmp_path):
     assert main(["edit", "--tiny", "--prompt", "Remove the sun", "--width", "64", "--height", "48", "--steps", "1",
-                 "--region", "150,0,256,80", "--output", str(tmp_path / "r.png")]) == 0
+                 "--region", "32,0,64,24", "--output", str(tmp_path / "r.png")]) == 0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -186,7 +193,13 @@ def test_a_phone_photo_is_edited_upright(tiny_bundle, photo, tmp_path):
 
 
 def test_module_entry_point_runs(tiny_bundle, tmp_path):
+    """`tagmoe tiny` names the shipped trained model; `--random` builds (here: finds) the tests' random one."""
+    from tagmoe_core.tiny import trained_tiny_bundle
+
     out = subprocess.run([sys.executable, "-m", "tagmoe_core", "tiny"], capture_output=True, text=True, check=True)
+    assert str(trained_tiny_bundle().base) in out.stdout
+    out = subprocess.run([sys.executable, "-m", "tagmoe_core", "tiny", "--random"], capture_output=True, text=True,
+                         check=True)
     assert str(tiny_bundle.base) in out.stdout
 
 

@@ -44,10 +44,13 @@ def test_tiny_model_scores_the_tags(tiny_bundle, photo, tmp_path, capsys):
 
     from tagmoe_core.intent.tag_scoring import TagScorer
 
+    from tagmoe_core.tiny import trained_tiny_bundle
+
     photo.save(tmp_path / "in.png")
     out = run_json(capsys, CLOAK, "--tiny", "--device", "cpu", "--image", str(tmp_path / "in.png"))
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_bundle.base / "text_encoder").eval()
-    direct = TagScorer(model, AutoTokenizer.from_pretrained(tiny_bundle.base / "tokenizer")).tag(
+    base = trained_tiny_bundle().base  # what --tiny scores with
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base / "text_encoder").eval()
+    direct = TagScorer(model, AutoTokenizer.from_pretrained(base / "tokenizer")).tag(
         CLOAK, Image.open(tmp_path / "in.png"))
     assert out["source"] == "vlm" and out["tags"] == direct.tags.to_dict()
     assert out["confidence"] == pytest.approx(direct.confidence.to_dict())

@@ -216,11 +216,13 @@ def test_convert_writes_comfyui_keys_one_linear_per_expert(converted, tiny_bundl
 
 def test_convert_cli_progress_and_sizes(tiny_bundle, tmp_path, capsys):
     out = tmp_path / "tiny.gguf"
-    assert main(["convert", "--tiny", str(out), "--quant", "q4_0"]) == 0
+    assert main(["convert", str(tiny_bundle.tagmoe), str(out), "--quant", "q4_0"]) == 0
     printed = capsys.readouterr().out
     assert "Q4_0" in printed and "GGML types:" in printed and "F32 x" in printed
     assert out.is_file() and not (tmp_path / "tiny.gguf.part").exists()
     assert GGUFFile.open(out).type_counts()["Q4_0"] == 36  # 2 MoE blocks x 4 experts x 2, and 20 dense matrices
+    assert main(["convert", "--tiny", str(tmp_path / "trained.gguf"), "--quant", "q8_0"]) == 0  # the trained model
+    assert GGUFFile.open(tmp_path / "trained.gguf").type_counts()["Q8_0"] > 36  # wider: more matrices quantized
     assert main(["convert", "--tiny", str(out), "--quant", "Q4_0"]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
     assert main(["convert", "--tiny", str(tmp_path / "x.safetensors"), "--quant", "Q8_0"]) == 2

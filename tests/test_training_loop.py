@@ -169,7 +169,9 @@ def test_tagmoe_train_then_edit_with_its_checkpoint(tiny_bundle, data, tmp_path,
                  "--lora-modules", "to_q,to_v", "--lambda-align", "0.5", "--device", "cpu", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "step 1/2  loss" in out and "align" in out and "step 2/2" in out and "checkpoint-000002" in out
-    assert main(["edit", "--pretrained_model_path", str(tiny_bundle.base), "--transformer_model_path",
+    from tagmoe_core.tiny import trained_tiny_bundle
+
+    assert main(["edit", "--pretrained_model_path", str(trained_tiny_bundle().base), "--transformer_model_path",
                  str(output / "checkpoint-000002"), "--device", "cpu", "--image", str(data / "0_in.png"),
                  "--prompt", "Make the circle red", "--width", "64", "--height", "48", "--steps", "2", "--seed", "1",
                  "--output", str(tmp_path / "edit.png")]) == 0
