@@ -1,6 +1,6 @@
 """Pack a finished ``scripts/train_tiny.py`` run as the trained tiny model the package ships.
 
-    python scripts/pack_tiny.py OUT --demo heldout:12 [--target tagmoe_core/assets/tiny-shapes]
+    python scripts/pack_tiny.py OUT --demo heldout:16 --commit COMMIT [--pictures docs] [--target DIR]
 
 Writes OUT/bundle with its weights in fp16 (``training.bundle.pack_bundle``; the dense base
 transformer's weights left out: the TAG-MoE checkpoint is complete), the input picture of one of the

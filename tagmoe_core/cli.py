@@ -56,9 +56,12 @@ def _common(parser: argparse.ArgumentParser, edit: bool) -> None:
     _flag(run, "prompt", required=True, help="the instruction (edit) or description (generate)")
     _flag(run, "negative_prompt", default="", help="negative prompt (default: empty, encoded as ' ')")
     _flag(run, "width", type=int, default=None,
-          help="output width, a multiple of 16 (default: the input's preferred bucket; 1024 for generate)")
+          help="output width, a multiple of 16 (default: the input's preferred bucket; 1024 for generate; "
+               "64 with --tiny)")
     _flag(run, "height", type=int, default=None, help="output height, a multiple of 16")
-    _flag(run, "cfg", type=float, default=4.0, help="true CFG scale (<= 1 disables the negative pass)")
+    _flag(run, "cfg", type=float, default=None,
+          help="true CFG scale (default 4; 1 with --tiny, whose model never learnt the empty prompt; <= 1 "
+               "disables the negative pass)")
     _flag(run, "steps", type=int, default=30, help="denoising steps")
     _flag(run, "seed", type=int, default=-1, help="-1 = random; the seed used is printed")
     _flag(run, "num_images", type=int, default=1, help="images per prompt")
@@ -309,6 +312,11 @@ def run(args) -> int:
             check_size(f"--{name}", getattr(args, name))
     if args.steps < 1 or args.num_images < 1:
         raise TagMoEError("--steps and --num_images must be at least 1")
+    if args.cfg is None:
+        from .pipeline.pipeline import DEFAULT_CFG
+        from .tiny import TRAINED_CFG
+
+        args.cfg = TRAINED_CFG if args.tiny else DEFAULT_CFG
     check_number("--cfg", args.cfg, minimum=0)
     seed = resolve_seed(args.seed)
     region_px = _parse_region(getattr(args, "region", None))
@@ -327,10 +335,11 @@ def run(args) -> int:
         else:
             image = _open_image(args.image)
     size_given = args.width is not None or args.height is not None
-    if args.tiny:  # the trained tiny model knows 64x64 pictures only: its size unless one is given
+    if args.tiny:  # the trained tiny model knows square 64x64 pictures: that, or the side given, for both
         from .tiny import TRAINED_SIZE
 
-        width, height = target_size(image, args.width or TRAINED_SIZE, args.height or TRAINED_SIZE)
+        side = args.width or args.height or TRAINED_SIZE
+        width, height = target_size(image, args.width or side, args.height or side)
     else:
         width, height = target_size(image, args.width, args.height)
     region = None
@@ -360,15 +369,13 @@ def run(args) -> int:
             bar.update(1)
 
         if args.command == "edit":
-            result = pipe.edit(image, args.prompt, args.negative_prompt, width=width if args.tiny else args.width,
-                               height=height if args.tiny else args.height, steps=args.steps, cfg=args.cfg,
-                               seed=seed, num_images=args.num_images,
-                               keep_original_size=args.keep_original_size and not args.tiny, region=region,
-                               use_vlm=args.use_vlm, callback=on_step)
-            if args.keep_original_size and args.tiny and not size_given:  # as edit() does without a size
-                from PIL import Image
+            from .pipeline.pipeline import resized_back
 
-                result.images = [im.resize(image.size, Image.LANCZOS) for im in result.images]
+            result = pipe.edit(image, args.prompt, args.negative_prompt, width=width, height=height,
+                               steps=args.steps, cfg=args.cfg, seed=seed, num_images=args.num_images,
+                               region=region, use_vlm=args.use_vlm, callback=on_step)
+            if args.keep_original_size and not size_given:  # the reference's: resized back when no size is asked
+                result.images = resized_back(result.images, image)
         else:
             result = pipe.generate(args.prompt, args.negative_prompt, width=width, height=height, steps=args.steps,
                                    cfg=args.cfg, seed=seed, num_images=args.num_images, callback=on_step)

@@ -70,9 +70,11 @@ class TinyBundle:
 
 TRAINED_ROOT = Path(__file__).resolve().parent / "assets" / "tiny-shapes"
 TRAINED_SIZE = 64  # the trained tiny model's pictures: 64x64 (what --tiny edits and draws by default)
+TRAINED_CFG = 1.0  # trained without the empty prompt (no text dropout): true CFG would extrapolate from noise
 TRAINED_FILES = (
     "Qwen-Image-tiny/model_index.json", "Qwen-Image-tiny/scheduler/scheduler_config.json",
-    "Qwen-Image-tiny/text_encoder/config.json", "Qwen-Image-tiny/text_encoder/model.safetensors",
+    "Qwen-Image-tiny/text_encoder/config.json", "Qwen-Image-tiny/text_encoder/generation_config.json",
+    "Qwen-Image-tiny/text_encoder/model.safetensors", "Qwen-Image-tiny/tokenizer/chat_template.jinja",
     "Qwen-Image-tiny/tokenizer/tokenizer.json", "Qwen-Image-tiny/tokenizer/tokenizer_config.json",
     "Qwen-Image-tiny/transformer/config.json", "Qwen-Image-tiny/vae/config.json",
     "Qwen-Image-tiny/vae/diffusion_pytorch_model.safetensors", "TAG-MoE-tiny/transformer/config.json",

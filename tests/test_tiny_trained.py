@@ -4,8 +4,12 @@ transformer's weights random (so a shipped model that stopped editing cannot pas
 
 from __future__ import annotations
 
+import shlex
 import shutil
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +100,39 @@ def test_a_missing_file_is_one_line_naming_it(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="diffusion_pytorch_model.safetensors' is missing") as info:
         trained_tiny_bundle(copy)
     assert "\n" not in str(info.value)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _readme_demo() -> list[str]:
+    """The README's first command's `tagmoe ...` part, as argv."""
+    line = next(line for line in (REPO / "README.md").read_text().splitlines() if "tagmoe edit --tiny" in line)
+    return shlex.split(line.split("&& tagmoe ", 1)[1])
+
+
+def test_the_readme_demo_is_what_ci_runs_and_what_the_readme_picture_shows():
+    ci = next(line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.startswith("tagmoe edit"))
+    assert shlex.split(ci)[1:] == _readme_demo()
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from pack_tiny import DEMO_ARGS
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert _readme_demo() == ["edit", "--tiny", *DEMO_ARGS, "--output", "out/demo.png"]
+
+
+def test_tagmoe_edit_tiny_gives_what_the_figures_judge(trained_pipe, tmp_path):
+    """`tagmoe edit --tiny` (its defaults: 64x64, cfg 1) on a held-out sample's picture and instruction
+    writes the very output judge_sample judges, so the card's figures are the CLI's."""
+    from PIL import Image
+
+    from tagmoe_core.cli import main
+
+    spec = synthetic.make_sample(16, split="heldout")  # the demo picture's sample
+    spec.input_image().save(tmp_path / "in.png")
+    assert main(["edit", "--tiny", "--image", str(tmp_path / "in.png"), "--prompt", spec.instruction, "--steps", "20",
+                 "--seed", str(spec.index), "--output", str(tmp_path / "out.png")]) == 0
+    judged = judge_sample(trained_pipe, spec, seed=spec.index)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(judged.output))
+    assert judged.ok

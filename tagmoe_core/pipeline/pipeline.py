@@ -88,6 +88,11 @@ class EditResult:
     latents: torch.Tensor = field(repr=False)
 
 
+def resized_back(images: list[Image.Image], original: Image.Image) -> list[Image.Image]:
+    """Edit outputs resized to the input's size (``keep_original_size``, as the reference does)."""
+    return [im.resize(original.size, Image.LANCZOS) for im in images]
+
+
 def resolve_seed(seed: int | None) -> int:
     """-1 (or None) draws a random seed, like the reference; others must fit in 64 bits."""
     if seed is None or int(seed) == -1:
@@ -396,7 +401,7 @@ class TagMoEPipeline:
                           num_images=num_images, region=region, callback=callback)
         images = self.to_pil(self.decode(out.latents))
         if keep_original_size and width is None and height is None:
-            images = [im.resize(image.size, Image.LANCZOS) for im in images]
+            images = resized_back(images, image)
         return EditResult(images, out.seed, out.latents)
 
     def generate(self, prompt: str, negative_prompt: str | None = "", *, width: int = DEFAULT_SIZE,
