@@ -436,14 +436,12 @@ def write_comfy_vae(vae_dir: Path, path: Path) -> str:
     from diffusers import AutoencoderKLQwenImage
     from safetensors.torch import save_file
 
-    from tagmoe_core.model.vae_keys import diffusers_qwen_vae_to_comfy
-    from tagmoe_core.model.vae_widen import widen
+    from tagmoe_core.model.vae_widen import comfy_state_dict
 
     try:
-        wide = widen(AutoencoderKLQwenImage.from_pretrained(vae_dir))
+        state = comfy_state_dict(AutoencoderKLQwenImage.from_pretrained(vae_dir))
     except ValueError as exc:
         return f"no ComfyUI file: {exc}"
-    state = {k: v.to(torch.bfloat16).contiguous() for k, v in diffusers_qwen_vae_to_comfy(wide.state_dict()).items()}
     save_file(state, path)
     return str(path)
 

@@ -4,7 +4,9 @@
 free loopback port with a fresh base directory holding the pack (linked), the tiny model in
 models/diffusers (with a full-size random Qwen-Image VAE, which ComfyUI's VAE loader can build), the
 TAG-MoE weights in models/tagmoe and models/diffusion_models, the same VAE in ComfyUI's key layout in
-models/vae, a small LoRA in models/loras and example images in input/.
+models/vae, a small LoRA in models/loras and example images in input/; and the trained tiny model the
+package ships (``tiny.trained_tiny_bundle``) as Qwen-Image-shapes / TAG-MoE-shapes with its VAE as
+qwen_image_vae_shapes.safetensors (widened to the shape ComfyUI 0.3.x builds).
 """
 
 from __future__ import annotations
@@ -51,6 +53,24 @@ def _full_size_vae_bundle(tiny_bundle, root: Path) -> tuple[Path, Path]:
     return base, comfy_vae
 
 
+TRAINED_BASE, TRAINED_WEIGHTS, TRAINED_VAE = "Qwen-Image-shapes", "TAG-MoE-shapes", "qwen_image_vae_shapes.safetensors"
+
+
+def _trained_comfy_vae(path: Path) -> Path:
+    """The shipped trained tiny VAE in ComfyUI's key layout, widened to width 96 (what ComfyUI 0.3.x
+    builds whatever the file holds; newer ComfyUI reads the width from the file, so one file serves
+    both), stored in fp16 like the shipped weights (the widening's rescaled norms and queries round)."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+    from safetensors.torch import save_file
+    from tagmoe_core.model.vae_widen import comfy_state_dict
+    from tagmoe_core.tiny import trained_tiny_bundle
+
+    small = AutoencoderKLQwenImage.from_pretrained(trained_tiny_bundle().base / "vae", torch_dtype=torch.float32)
+    save_file(comfy_state_dict(small, 96, torch.float16), path)
+    return path
+
+
 def is_hiddenswitch_fork(comfyui_dir=COMFYUI_DIR) -> bool:
     """The hiddenswitch fork of ComfyUI (an installable ``comfy`` package, its server in
     ``comfy/cmd/main.py``) rather than Comfy-Org's tree (``main.py`` with top-level ``nodes.py``)."""
@@ -94,6 +114,12 @@ def start_server(tiny_bundle, tmp_path_factory):
     (home / "models/diffusion_models/TAG-MoE").symlink_to(tiny_bundle.tagmoe)
     (home / "models/vae/qwen_image_vae.safetensors").symlink_to(comfy_vae)
     write_test_lora(home / "models/loras" / LORA_NAME)
+    from tagmoe_core.tiny import trained_tiny_bundle
+
+    trained = trained_tiny_bundle()
+    (home / "models/diffusers" / TRAINED_BASE).symlink_to(trained.base)
+    (home / "models/diffusion_models" / TRAINED_WEIGHTS).symlink_to(trained.tagmoe)
+    (home / "models/vae" / TRAINED_VAE).symlink_to(_trained_comfy_vae(root / "src" / TRAINED_VAE))
     # a returning user: newer frontends open the template browser on a first visit, late, over the graph
     (home / "user/default").mkdir(parents=True, exist_ok=True)
     (home / "user/default/comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))

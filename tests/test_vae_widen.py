@@ -54,6 +54,12 @@ def test_widened_keys_are_comfyuis_qwen_image_vae_keys_and_shapes():
     assert "decoder.middle.0.residual.0.gamma" in got and got["decoder.head.0.gamma"][0] == 96
     # newer ComfyUI reads the width from decoder.head.0.gamma: the small width itself
     assert diffusers_qwen_vae_to_comfy(widen(small).state_dict())["decoder.head.0.gamma"].shape[0] == 4
+    # what a ComfyUI VAE file holds: the same, in the file's dtype
+    from tagmoe_core.model.vae_widen import comfy_state_dict
+
+    state = comfy_state_dict(small, 96, torch.float16)
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    assert {v.dtype for v in state.values()} == {torch.float16}
 
 
 def test_converting_keys_refuses_what_is_not_a_diffusers_vae():

@@ -123,3 +123,12 @@ def widen(vae, base_dim: int | None = None, dim_mult=COMFY_DIM_MULT, num_res_blo
     dtype = next(vae.parameters()).dtype
     wide.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return wide.eval()
+
+
+def comfy_state_dict(vae, base_dim: int | None = None, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """``vae`` widened to the shape ComfyUI builds (at its own width, or ``base_dim``: 96 for ComfyUI
+    0.3.x), in ComfyUI's key layout (Wan 2.1), as ``dtype``: what a ComfyUI VAE file holds."""
+    from .vae_keys import diffusers_qwen_vae_to_comfy
+
+    wide = widen(vae, base_dim)
+    return {k: v.to(dtype).contiguous() for k, v in diffusers_qwen_vae_to_comfy(wide.state_dict()).items()}
