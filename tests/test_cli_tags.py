@@ -39,7 +39,7 @@ def test_rules_say_what_they_cannot_read(capsys, photo, tmp_path):
     assert seen["source"] == "rules" and any("do not look at the image" in w for w in seen["warnings"])
 
 
-def test_tiny_model_scores_the_tags(tiny_bundle, photo, tmp_path, capsys):
+def test_tiny_model_scores_the_tags(photo, tmp_path, capsys):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from tagmoe_core.intent.tag_scoring import TagScorer
