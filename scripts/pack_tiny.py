@@ -79,7 +79,8 @@ def card(report: dict, demo: synthetic.TaskSpec, commit: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished train_tiny.py OUT folder")
-    parser.add_argument("--demo", default="heldout:0", help="SPLIT:INDEX of the sample whose input is demo.png")
+    parser.add_argument("--demo", default="heldout:16",
+                        help="SPLIT:INDEX of the sample whose input is demo.png (16: the shipped one, a green circle)")
     parser.add_argument("--target", type=Path, default=TRAINED_ROOT)
     parser.add_argument("--commit", default="(not recorded)", help="the commit the run's script was at")
     parser.add_argument("--pictures", type=Path, default=None,
