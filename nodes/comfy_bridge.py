@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..tagmoe_core.errors import CheckpointNotFoundError
+
 log = logging.getLogger("tagmoe")
 
 try:  # ComfyUI's modules are top-level imports inside a running ComfyUI
@@ -30,6 +32,10 @@ except ImportError:  # pragma: no cover - exercised by the tests' plain Python e
 TAGMOE_FOLDER = "tagmoe"  # models/tagmoe: TAG-MoE weights (files or folders)
 WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _IGNORED_DIRS = {".git", ".cache", "__pycache__"}
+# The trained tiny model the package ships (tagmoe_core/assets/tiny-shapes), offered by the TAG-MoE Model
+# Loader beside the user's models so a workflow runs with nothing downloaded. One name for the base folder
+# and for the weights; no file in a model folder can have it (the parentheses and the space).
+EMBEDDED_MODEL = "tiny-shapes (embedded)"
 
 
 # -- model folders ------------------------------------------------------------------------------------
@@ -120,14 +126,28 @@ def weights_missing(name: str) -> "str | bool":
     """VALIDATE_INPUTS' answer for a TAG-MoE weights choice: True, or what to do."""
     try:
         resolve_model(TAGMOE_FOLDER, name)
+    except CheckpointNotFoundError as exc:  # the embedded model, its files left out of the install
+        return str(exc)
     except FileNotFoundError:
         return ("the TAG-MoE weights were not found: put a TAG-MoE .safetensors file (or the release's folder) in "
                 f"models/diffusion_models or models/tagmoe and pick it (got '{name}')")
     return True
 
 
+def embedded_model(kind: str) -> Path:
+    """The shipped trained tiny model's base folder (``kind`` 'diffusers') or TAG-MoE weights ('tagmoe');
+    a one-line CheckpointNotFoundError when the install left the package's data out."""
+    from ..tagmoe_core.tiny import trained_tiny_bundle
+
+    bundle = trained_tiny_bundle()
+    return bundle.base if kind == "diffusers" else bundle.tagmoe
+
+
 def resolve_model(kind: str, name: str) -> Path:
-    """The full path of a listed model (``kind`` 'diffusers' or 'tagmoe'), or FileNotFoundError."""
+    """The full path of a listed model (``kind`` 'diffusers' or 'tagmoe'; :data:`EMBEDDED_MODEL` is the
+    shipped tiny model), or FileNotFoundError."""
+    if name == EMBEDDED_MODEL:
+        return embedded_model(kind)
     kinds = ("diffusers",) if kind == "diffusers" else (TAGMOE_FOLDER, "diffusion_models")
     relative = name.rstrip("/" + os.sep)
     for k in kinds:

@@ -400,6 +400,62 @@ def native_task_intent() -> Graph:
     return g
 
 
+EMBEDDED = "tiny-shapes (embedded)"  # nodes.comfy_bridge.EMBEDDED_MODEL: the trained tiny model the pack ships
+TRY_PICTURE = "A yellow circle on a purple background"
+TRY_EDITS = (("Remove the circle", "TAG-MoE/try-remove"), ("Turn the whole image black and white", "TAG-MoE/try-gray"))
+
+
+def try_it() -> Graph:
+    """The shipped tiny model, nothing downloaded: draw a picture, then edit it twice, with routing maps."""
+    g = Graph("00 Try it - tiny shapes model, no download")
+    m = g.add("TagMoEModelLoader", (40, 80), [EMBEDDED, EMBEDDED, "auto", "fp32", "auto", "auto", False, False, -1,
+                                              "", False],
+              outputs=[("model", "TAGMOE_MODEL"), ("placement", "STRING")], size=(360, 520))
+    note(g, (40, 680), "**Try the pack with nothing to download.** `tiny-shapes (embedded)` is a tiny TAG-MoE (4 "
+                       "experts in its MoE blocks) shipped with the pack and trained on 64x64 pictures of shapes on "
+                       "plain backgrounds, with instructions such as *Make the circle red*, *Add a blue square*, "
+                       "*Remove the triangle*, *Make the background green*, *Turn the whole image black and white*, "
+                       "*Invert the colours of the whole image* or, without an input, *A blue square on a yellow "
+                       "background*. It checks the machinery; it is not TAG-MoE's quality (one-object pictures edit "
+                       "best). Keep 64x64 and cfg 1 (it never learnt the empty prompt).\n\nThe first row draws a "
+                       "picture; the two below edit it. The routing maps show which expert worked where: the local "
+                       "edit and the global style change use different experts.", size=(360, 520))
+    pictures = None
+    rows = ((TRY_PICTURE, None),) + TRY_EDITS
+    for row, (prompt, prefix) in enumerate(rows):
+        y = 80 + 760 * row
+        t = text_encode(g, (440, y), prompt)
+        s = g.add("TagMoESampler", (860, y), [0, "fixed", 20, 1.0, 64, 64, 1, 1.0, 0.0, prefix is not None, ""],
+                  inputs=[("model", "TAGMOE_MODEL", False), ("conditioning", "TAGMOE_CONDITIONING", False),
+                          ("image", "IMAGE", True), ("mask", "MASK", True), ("latent", "LATENT", True),
+                          ("tags", "TAGMOE_TAGS", True)],
+                  outputs=[("latent", "LATENT"), ("seed", "INT"), ("routing", "TAGMOE_ROUTING")], size=(340, 700))
+        d = decode(g, (1240, y))
+        for a, out_name, b, in_name in ((m, "model", t, "model"), (m, "model", s, "model"), (m, "model", d, "model"),
+                                        (t, "conditioning", s, "conditioning"), (s, "latent", d, "latent")):
+            g.link(a, out_name, b, in_name)
+        if prefix is None:
+            pictures = d
+            shown = g.add("PreviewImage", (1540, y), [], inputs=[("images", "IMAGE", False)], size=(300, 320),
+                          title="The drawn picture")
+            g.link(d, "image", shown, "images")
+            continue
+        g.link(pictures, "image", s, "image")
+        out = save_image(g, (1540, y), prefix)
+        routing = g.add("TagMoERoutingMap", (1880, y), ["all", "all"],
+                        inputs=[("routing", "TAGMOE_ROUTING", False), ("model", "TAGMOE_MODEL", True),
+                                ("image", "IMAGE", True), ("condition_image", "IMAGE", True),
+                                ("tags", "TAGMOE_TAGS", True)],
+                        outputs=[("maps", "IMAGE"), ("report", "STRING")], size=(360, 420))
+        maps = g.add("PreviewImage", (2280, y), [], inputs=[("images", "IMAGE", False)], size=(420, 320))
+        for a, out_name, b, in_name in ((d, "image", out, "images"), (s, "routing", routing, "routing"),
+                                        (m, "model", routing, "model"), (d, "image", routing, "image"),
+                                        (pictures, "image", routing, "condition_image"),
+                                        (routing, "maps", maps, "images")):
+            g.link(a, out_name, b, in_name)
+    return g
+
+
 DISPLAY = {"TagMoEModelLoader": "TAG-MoE Model Loader", "TagMoETextEncode": "TAG-MoE Text Encode",
            "TagMoESampler": "TAG-MoE Sampler", "TagMoEDecode": "TAG-MoE Decode", "TagMoETaskTags": "TAG-MoE Task Tags",
            "TagMoEPromptRefine": "TAG-MoE Prompt Refine", "TagMoERoutingMap": "TAG-MoE Routing Map",
@@ -492,7 +548,7 @@ def thumbnail(graph: dict, path: Path, size: tuple[int, int] = (640, 480)) -> No
     image.save(path, quality=90)
 
 
-BUILDERS = (native_edit, native_text_to_image, native_region_edit, native_lora_edit, native_task_intent,
+BUILDERS = (try_it, native_edit, native_text_to_image, native_region_edit, native_lora_edit, native_task_intent,
             instruction_edit, text_to_image, region_edit, native_latent_chain, task_intent)
 
 

@@ -81,7 +81,7 @@ def test_pack_root_imports_as_a_plain_module():
 
 def test_loader_lists_models_and_reports_placement(nodes, models_dir, model):
     spec = nodes["TagMoEModelLoader"].INPUT_TYPES()["required"]
-    assert spec["base_model"][0] == ["Qwen-Image-tiny"]
+    assert spec["base_model"][0] == ["Qwen-Image-tiny", "tiny-shapes (embedded)"]  # the user's, then the shipped one
     assert "TAG-MoE-tiny/" in spec["tagmoe_weights"][0]
     assert "qwen_image_dense.safetensors" in spec["tagmoe_weights"][0]
     assert not any(".safetensors" in w and "TAG-MoE-tiny/" in w for w in spec["tagmoe_weights"][0])

@@ -42,3 +42,32 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 inputs[entry["name"]] = [str(origin), slot]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def run_offline(workflow: dict, classes: dict, object_info: dict) -> tuple[dict, dict]:
+    """Run a UI workflow without ComfyUI: the pack's nodes through ``node_harness.run_node`` in
+    dependency order; PreviewImage / SaveImage only collect their images. Returns (every node's
+    result tuple, {node id: the IMAGE batch a preview or save node got})."""
+    from node_harness import run_node
+
+    prompt = ui_to_api(workflow, object_info)
+    results: dict[str, tuple] = {}
+    shown: dict[str, object] = {}
+
+    def run(node_id: str) -> None:
+        if node_id in results:
+            return
+        node = prompt[node_id]
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                run(value[0])
+        inputs = {k: results[v[0]][v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+        if node["class_type"] in ("PreviewImage", "SaveImage"):
+            shown[node_id] = inputs["images"]
+            results[node_id] = ()
+        else:
+            results[node_id] = run_node(classes[node["class_type"]], **inputs)[0]
+
+    for node_id in prompt:
+        run(node_id)
+    return results, shown

@@ -58,12 +58,15 @@ class TagMoEModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        bases = bridge.list_diffusers_models() or [NO_BASE]
-        weights = bridge.list_tagmoe_weights() or [NO_WEIGHTS]
+        embedded = [bridge.EMBEDDED_MODEL]  # the shipped tiny model, last: nothing to download to try the pack
+        bases = (bridge.list_diffusers_models() or [NO_BASE]) + embedded
+        weights = (bridge.list_tagmoe_weights() or [NO_WEIGHTS]) + embedded
         return {
             "required": {
                 "base_model": (bases, {"tooltip": "Qwen-Image in diffusers layout (a folder with model_index.json) "
-                                                  "under models/diffusers"}),
+                                                  f"under models/diffusers; '{bridge.EMBEDDED_MODEL}': the tiny "
+                                                  "model shipped with the pack (64x64 shapes, for trying the "
+                                                  "nodes, with the same choice for the weights)"}),
                 "tagmoe_weights": (weights, {"tooltip": "TAG-MoE weights under models/tagmoe or "
                                                         "models/diffusion_models: a .safetensors/.bin/.pt file, or a "
                                                         "folder with the weights or a *.index.json and its shards"}),
@@ -113,6 +116,9 @@ class TagMoEModelLoader:
     def load(self, base_model, tagmoe_weights, device="auto", dtype="auto", moe_backend="auto", placement="auto",
              fp8_weights=False, drop_text_encoder=False, blocks_on_gpu=-1, gpu_memory_gib="",
              ignore_unexpected_keys=False, unique_id=None):
+        if (base_model == bridge.EMBEDDED_MODEL) != (tagmoe_weights == bridge.EMBEDDED_MODEL):
+            raise TagMoEError(f"'{bridge.EMBEDDED_MODEL}' is one model: pick it for both base_model and "
+                              "tagmoe_weights, or neither")
         try:
             base = bridge.resolve_model("diffusers", base_model)
         except FileNotFoundError as exc:
