@@ -33,8 +33,9 @@ TAGMOE_FOLDER = "tagmoe"  # models/tagmoe: TAG-MoE weights (files or folders)
 WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _IGNORED_DIRS = {".git", ".cache", "__pycache__"}
 # The trained tiny model the package ships (tagmoe_core/assets/tiny-shapes), offered by the TAG-MoE Model
-# Loader beside the user's models so a workflow runs with nothing downloaded. One name for the base folder
-# and for the weights; no file in a model folder can have it (the parentheses and the space).
+# Loader after the user's models so a workflow runs with nothing downloaded. One name for the base folder
+# and for the weights (a listed weights entry ends in an extension or a separator, so none has it; a
+# diffusers folder of that name would be hidden behind it).
 EMBEDDED_MODEL = "tiny-shapes (embedded)"
 
 
@@ -126,9 +127,9 @@ def weights_missing(name: str) -> "str | bool":
     """VALIDATE_INPUTS' answer for a TAG-MoE weights choice: True, or what to do."""
     try:
         resolve_model(TAGMOE_FOLDER, name)
-    except CheckpointNotFoundError as exc:  # the embedded model, its files left out of the install
-        return str(exc)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if name == EMBEDDED_MODEL:  # its files left out of the install
+            return str(exc)
         return ("the TAG-MoE weights were not found: put a TAG-MoE .safetensors file (or the release's folder) in "
                 f"models/diffusion_models or models/tagmoe and pick it (got '{name}')")
     return True
@@ -147,7 +148,10 @@ def resolve_model(kind: str, name: str) -> Path:
     """The full path of a listed model (``kind`` 'diffusers' or 'tagmoe'; :data:`EMBEDDED_MODEL` is the
     shipped tiny model), or FileNotFoundError."""
     if name == EMBEDDED_MODEL:
-        return embedded_model(kind)
+        try:
+            return embedded_model(kind)
+        except CheckpointNotFoundError as exc:
+            raise FileNotFoundError(str(exc)) from exc
     kinds = ("diffusers",) if kind == "diffusers" else (TAGMOE_FOLDER, "diffusion_models")
     relative = name.rstrip("/" + os.sep)
     for k in kinds:

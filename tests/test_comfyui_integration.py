@@ -8,7 +8,8 @@ project's) are installed in the Python running pytest, e.g.
 It starts ``main.py --cpu`` on a free loopback port with a fresh base directory holding the
 pack (linked), the tiny model in models/diffusers and models/tagmoe, and the same VAE in
 ComfyUI's format in models/vae; converts each workflow to API format with the server's own
-/object_info, makes it small (steps, sizes), queues it and checks the images that come back.
+/object_info, makes it small (steps, sizes), queues it and checks the images that come back; "00 Try
+it" runs as shipped (the pack's own tiny model) and its pictures are judged by the task set's rule.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import pytest
 from comfy_server import (COMFYUI_DIR, LORA_NAME, images_of, is_hiddenswitch_fork, offline_page, run_prompt,
                           same_on_every_tree)
 from node_harness import REPO
-from try_it import judge, try_it_prompts
+from try_it import TRY_IT, TryIt
 from workflow_api import ui_to_api
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout")]
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
-EMBEDDED = "tiny-shapes (embedded)"  # the TAG-MoE Model Loader's name for the model the pack ships
 
 
 def _for_the_tiny_model(prompt: dict) -> dict:
@@ -62,14 +62,12 @@ def test_workflow_runs_in_comfyui(comfy_server, path):
     object_info = requests.get(f"{server['url']}/object_info", timeout=60).json()
     workflow = json.loads(path.read_text())
     prompt = ui_to_api(workflow, object_info)
-    shipped_model = any(node["class_type"] == "TagMoEModelLoader" and node["inputs"]["base_model"] == EMBEDDED
-                        for node in prompt.values())
-    if not shipped_model:  # the shipped tiny model's workflow runs as a user gets it; the others made small
+    if path != TRY_IT:  # the try-it workflow runs the shipped tiny model as a user gets it; the others made small
         prompt = _for_the_tiny_model(prompt)
     entry = run_prompt(server, prompt)
     images = images_of(server, entry)
     assert images, f"no images came back: {entry['outputs']}"
-    if shipped_model:
+    if path == TRY_IT:
         _judge_try_it(workflow, images)
     for node_id, pictures in images.items():
         kind = prompt[node_id]["class_type"]
@@ -86,12 +84,9 @@ def test_workflow_runs_in_comfyui(comfy_server, path):
 def _judge_try_it(workflow: dict, images: dict) -> None:
     """The drawn picture and both edits pass the task set's pixel rule, as without ComfyUI
     (tests/test_try_it_workflow.py)."""
-    nodes = {str(n["id"]): n for n in workflow["nodes"]}
-    drawn = next(images[i][0] for i, n in nodes.items() if n.get("title") == "The drawn picture")
-    edits = [images[i][0] for i, n in nodes.items() if n["type"] == "SaveImage"]
-    verdicts = judge(try_it_prompts(), drawn.convert("RGB"), [e.convert("RGB") for e in edits])
-    print("\n".join(v.summary() for v in verdicts))
-    assert len(verdicts) == 3 and all(v.ok for v in verdicts), [v.summary() for v in verdicts]
+    verdicts = TryIt(workflow).judge(lambda node: images[str(node["id"])][0].convert("RGB"))
+    print("\n".join(f"{prompt}: {v.summary()}" for prompt, v in verdicts))
+    assert len(verdicts) == 3 and all(v.ok for _, v in verdicts), [v.summary() for _, v in verdicts]
 
 
 def test_native_vae_decode_matches_ours(comfy_server):

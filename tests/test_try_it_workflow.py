@@ -1,16 +1,21 @@
 """"00 Try it": the shipped tiny model picked by name in the TAG-MoE Model Loader, run as the workflow
 file wires it (without ComfyUI: the pack's nodes in dependency order), draws a picture and edits it
 as asked, and the two edits route to different experts. The same workflow inside a real ComfyUI:
-tests/test_comfyui_integration.py."""
+tests/test_comfyui_integration.py.
+
+Measured on the CPU (fp32, as the workflow loads it): the drawing passes with its shape's fill at
+0.755 and its centre 0.01 off the middle, the removal with the rest at 44.7 dB, the black-and-white
+at 32.6 dB (bound 25); the removal sends 99% of its tokens' top-1 to experts 2 and 3, the
+black-and-white 99% to experts 0 and 1."""
 
 from __future__ import annotations
 
-import json
+import importlib
 
 import pytest
 from node_harness import PACK_ERROR, load_pack, run_node
 from test_workflows import node_specs
-from try_it import TRY_IT, judge, try_it_prompts
+from try_it import TryIt, read_instruction
 from workflow_api import run_offline
 
 pack = load_pack()
@@ -19,38 +24,20 @@ bridge = pack.nodes.comfy_bridge
 
 @pytest.fixture(scope="module")
 def ran():
-    workflow = json.loads(TRY_IT.read_text())
+    graph = TryIt()
     info = {name: {"input": spec["input"]} for name, spec in node_specs().items()}
-    return ui_to_nodes(workflow), *run_offline(workflow, pack.NODE_CLASS_MAPPINGS, info)
-
-
-def ui_to_nodes(workflow: dict) -> dict[str, dict]:
-    return {str(n["id"]): n for n in workflow["nodes"]}
-
-
-def _pictures(nodes, shown) -> dict[str, object]:
-    """Each preview/save node's picture by what it shows: 'drawn', or the save prefix."""
-    out = {}
-    for node_id, batch in shown.items():
-        node = nodes[node_id]
-        if node["type"] == "SaveImage":
-            key = node["widgets_values"][0]
-        elif node.get("title") == "The drawn picture":
-            key = "drawn"
-        else:
-            continue
-        out[key] = pack.nodes.conversions.image_batch_to_pil(batch)[0]
-    return out
+    results, shown = run_offline(graph.workflow, pack.NODE_CLASS_MAPPINGS, info)
+    return graph, results, shown
 
 
 def test_the_loader_offers_the_shipped_model_and_resolves_it():
     from tagmoe_core.tiny import trained_tiny_bundle
 
     spec = pack.NODE_CLASS_MAPPINGS["TagMoEModelLoader"].INPUT_TYPES()["required"]
-    assert bridge.EMBEDDED_MODEL in spec["base_model"][0] and bridge.EMBEDDED_MODEL in spec["tagmoe_weights"][0]
+    assert spec["base_model"][0][-1] == spec["tagmoe_weights"][0][-1] == bridge.EMBEDDED_MODEL
     bundle = trained_tiny_bundle()
-    assert bridge.resolve_model("diffusers", bridge.EMBEDDED_MODEL) == bundle.base
-    assert bridge.resolve_model("tagmoe", bridge.EMBEDDED_MODEL) == bundle.tagmoe
+    assert bridge.resolve_model("diffusers", bridge.EMBEDDED_MODEL).samefile(bundle.base)
+    assert bridge.resolve_model("tagmoe", bridge.EMBEDDED_MODEL).samefile(bundle.tagmoe)
     assert bridge.weights_missing(bridge.EMBEDDED_MODEL) is True
 
 
@@ -64,37 +51,46 @@ def test_half_the_embedded_model_is_refused_before_loading(tmp_path, monkeypatch
         run_node(loader, base_model=bridge.EMBEDDED_MODEL, tagmoe_weights="other.safetensors")
 
 
+def test_an_install_without_the_assets_says_so_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(pack.tagmoe_core.tiny, "TRAINED_ROOT", tmp_path / "tiny-shapes")
+    problem = bridge.weights_missing(bridge.EMBEDDED_MODEL)
+    assert isinstance(problem, str) and "\n" not in problem and "reinstall the pack" in problem
+    loader = pack.NODE_CLASS_MAPPINGS["TagMoEModelLoader"]
+    with pytest.raises(PACK_ERROR, match="trained tiny model is incomplete"):
+        loader().load(bridge.EMBEDDED_MODEL, bridge.EMBEDDED_MODEL, device="cpu")
+
+
 def test_the_workflow_draws_and_edits_as_asked(ran):
-    nodes, results, shown = ran
-    pictures = _pictures(nodes, shown)
-    prompts = try_it_prompts()
-    saves = [n["widgets_values"][0] for n in nodes.values() if n["type"] == "SaveImage"]
-    assert set(pictures) == {"drawn", *saves} and len(saves) == len(prompts) - 1
-    verdicts = judge(prompts, pictures["drawn"], [pictures[prefix] for prefix in saves])
-    print("\n".join(v.summary() for v in verdicts))
-    assert len(verdicts) == len(prompts) and all(v.ok for v in verdicts), [v.summary() for v in verdicts]
+    graph, results, shown = ran
+    pictures = {node_id: pack.nodes.conversions.image_batch_to_pil(batch)[0].convert("RGB")
+                for node_id, batch in shown.items()}
+    verdicts = graph.judge(lambda node: pictures[str(node["id"])])
+    print("\n".join(f"{prompt}: {v.summary()}" for prompt, v in verdicts))
+    assert len(verdicts) == 3 and all(v.ok for _, v in verdicts), [v.summary() for _, v in verdicts]
 
 
 def test_the_two_edits_route_to_different_experts(ran):
-    """The local edit and the global style change (TAG-MoE's point: experts by task) send most of their
-    tokens to different experts, and what the router head reads from each routing is that task's tags
-    (the task set's: remove and grayscale), ranked above every other tag."""
-    from tagmoe_core.intent.routing import analyse
-    from tagmoe_core.training.synthetic import TASK_TAGS
-
-    nodes, results, shown = ran
-    loader = next(i for i, n in nodes.items() if n["type"] == "TagMoEModelLoader")
-    transformer = results[loader][0].require().transformer
-    maps = [i for i, n in nodes.items() if n["type"] == "TagMoERoutingMap"]
-    samplers = [i for i, n in nodes.items() if n["type"] == "TagMoESampler" and n["widgets_values"][9]]
-    assert len(maps) == len(samplers) == 2
-    for i in maps:  # the node drew its maps and wrote its report
-        assert results[i][0].shape[0] == 1 and "top-1 share of target tokens" in results[i][1]
-    analyses = [analyse(results[i][2], transformer) for i in samplers]
-    shares = [a.expert_share for a in analyses]
-    print("\n".join(f"{task}: shares {[round(float(v), 3) for v in share]}, reads {a.ranking[:5]}"
-                    for task, share, a in zip(("remove", "grayscale"), shares, analyses)))
-    assert int(shares[0].argmax()) != int(shares[1].argmax()), shares
-    for task, a in zip(("remove", "grayscale"), analyses):
-        expected = set(TASK_TAGS[task].names)
+    """The removal (a local edit) and the black-and-white (a global style change) send almost all their
+    tokens to different pairs of experts (TAG-MoE's point: experts by task), and what the router head
+    reads from each routing ranks that task's own tags (the task set's) above every other tag."""
+    analyse = importlib.import_module(f"{pack.__name__}.tagmoe_core.intent.routing").analyse  # the pack's copy
+    task_tags = importlib.import_module(f"{pack.__name__}.tagmoe_core.training.synthetic").TASK_TAGS
+    graph, results, shown = ran
+    loader = next(n for n in graph.nodes.values() if n["type"] == "TagMoEModelLoader")
+    transformer = results[str(loader["id"])][0].require().transformer
+    by_task = {}
+    for save, sampler, _ in graph.edits():
+        task, _ = read_instruction(graph.prompt_of(graph.origin(save, "images")))
+        routing = results[str(sampler["id"])][2]
+        by_task[task] = analyse(routing, transformer)
+        maps = next(n for n in graph.nodes.values() if n["type"] == "TagMoERoutingMap"
+                    and graph.origin(n, "routing")["id"] == sampler["id"])
+        image, report = results[str(maps["id"])]
+        assert image.shape[0] == 1 and "top-1 share of target tokens" in report  # the node drew and reported
+    print("\n".join(f"{task}: shares {[round(float(v), 3) for v in a.expert_share]}, reads {a.ranking[:5]}"
+                    for task, a in by_task.items()))
+    assert set(by_task) == {"remove", "grayscale"}
+    assert by_task["remove"].expert_share[2:].sum() > 0.9 and by_task["grayscale"].expert_share[:2].sum() > 0.9
+    for task, a in by_task.items():
+        expected = set(task_tags[task].names)
         assert {name for name, _ in a.ranking[:len(expected)]} == expected, (task, a.ranking[:6])

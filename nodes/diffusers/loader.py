@@ -48,8 +48,9 @@ def _release_all() -> None:
 
 
 class TagMoEModelLoader:
-    DESCRIPTION = ("Loads Qwen-Image with the TAG-MoE transformer (4-expert MoE in the last 10 image FFNs). "
-                   "Stays loaded until an input changes.")
+    DESCRIPTION = ("Loads Qwen-Image with the TAG-MoE transformer (the release: 4-expert MoE in the last 10 image "
+                   f"FFNs), or '{bridge.EMBEDDED_MODEL}', the tiny model shipped with the pack. Stays loaded until an "
+                   "input changes; one model at a time.")
     CATEGORY = "TAG-MoE"
     FUNCTION = "load"
     RETURN_TYPES = ("TAGMOE_MODEL", "STRING")
@@ -69,7 +70,8 @@ class TagMoEModelLoader:
                                                   "nodes, with the same choice for the weights)"}),
                 "tagmoe_weights": (weights, {"tooltip": "TAG-MoE weights under models/tagmoe or "
                                                         "models/diffusion_models: a .safetensors/.bin/.pt file, or a "
-                                                        "folder with the weights or a *.index.json and its shards"}),
+                                                        "folder with the weights or a *.index.json and its shards; "
+                                                        f"'{bridge.EMBEDDED_MODEL}' with the same base_model"}),
                 "device": ("STRING", {"default": "auto", "tooltip": "'auto' (first GPU, else CPU), 'cpu', 'cuda:0', "
                                                                     "or '0,1' to split the transformer across GPUs"}),
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": (
@@ -122,6 +124,8 @@ class TagMoEModelLoader:
         try:
             base = bridge.resolve_model("diffusers", base_model)
         except FileNotFoundError as exc:
+            if base_model == bridge.EMBEDDED_MODEL:
+                raise TagMoEError(str(exc)) from exc
             raise TagMoEError("the base model was not found: put the Qwen-Image diffusers folder (model_index.json, "
                               f"transformer/, text_encoder/, ...) in models/diffusers and pick it ({exc})") from exc
         try:
@@ -149,7 +153,8 @@ class TagMoEModelLoader:
                         if param.is_cuda:
                             reclaimable[param.device.index] = reclaimable.get(param.device.index, 0) + \
                                 param.numel() * param.element_size()
-        bridge.free_vram_for_external_model()  # ComfyUI's own models reload on demand: free them first
+        if device != "cpu":  # ComfyUI's own models reload on demand: free the GPU for ours first
+            bridge.free_vram_for_external_model()
         progress = bridge.Progress(100, unique_id)
         pipe = load_pipeline(base, weights, device=device, dtype=DTYPES[dtype], backend=moe_backend,
                              placement=placement, fp8=fp8_weights, drop_text_encoder=drop_text_encoder,
