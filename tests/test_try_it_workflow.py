@@ -94,3 +94,17 @@ def test_the_two_edits_route_to_different_experts(ran):
     for task, a in by_task.items():
         expected = set(task_tags[task].names)
         assert {name for name, _ in a.ranking[:len(expected)]} == expected, (task, a.ranking[:6])
+
+
+def test_a_cpu_load_leaves_comfyuis_gpu_models_and_a_bad_device_stops_first(monkeypatch):
+    """Loading on the CPU does not unload ComfyUI's models from the GPU (they would reload for nothing);
+    a device that cannot be parsed is one line before anything is freed or loaded."""
+    freed = []
+    monkeypatch.setattr(bridge, "free_vram_for_external_model", lambda: freed.append(True))
+    loader = pack.NODE_CLASS_MAPPINGS["TagMoEModelLoader"]
+    with pytest.raises(PACK_ERROR, match="invalid device"):
+        loader().load(bridge.EMBEDDED_MODEL, bridge.EMBEDDED_MODEL, device="gpu seven")
+    assert not freed
+    (model, info), _ = run_node(loader, base_model=bridge.EMBEDDED_MODEL, tagmoe_weights=bridge.EMBEDDED_MODEL,
+                                device="cpu", dtype="fp32")
+    assert not freed and model.pipe is not None and "4 experts, top-1" in info

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ...tagmoe_core.errors import TagMoEError
 from ...tagmoe_core.model.moe import BACKENDS, effective_backend, moe_layers
 from ...tagmoe_core.pipeline.placement import MODES as PLACEMENTS
-from ...tagmoe_core.runtime.devices import DTYPES
+from ...tagmoe_core.runtime.devices import DTYPES, parse_device_spec
 from .. import comfy_bridge as bridge
 
 log = logging.getLogger("tagmoe")
@@ -153,7 +153,8 @@ class TagMoEModelLoader:
                         if param.is_cuda:
                             reclaimable[param.device.index] = reclaimable.get(param.device.index, 0) + \
                                 param.numel() * param.element_size()
-        if device != "cpu":  # ComfyUI's own models reload on demand: free the GPU for ours first
+        on = parse_device_spec(device)  # a bad device: one line, before anything is freed or loaded
+        if on is None or on.kind != "cpu":  # ComfyUI's own models reload on demand: free the GPU for ours first
             bridge.free_vram_for_external_model()
         progress = bridge.Progress(100, unique_id)
         pipe = load_pipeline(base, weights, device=device, dtype=DTYPES[dtype], backend=moe_backend,
@@ -183,7 +184,7 @@ def _paths_key(base_model, tagmoe_weights, device, dtype, moe_backend) -> tuple:
 
 def parse_gib_caps(text: str, device: str) -> dict[int, int] | None:
     """'20' or '38,38' (GiB) -> {gpu id: bytes} for the GPUs of ``device`` in order."""
-    from ...tagmoe_core.runtime.devices import GIB, parse_device_spec
+    from ...tagmoe_core.runtime.devices import GIB
 
     if not str(text).strip():
         return None
