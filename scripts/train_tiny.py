@@ -454,7 +454,7 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
                          train="whole", steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          lambda_lbl=args.lambda_lbl, lambda_align=args.lambda_align, seed=args.seed,
                          device="cpu", max_grad_norm=1.0, train_tag_embedding=not args.freeze_tag_embedding,
-                         text_dropout=args.text_dropout, weight_decay=args.weight_decay)
+                         text_dropout=args.text_dropout, weight_decay=args.weight_decay, ema_decay=args.ema_decay)
     start = time.perf_counter()
     with SingleFrameConvs(), FastRMSNorm():  # the data's VAE encoding: the same latents within float rounding
         trainer = prepare(config)
@@ -489,7 +489,7 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
                "first_50_mean": {k: float(np.mean([h[k] for h in head])) for k in head[0]},
                "last_200_mean": {k: float(np.mean([h[k] for h in tail])) for k in tail[0]},
                "lr": args.lr, "batch_size": args.batch_size, "lambda_lbl": args.lambda_lbl,
-               "lambda_align": args.lambda_align, "weight_decay": args.weight_decay}
+               "lambda_align": args.lambda_align, "weight_decay": args.weight_decay, "ema_decay": args.ema_decay}
     log(f"transformer done: {trainer.step_index} steps in {seconds:.0f}s; loss first 50 "
         f"{summary['first_50_mean']['loss']:.4f} -> last 200 {summary['last_200_mean']['loss']:.4f}")
     return summary, checkpoint
@@ -669,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=100, help="the transformer's linear learning-rate warmup steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled weight decay")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="keep a moving average of the transformer's weights and ship it (0: the last weights)")
     parser.add_argument("--text-dropout", type=float, default=0.0,
                         help="share of samples trained on the empty prompt (what true CFG, --eval-cfg > 1, needs)")
     parser.add_argument("--lambda-lbl", type=float, default=0.01)

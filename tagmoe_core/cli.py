@@ -585,6 +585,9 @@ def _add_train(sub) -> None:
     _flag(run, "text_dropout", type=float, default=0.0, help="share of prompts replaced by the empty one")
     _flag(run, "weight_decay", type=float, default=0.0)
     _flag(run, "max_grad_norm", type=float, default=1.0, help="gradient clipping (0: none)")
+    _flag(run, "ema_decay", type=float, default=0.0,
+          help="keep a moving average of the trained weights (e.g. 0.999) and save it as the checkpoints' model "
+               "(default 0: the last weights)")
     run.add_argument("--seed", type=int, default=0, help="the same seed and data give the same run (default: 0)")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     _flag(run, "save_every", type=int, default=0, help="save a checkpoint every N steps (default: only at the end)")
@@ -612,7 +615,8 @@ def run_train(args) -> int:
         batch_size=args.batch_size, lambda_lbl=args.lambda_lbl, lambda_align=args.lambda_align, seed=args.seed,
         resume=args.resume, save_every=args.save_every, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_modules=modules, train_tag_embedding=not args.freeze_tag_embedding, text_dropout=args.text_dropout,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, device=args.device, dtype=args.dtype,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, ema_decay=args.ema_decay,
+        device=args.device, dtype=args.dtype,
         bf16=False if args.no_bf16_autocast else None, gradient_checkpointing=args.gradient_checkpointing)
     result = train(config, progress=lambda report: print(report.line(), flush=True))
     if result.checkpoint is not None:

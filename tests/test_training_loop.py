@@ -93,11 +93,14 @@ def test_a_training_checkpoint_loads_through_the_core_loader_with_the_trained_ou
     assert not torch.allclose(_forward(original.transformer), _forward(loaded.transformer), atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["moe", "lora"])
-def test_resume_continues_exactly_as_an_uninterrupted_run(mode, tiny_bundle, data, tmp_path):
-    whole = train(_config(tiny_bundle, data, tmp_path / "a", train=mode, steps=5, seed=7))
-    train(_config(tiny_bundle, data, tmp_path / "b", train=mode, steps=2, seed=7))
-    resumed = train(_config(tiny_bundle, data, tmp_path / "b", train=mode, steps=5, seed=7, resume=True))
+@pytest.mark.parametrize("mode, ema", [("moe", 0.0), ("lora", 0.0), ("moe", 0.9), ("lora", 0.9)])
+def test_resume_continues_exactly_as_an_uninterrupted_run(mode, ema, tiny_bundle, data, tmp_path):
+    # With a moving average the checkpoint's model is the average: the resumed run must go on from the
+    # live weights and the average both (from the average alone its losses would differ from step 3).
+    whole = train(_config(tiny_bundle, data, tmp_path / "a", train=mode, steps=5, seed=7, ema_decay=ema))
+    train(_config(tiny_bundle, data, tmp_path / "b", train=mode, steps=2, seed=7, ema_decay=ema))
+    resumed = train(_config(tiny_bundle, data, tmp_path / "b", train=mode, steps=5, seed=7, resume=True,
+                            ema_decay=ema))
     assert len(whole.history) == 5 and resumed.history == whole.history  # every loss term, bit for bit
     assert saved_steps(tmp_path / "b") == [2, 5]
     a, b = _weights(whole.checkpoint), _weights(resumed.checkpoint)
@@ -117,6 +120,28 @@ def test_a_run_trains_weights_in_memory_of_its_own_at_the_allocators_alignment(r
     tensors = list(trainer.transformer.state_dict().items())
     assert len(tensors) > 100
     assert [name for name, t in tensors if t.data_ptr() % 64] == []
+
+
+def test_a_moving_average_run_saves_the_average_and_trains_the_live_weights(tiny_bundle, data, tmp_path):
+    decay, steps = 0.6, 5
+    trainer = prepare(_config(tiny_bundle, data, tmp_path / "o", train="moe", steps=steps, lr=1e-2, ema_decay=decay))
+    names = {id(p): n for n, p in trainer.transformer.named_parameters()}
+    keys = [names[id(p)] for p in trainer.params]
+    average = [p.detach().clone() for p in trainer.params]
+    for k in range(1, steps + 1):  # diffusers' EMAModel warm-up: 0 at the first step, then (1 + j) / (10 + j)
+        trainer.step()
+        j = k - 1
+        d = 0.0 if j <= 0 else min(decay, (1 + j) / (10 + j))
+        average = [d * a + (1 - d) * p.detach() for a, p in zip(average, trainer.params)]
+    live = {k: v.clone() for k, v in trainer.transformer.state_dict().items()}
+    released = trainer.release_state_dict()
+    for key, expected in zip(keys, average):
+        torch.testing.assert_close(released[key], expected, rtol=1e-6, atol=1e-7)
+    moved = [k for k in keys if not torch.allclose(released[k], live[k], atol=1e-6)]
+    assert len(moved) == len(keys)  # the average is not the last weights
+    assert all(torch.equal(v, live[k]) for k, v in trainer.transformer.state_dict().items())  # training goes on
+    loaded = load_pipeline(tiny_bundle.base, trainer.save(), device="cpu").transformer.state_dict()
+    assert all(torch.equal(loaded[k], released[k]) for k in released)
 
 
 def test_the_seed_decides_the_run(tiny_bundle, data, tmp_path):

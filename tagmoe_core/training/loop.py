@@ -10,6 +10,10 @@
 * Reproducible: the batches of epoch ``e`` and the sigmas, noise and text dropout of step ``k``
   come from generators seeded by ``(seed, e)`` and ``(seed, k)``, so a resumed run takes exactly
   the steps an uninterrupted one would (on the same device).
+* ``ema_decay`` > 0 keeps an exponential moving average of the trained weights (diffusers'
+  ``EMAModel``, with its warm-up ``(1 + k) / (10 + k)``): the checkpoints' ``transformer/`` then holds the
+  averaged weights (the model to use), and ``training_state.pt`` the live ones and the average, so a resumed
+  run takes exactly the steps an uninterrupted one would.
 * Weights train in float32 (``dtype`` bfloat16 stores the frozen ones in bfloat16); on CUDA the
   forward runs under bfloat16 autocast (``bf16``) and ``gradient_checkpointing`` recomputes each
   block's activations in the backward pass.
@@ -46,7 +50,7 @@ TRAIN_MODES = ("whole", "moe", "lora")
 LOG_FILE = "train_log.jsonl"
 # Settings a resumed run must share with the run it continues.
 RESUME_KEYS = ("train", "seed", "batch_size", "lora_rank", "lora_alpha", "lora_modules", "train_tag_embedding",
-               "text_dropout")
+               "text_dropout", "ema_decay")
 
 
 @dataclass
@@ -71,6 +75,7 @@ class TrainConfig:
     text_dropout: float = 0.0  # share of steps whose prompt is the empty one (for true CFG)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0: no clipping
+    ema_decay: float = 0.0  # 0: no moving average; else the checkpoints hold the averaged weights
     device: str = "auto"
     dtype: str = "fp32"  # of the frozen weights: fp32 or bf16
     bf16: bool | None = None  # bf16 autocast; None: on CUDA
@@ -113,12 +118,15 @@ def check_config(config: TrainConfig) -> None:
         raise InputError(f"--save-every must be 0 (only at the end) or more, got {config.save_every}")
     numbers = {"lr": config.lr, "lambda_lbl": config.lambda_lbl, "lambda_align": config.lambda_align,
                "weight_decay": config.weight_decay, "max_grad_norm": config.max_grad_norm,
-               "text_dropout": config.text_dropout, "lora_alpha": config.lora_alpha}
+               "text_dropout": config.text_dropout, "lora_alpha": config.lora_alpha, "ema_decay": config.ema_decay}
     for name, value in numbers.items():
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
     if config.lr <= 0:
         raise InputError(f"--lr must be positive, got {config.lr}")
+    if config.ema_decay >= 1:
+        raise InputError(f"--ema-decay must be below 1 (0: no moving average; 0.999 averages over ~1000 steps), "
+                         f"got {config.ema_decay}")
     if config.text_dropout > 1:
         raise InputError(f"--text-dropout is a share of steps, from 0 to 1; got {config.text_dropout}")
     if config.train == "lora" and config.lora_rank < 1:
@@ -210,7 +218,8 @@ class Trainer:
 
     def __init__(self, pipe, samples: list[EncodedSample], config: TrainConfig, *, lora: LoRA | None = None,
                  empty_prompt: torch.Tensor | None = None, start_step: int = 0,
-                 history: list[dict[str, float]] | None = None, optimizer_state: dict | None = None):
+                 history: list[dict[str, float]] | None = None, optimizer_state: dict | None = None,
+                 ema_state: dict | None = None, live_weights: list[torch.Tensor] | None = None):
         self.pipe, self.transformer, self.samples, self.config = pipe, pipe.transformer, samples, config
         self.device = pipe.device
         self.lora = lora.attach(self.transformer) if lora is not None else None
@@ -229,6 +238,20 @@ class Trainer:
                                  f"({' '.join(str(exc).split())[:160]})") from exc
             for group in self.optimizer.param_groups:  # this run's --lr and --weight-decay, not the saved ones
                 group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+        if live_weights is not None:  # a resumed EMA run: its checkpoint's transformer/ holds the average
+            if [tuple(t.shape) for t in live_weights] != [tuple(p.shape) for p in self.params]:
+                raise InputError("the checkpoint's training state does not fit the parameters this run trains")
+            with torch.no_grad():
+                for param, live in zip(self.params, live_weights):
+                    param.copy_(live)
+        self.ema = None
+        if config.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=config.ema_decay, foreach=True)
+            if ema_state is not None:
+                self.ema.load_state_dict(ema_state)
+                self.ema.to(device=self.device)
         self.step_index = start_step
         self.history = list(history or [])
         self.top_k = moe_layers(self.transformer)[0].top_k
@@ -304,6 +327,8 @@ class Trainer:
         if self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.step(self.params)
         self.step_index += 1
         values = terms.as_dict()
         self.history.append(values)
@@ -311,7 +336,18 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def release_state_dict(self) -> dict[str, torch.Tensor]:
-        """The transformer's weights in the release's key layout (LoRA folded in)."""
+        """The transformer's weights in the release's key layout (LoRA folded in; with ``ema_decay``, the
+        averaged weights)."""
+        if self.ema is None:
+            return self._live_release_state_dict()
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            return {k: v.clone() for k, v in self._live_release_state_dict().items()}
+        finally:
+            self.ema.restore(self.params)
+
+    def _live_release_state_dict(self) -> dict[str, torch.Tensor]:
         if self.lora is not None:
             return self.lora.merged_state_dict(self.transformer)
         return {k: v.detach() for k, v in self.transformer.state_dict().items()}
@@ -320,6 +356,9 @@ class Trainer:
         config = self.config
         state = {"step": self.step_index, "optimizer": self.optimizer.state_dict(), "history": self.history,
                  "config": _settings(config)}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+            state["live"] = [p.detach().clone() for p in self.params]
         transformer_config = read_transformer_config(config.base, resolve_weight_files(config.tagmoe))
         lora = self.lora.state_dict() if self.lora is not None else None
         path = save_checkpoint(Path(config.output), self.step_index, self.release_state_dict(), transformer_config,
@@ -372,7 +411,8 @@ def prepare(config: TrainConfig, pipe=None) -> Trainer:
     start = int(state["step"]) if state else 0
     return Trainer(pipe, encoded, config, lora=lora, empty_prompt=empty, start_step=start,
                    history=state.get("history") if state else None,
-                   optimizer_state=state.get("optimizer") if state else None)
+                   optimizer_state=state.get("optimizer") if state else None,
+                   ema_state=state.get("ema") if state else None, live_weights=state.get("live") if state else None)
 
 
 def own_memory(module: nn.Module) -> None:
