@@ -97,7 +97,9 @@ def test_a_training_checkpoint_loads_through_the_core_loader_with_the_trained_ou
 def test_resume_continues_exactly_as_an_uninterrupted_run(mode, ema, tiny_bundle, data, tmp_path):
     # With a moving average the checkpoint's model is the average: the resumed run must go on from the
     # live weights and the average both (from the average alone its losses would differ from step 3).
-    whole = train(_config(tiny_bundle, data, tmp_path / "a", train=mode, steps=5, seed=7, ema_decay=ema))
+    # (with an average, the uninterrupted run saves at every step: saving must not disturb training)
+    whole = train(_config(tiny_bundle, data, tmp_path / "a", train=mode, steps=5, seed=7, ema_decay=ema,
+                          save_every=1 if ema else 0))
     train(_config(tiny_bundle, data, tmp_path / "b", train=mode, steps=2, seed=7, ema_decay=ema))
     resumed = train(_config(tiny_bundle, data, tmp_path / "b", train=mode, steps=5, seed=7, resume=True,
                             ema_decay=ema))
@@ -123,7 +125,7 @@ def test_a_run_trains_weights_in_memory_of_its_own_at_the_allocators_alignment(r
 
 
 def test_a_moving_average_run_saves_the_average_and_trains_the_live_weights(tiny_bundle, data, tmp_path):
-    decay, steps = 0.6, 5
+    decay, steps = 0.3, 5  # the warm-up's (1 + j) / (10 + j) passes 0.3 at the fourth step: capped from there
     trainer = prepare(_config(tiny_bundle, data, tmp_path / "o", train="moe", steps=steps, lr=1e-2, ema_decay=decay))
     names = {id(p): n for n, p in trainer.transformer.named_parameters()}
     keys = [names[id(p)] for p in trainer.params]
@@ -158,6 +160,15 @@ def test_an_output_with_checkpoints_needs_resume_and_the_same_settings(tiny_bund
         train(_config(tiny_bundle, data, tmp_path / "o", steps=2), progress=steps.append)
     with pytest.raises(InputError, match="resume with the same settings"):
         train(_config(tiny_bundle, data, tmp_path / "o", steps=2, train="lora", resume=True), progress=steps.append)
+    # A moving average cannot start half-way: its checkpoint's model would average from the resume point.
+    with pytest.raises(InputError, match=r"ema_decay 0.0 \(now 0.9\)"):
+        train(_config(tiny_bundle, data, tmp_path / "o", steps=2, resume=True, ema_decay=0.9), progress=steps.append)
+    state_file = tmp_path / "o" / "checkpoint-000001" / STATE_FILE  # saved before --ema-decay existed
+    state = torch.load(state_file, weights_only=True)
+    del state["config"]["ema_decay"]
+    torch.save(state, state_file)
+    with pytest.raises(InputError, match=r"ema_decay 0.0 \(now 0.9\)"):
+        train(_config(tiny_bundle, data, tmp_path / "o", steps=2, resume=True, ema_decay=0.9), progress=steps.append)
     assert steps == [] and saved_steps(tmp_path / "o") == [1]
 
 

@@ -7,7 +7,8 @@
   ``router_head``; LoRA folded in), sharded as diffusers shards, so that ``load_pipeline(base,
   checkpoint)``, ``tagmoe edit --transformer_model_path``, ``tagmoe convert`` and the loader nodes read it;
 * ``lora.safetensors`` (LoRA runs): the adapters, unmerged;
-* ``training_state.pt``: step, optimizer state, loss history and the run's settings;
+* ``training_state.pt``: step, optimizer state, loss history and the run's settings (with
+  ``ema_decay``: the live trained weights and their moving average, ``transformer/`` holding the average);
 * ``COMPLETE``: written last (a checkpoint is built in a hidden folder and renamed into place).
 """
 

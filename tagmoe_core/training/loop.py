@@ -11,9 +11,10 @@
   come from generators seeded by ``(seed, e)`` and ``(seed, k)``, so a resumed run takes exactly
   the steps an uninterrupted one would (on the same device).
 * ``ema_decay`` > 0 keeps an exponential moving average of the trained weights (diffusers'
-  ``EMAModel``, with its warm-up ``(1 + k) / (10 + k)``): the checkpoints' ``transformer/`` then holds the
-  averaged weights (the model to use), and ``training_state.pt`` the live ones and the average, so a resumed
-  run takes exactly the steps an uninterrupted one would.
+  ``EMAModel``: the decay at step k is ``min(ema_decay, (1 + k) / (10 + k))``, so 0.999 is reached after
+  ~9000 steps): the checkpoints' ``transformer/`` then holds the averaged weights (the model to use; a LoRA
+  run's is ``W + s avg(B) avg(A)``), and ``training_state.pt`` the live ones and the average (two more
+  copies of the trained parameters), so a resumed run takes exactly the steps an uninterrupted one would.
 * Weights train in float32 (``dtype`` bfloat16 stores the frozen ones in bfloat16); on CUDA the
   forward runs under bfloat16 autocast (``bf16``) and ``gradient_checkpointing`` recomputes each
   block's activations in the backward pass.
@@ -51,6 +52,8 @@ LOG_FILE = "train_log.jsonl"
 # Settings a resumed run must share with the run it continues.
 RESUME_KEYS = ("train", "seed", "batch_size", "lora_rank", "lora_alpha", "lora_modules", "train_tag_embedding",
                "text_dropout", "ema_decay")
+# Resume keys added later, with the value every run saved before them had.
+LATER_KEYS = {"ema_decay": 0.0}
 
 
 @dataclass
@@ -125,8 +128,7 @@ def check_config(config: TrainConfig) -> None:
     if config.lr <= 0:
         raise InputError(f"--lr must be positive, got {config.lr}")
     if config.ema_decay >= 1:
-        raise InputError(f"--ema-decay must be below 1 (0: no moving average; 0.999 averages over ~1000 steps), "
-                         f"got {config.ema_decay}")
+        raise InputError(f"--ema-decay must be below 1 (0: no moving average; e.g. 0.999), got {config.ema_decay}")
     if config.text_dropout > 1:
         raise InputError(f"--text-dropout is a share of steps, from 0 to 1; got {config.text_dropout}")
     if config.train == "lora" and config.lora_rank < 1:
@@ -158,6 +160,7 @@ def _resume_point(config: TrainConfig) -> tuple[Path | None, dict | None]:
     state = load_state(latest)
     saved = state.get("config", {})
     current = _settings(config)
+    saved = {**LATER_KEYS, **saved}
     relevant = [k for k in RESUME_KEYS if k in saved and (config.train == "lora" or not k.startswith("lora_"))]
     differ = [f"{k} {saved[k]!r} (now {current[k]!r})" for k in relevant if saved[k] != current[k]]
     if differ:
@@ -250,6 +253,9 @@ class Trainer:
 
             self.ema = EMAModel(self.params, decay=config.ema_decay, foreach=True)
             if ema_state is not None:
+                shadow = ema_state.get("shadow_params") or []
+                if [tuple(t.shape) for t in shadow] != [tuple(p.shape) for p in self.params]:
+                    raise InputError("the checkpoint's moving average does not fit the parameters this run trains")
                 self.ema.load_state_dict(ema_state)
                 self.ema.to(device=self.device)
         self.step_index = start_step
@@ -340,10 +346,14 @@ class Trainer:
         averaged weights)."""
         if self.ema is None:
             return self._live_release_state_dict()
+        trained = {p.data_ptr() for p in self.params}
         self.ema.store(self.params)
-        self.ema.copy_to(self.params)
         try:
-            return {k: v.clone() for k, v in self._live_release_state_dict().items()}
+            self.ema.copy_to(self.params)
+            # Only what aliases a trained parameter is copied (to the host, as the checkpoint is written
+            # anyway): the frozen weights do not change, and LoRA's merged ones are new tensors already.
+            return {k: v.to("cpu", copy=True) if v.data_ptr() in trained else v
+                    for k, v in self._live_release_state_dict().items()}
         finally:
             self.ema.restore(self.params)
 
@@ -358,7 +368,7 @@ class Trainer:
                  "config": _settings(config)}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
-            state["live"] = [p.detach().clone() for p in self.params]
+            state["live"] = [p.detach().to("cpu", copy=True) for p in self.params]
         transformer_config = read_transformer_config(config.base, resolve_weight_files(config.tagmoe))
         lora = self.lora.state_dict() if self.lora is not None else None
         path = save_checkpoint(Path(config.output), self.step_index, self.release_state_dict(), transformer_config,
@@ -433,7 +443,8 @@ def own_memory(module: nn.Module) -> None:
 
 
 def _restore_tag_heads(transformer: nn.Module, checkpoint: Path) -> None:
-    """A LoRA run trains the tag heads whole: take them from its checkpoint (stored there exactly)."""
+    """A LoRA run trains the tag heads whole: take them from its checkpoint (stored there exactly; with a
+    moving average the checkpoint holds their average, and the live ones come from its training state)."""
     reader = CheckpointReader.open(resolve_weight_files(checkpoint))
     try:
         keys = [k for k in reader.keys() if k.startswith(TAG_HEAD_PREFIXES)]
