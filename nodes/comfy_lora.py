@@ -11,10 +11,8 @@ import comfy.lora_convert
 import comfy.sd
 import comfy.utils
 
-# What LoRA-style files append to a module name (ComfyUI's weight adapters read these).
-_SUFFIX = re.compile(r"\.(?:lora_(?:up|down|A|B|mid)\.weight|lora\.(?:up|down)\.weight|alpha|dora_scale|diff|diff_b|"
-                     r"set_weight|reshape_weight|w_norm|b_norm|hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|"
-                     r"lokr_t2|oft_blocks|oft_diag|rescale|weight|bias)$")
+from ..tagmoe_core.model.lora_keys import lora_stem
+
 # The dense FFN of a block, in dotted (diffusers) and underscored (kohya: lora_unet_...) key names.
 _DENSE_FFN = re.compile(r"transformer_blocks[._](\d+)[._]img_mlp[._]net[._]")
 
@@ -42,7 +40,7 @@ class LoraReport:
 
 
 def _stems(keys) -> set[str]:
-    return {_SUFFIX.sub("", k) for k in keys}
+    return {lora_stem(k) for k in keys}
 
 
 def apply_lora(model, path: str, strength: float):

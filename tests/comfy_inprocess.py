@@ -91,6 +91,15 @@ def main() -> None:
     result["lora_report"] = report.text()
     stock, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(str(lora_path)), 1.0, 0)
     result["stock_lora_patched_keys"] = sorted(stock.patches)
+    # The same LoRA as PEFT saves it (Qwen-Image LoRAs: "{module}.lora_A.default.weight"), which ComfyUI loads too
+    from safetensors.torch import load_file, save_file
+
+    peft_path = out / "peft_lora.safetensors"
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in load_file(str(lora_path)).items()},
+              str(peft_path))
+    peft, peft_report = comfy_lora.apply_lora(patcher, str(peft_path), 1.0)
+    result["peft_lora"] = {"applied": peft_report.applied, "not_applied": peft_report.not_applied,
+                           "same_patches": sorted(peft.patches) == sorted(with_lora.patches)}
     lora_full = full(with_lora)
     result["lora_changes_output"] = float((lora_full - plain).abs().max())
     result["lora_with_cast_on_forward_max_diff"] = float((lowvram(with_lora) - lora_full).abs().max())

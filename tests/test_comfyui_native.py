@@ -171,6 +171,7 @@ def test_comfyui_objects_in_process(tiny_bundle, tmp_path):
     assert sorted(result["lora_not_applied"]) == ["transformer.transformer_blocks.2.img_mlp.net.0.proj",
                                                   "transformer.transformer_blocks.2.img_mlp.net.2"]
     assert "blocks [2]" in result["lora_report"] and result["lora_applied"] == 4
+    assert result["peft_lora"] == {"applied": 4, "not_applied": result["lora_not_applied"], "same_patches": True}
     assert result["stock_lora_patched_keys"] == result["lora_patched_keys"]
     assert not result["diffusers_imported"]
     # Record Routing: both passes of every step, the conditional pass's layout (the negative had no image)
