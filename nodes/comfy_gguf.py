@@ -85,14 +85,18 @@ class GGUFLinear(comfy.ops.manual_cast.Linear):
         weight, bias = self.dequantized(input.device, input.dtype)
         return torch.nn.functional.linear(input, weight, bias)
 
+    def patched_weight(self, device: torch.device, patches: list) -> torch.Tensor:
+        """The weight dequantized on ``device`` in float32, ``patches`` ((LoRA patches, key) pairs) applied."""
+        raw = self.weight.to(device, non_blocking=mm.device_supports_non_blocking(device))
+        weight = dequantize(raw, TYPES[self.ggml_type], self.ggml_shape, torch.float32)
+        for layer_patches, key in patches:
+            weight = comfy.lora.calculate_weight(_to(layer_patches, device), weight, key)
+        return weight
+
     def dequantized(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) on ``device`` in ``dtype``, LoRA patches applied to the dequantized weight."""
         non_blocking = mm.device_supports_non_blocking(device)
-        raw = self.weight.to(device, non_blocking=non_blocking)
-        weight = dequantize(raw, TYPES[self.ggml_type], self.ggml_shape, torch.float32)
-        for patches, key in self.gguf_patches:
-            weight = comfy.lora.calculate_weight(_to(patches, device), weight, key)
-        weight = weight.to(dtype)
+        weight = self.patched_weight(device, self.gguf_patches).to(dtype)
         for function in self.weight_function:  # ComfyUI's LowVramPatch: LoRA under cast-on-forward
             weight = function(weight)
         bias = None
@@ -121,13 +125,29 @@ class _KeepsPatches:
         module = comfy.utils.get_attr(self.model, owner) if owner else None
         return module if isinstance(module, GGUFLinear) and module.quantized and name == "weight" else None
 
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, **newer):
+        """Newer ComfyUI also passes ``return_weight`` (saving a model: the patched weight is returned, nothing
+        is set) and ``force_cast``; they reach ComfyUI's own method only when given, so older ComfyUI, whose
+        method has neither, is called as before."""
         module = self._quantized_linear(key)
         if module is None:
-            return super().patch_weight_to_device(key, device_to, inplace_update)
+            if return_weight:
+                newer["return_weight"] = True
+            return super().patch_weight_to_device(key, device_to, inplace_update, **newer)
+        if return_weight:  # what a saved model holds for this Linear: the weight dequantized, its LoRA applied
+            device = device_to if device_to is not None else module.weight.device
+            weight = module.patched_weight(device, [(self.patches[key], key)] if key in self.patches else [])
+            return weight.to(self._saved_dtype())
         if key in self.patches:
             module.gguf_patches = [(_to(self.patches[key], device_to) if device_to is not None else self.patches[key],
                                     key)]
+
+    def _saved_dtype(self) -> torch.dtype:
+        """The model's compute dtype (a quantized weight has no float dtype of its own to go back to)."""
+        for dtype in (getattr(self.model, "manual_cast_dtype", None), self.model.get_dtype()):
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                return dtype
+        return torch.bfloat16
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:

@@ -32,6 +32,55 @@ from comfy_server import LORA_NAME, write_test_lora  # noqa: E402
 from node_harness import REPO, load_pack  # noqa: E402
 
 
+def saved_weight(gguf_lora, original_lora) -> dict:
+    """Newest ComfyUI saves a model (ModelSave, CheckpointSave) through ``patch_weight_to_device(key,
+    device_to=..., return_weight=True)`` (its ``LazyCastingParam``): each LoRA-patched weight, as a saved
+    model holds it, with nothing set on the model. For every patched key of the GGUF patcher, against
+    the original weights' LoRA-patched weight (ComfyUI's own ``calculate_weight``)."""
+    import comfy.lora
+    import comfy.utils
+
+    worst, keys, quantized = 0.0, sorted(gguf_lora.patches), 0
+    for key in keys:
+        module = comfy.utils.get_attr(gguf_lora.model, key.rpartition(".")[0])
+        before = list(module.gguf_patches)
+        if not getattr(module, "quantized", False):
+            continue  # forwarded to ComfyUI's own method: see newest_signature
+        quantized += 1
+        got = gguf_lora.patch_weight_to_device(key, device_to=torch.device("cpu"), return_weight=True)
+        original = comfy.utils.get_attr(original_lora.model, key).float()
+        expected = comfy.lora.calculate_weight(original_lora.patches[key], original.clone(), key)
+        worst = max(worst, float((got.float() - expected).norm() / expected.norm()))
+        assert module.gguf_patches == before and key not in gguf_lora.backup, key  # nothing set
+    return {"keys": len(keys), "quantized": quantized, "worst_rel": worst,
+            "dtype": str(got.dtype) if quantized else None}
+
+
+def newest_signature(patcher) -> dict:
+    """The GGUF patcher under newest ComfyUI's ``patch_weight_to_device(key, device_to, inplace_update,
+    return_weight, force_cast)`` (emulated on the base class): a key it does not keep itself reaches
+    ComfyUI's method with the newer arguments; older ComfyUI's method, without them, is called as before."""
+    import comfy.model_patcher
+
+    seen = []
+
+    def newest(self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False):
+        seen.append({"return_weight": return_weight, "force_cast": force_cast})
+        return "weight" if return_weight else None
+
+    base = comfy.model_patcher.ModelPatcher
+    original = base.__dict__["patch_weight_to_device"]
+    base.patch_weight_to_device = newest
+    try:
+        router = next(n for n, m in patcher.model.named_modules() if n.endswith(".router"))
+        returned = patcher.patch_weight_to_device(f"{router}.weight", device_to=torch.device("cpu"),
+                                                  return_weight=True, force_cast=True)
+        patcher.patch_weight_to_device(f"{router}.weight", device_to=torch.device("cpu"))
+    finally:
+        base.patch_weight_to_device = original
+    return {"seen": seen, "returned": returned}
+
+
 def main() -> None:
     out = Path(os.environ["TAGMOE_OUT"])
     pack = load_pack(REPO)
@@ -62,7 +111,8 @@ def main() -> None:
     write_test_lora(lora_path)
     original = comfy_model.load_tagmoe_model(os.environ["TAGMOE_TINY"]).patcher
     plain = call(original)
-    lora_original = call(comfy_lora.apply_lora(original, str(lora_path), 1.0)[0])
+    original_with_lora = comfy_lora.apply_lora(original, str(lora_path), 1.0)[0]
+    lora_original = call(original_with_lora)
     result["original_size"] = original.model_size()
     for quant in ("F32", "Q8_0"):
         path = out / f"tiny-{quant}.gguf"
@@ -92,7 +142,10 @@ def main() -> None:
         row["lora_cast_on_forward_max_diff"] = float((call(with_lora, lowvram=True) - lora_full).abs().max())
         row["unpatched_max_diff"] = float((call(patcher) - full).abs().max())
         row["patches_left"] = sum(bool(m.gguf_patches) for m in linears)
+        row["saved_weight"] = saved_weight(with_lora, original_with_lora)
         result[quant] = row
+
+    result["newest_signature"] = newest_signature(loaded.patcher)
 
     # newest ComfyUI with dynamic VRAM on (emulated CoreModelPatcher): a GGUF still gets the classic patcher
     from comfy_newer_seams import EmulatedCorePatcher

@@ -29,6 +29,12 @@ def test_gguf_native_model_in_process(tiny_bundle, tmp_path):
         assert row["lora_cast_on_forward_max_diff"] < 1e-5
         assert row["unpatched_max_diff"] == 0.0 and row["patches_left"] == 0
     assert f32["lora_rel_vs_original_lora"] < 1e-5 and q8["lora_rel_vs_original_lora"] < 0.01
+    # newest ComfyUI's saving (patch_weight_to_device(..., return_weight=True)), emulated: the patched weights
+    assert f32["saved_weight"]["quantized"] == 0 and 0 < q8["saved_weight"]["quantized"] <= q8["saved_weight"]["keys"]
+    assert q8["saved_weight"]["worst_rel"] < 0.01 and q8["saved_weight"]["dtype"] == "torch.float32"
+    assert result["newest_signature"] == {"seen": [{"return_weight": True, "force_cast": True},
+                                                   {"return_weight": False, "force_cast": False}],
+                                          "returned": "weight"}
     # with newest ComfyUI's dynamic VRAM (emulated), a GGUF loads with the classic patcher, the same model
     assert result["dynamic_vram_patcher"] == {"dynamic": False, "max_diff": 0.0}
     if "comfyui_gguf" in result:  # city96/ComfyUI-GGUF's UnetLoaderGGUF refuses the file instead of losing experts
