@@ -107,6 +107,17 @@ class GGUFLinear(comfy.ops.manual_cast.Linear):
         return weight, bias
 
 
+SAVE_REFUSED = ("saving a TAG-MoE model loaded from a quantized .gguf is not supported (its Linears hold "
+                "GGML-quantized bytes, not weights a checkpoint can take): keep the .gguf, or save the model loaded "
+                "from the .safetensors weights")
+
+
+def refuse_saving_quantized(model: torch.nn.Module) -> None:
+    """One line instead of a file of raw GGML bytes that no loader reads (a float .gguf saves as any model)."""
+    if any(isinstance(m, GGUFLinear) and m.quantized for m in model.modules()):
+        raise RuntimeError(SAVE_REFUSED)
+
+
 def operations(base: type = comfy.ops.manual_cast) -> type:
     """ComfyUI's ``base`` operations with :class:`GGUFLinear` as their Linear."""
 
@@ -126,28 +137,25 @@ class _KeepsPatches:
         return module if isinstance(module, GGUFLinear) and module.quantized and name == "weight" else None
 
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, **newer):
-        """Newer ComfyUI also passes ``return_weight`` (saving a model: the patched weight is returned, nothing
-        is set) and ``force_cast``; they reach ComfyUI's own method only when given, so older ComfyUI, whose
-        method has neither, is called as before."""
+        """Newer ComfyUI also passes ``return_weight`` (the patched weight returned, nothing set: what its
+        saving reads) and ``force_cast`` (its dynamic VRAM, not used for GGUF); they reach ComfyUI's own method
+        only when given, so older ComfyUI, whose method has neither, is called as before. A quantized Linear
+        has no stored weight of a float dtype to return: refused in one line."""
         module = self._quantized_linear(key)
         if module is None:
             if return_weight:
                 newer["return_weight"] = True
             return super().patch_weight_to_device(key, device_to, inplace_update, **newer)
-        if return_weight:  # what a saved model holds for this Linear: the weight dequantized, its LoRA applied
-            device = device_to if device_to is not None else module.weight.device
-            weight = module.patched_weight(device, [(self.patches[key], key)] if key in self.patches else [])
-            return weight.to(self._saved_dtype())
+        if return_weight:  # ComfyUI wants the patched weight in the stored tensor's shape and dtype: raw bytes here
+            raise RuntimeError(SAVE_REFUSED)
         if key in self.patches:
             module.gguf_patches = [(_to(self.patches[key], device_to) if device_to is not None else self.patches[key],
                                     key)]
 
-    def _saved_dtype(self) -> torch.dtype:
-        """The model's compute dtype (a quantized weight has no float dtype of its own to go back to)."""
-        for dtype in (getattr(self.model, "manual_cast_dtype", None), self.model.get_dtype()):
-            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-                return dtype
-        return torch.bfloat16
+    def model_state_dict_for_saving(self, *args, **kwargs):
+        """Newest ComfyUI's saving (ModelSave, CheckpointSave) reads the weights here: refused for quantized ones."""
+        refuse_saving_quantized(self.model)
+        return super().model_state_dict_for_saving(*args, **kwargs)
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:

@@ -32,28 +32,40 @@ from comfy_server import LORA_NAME, write_test_lora  # noqa: E402
 from node_harness import REPO, load_pack  # noqa: E402
 
 
-def saved_weight(gguf_lora, original_lora) -> dict:
-    """Newest ComfyUI saves a model (ModelSave, CheckpointSave) through ``patch_weight_to_device(key,
-    device_to=..., return_weight=True)`` (its ``LazyCastingParam``): each LoRA-patched weight, as a saved
-    model holds it, with nothing set on the model. For every patched key of the GGUF patcher, against
-    the original weights' LoRA-patched weight (ComfyUI's own ``calculate_weight``)."""
-    import comfy.lora
+def saving(gguf_lora, quant: str, out: Path) -> dict:
+    """Saving the model (ComfyUI's ModelSave: ``comfy.sd.save_checkpoint``, which reads
+    ``model.state_dict_for_saving``): a quantized GGUF is refused in one line and no file is written (its
+    weights are raw GGML bytes); a float one saves, and the file holds the weights. Newest ComfyUI's
+    ways in (the patcher's ``model_state_dict_for_saving`` and ``patch_weight_to_device(...,
+    return_weight=True)``, both emulated by calling them) are refused the same way."""
+    import comfy.sd
     import comfy.utils
 
-    worst, keys, quantized = 0.0, sorted(gguf_lora.patches), 0
-    for key in keys:
-        module = comfy.utils.get_attr(gguf_lora.model, key.rpartition(".")[0])
-        before = list(module.gguf_patches)
-        if not getattr(module, "quantized", False):
-            continue  # forwarded to ComfyUI's own method: see newest_signature
-        quantized += 1
-        got = gguf_lora.patch_weight_to_device(key, device_to=torch.device("cpu"), return_weight=True)
-        original = comfy.utils.get_attr(original_lora.model, key).float()
-        expected = comfy.lora.calculate_weight(original_lora.patches[key], original.clone(), key)
-        worst = max(worst, float((got.float() - expected).norm() / expected.norm()))
-        assert module.gguf_patches == before and key not in gguf_lora.backup, key  # nothing set
-    return {"keys": len(keys), "quantized": quantized, "worst_rel": worst,
-            "dtype": str(got.dtype) if quantized else None}
+    path = out / f"saved-{quant}.safetensors"
+    row: dict = {}
+    try:
+        comfy.sd.save_checkpoint(str(path), gguf_lora)
+        row["saved"] = path.is_file()
+        saved = comfy.utils.load_torch_file(str(path))
+        row["saved_keys"] = sum(k.startswith("model.diffusion_model.") for k in saved)
+    except RuntimeError as exc:
+        row["refused"], row["file_written"] = str(exc), path.exists()
+    key = next((k for k in sorted(gguf_lora.patches)
+                if getattr(comfy.utils.get_attr(gguf_lora.model, k.rpartition(".")[0]), "quantized", False)), None)
+    if key is not None:
+        for name, attempt in (
+                ("patcher_state_dict", lambda: gguf_lora.model_state_dict_for_saving(
+                    gguf_lora.model.diffusion_model, "diffusion_model.")),
+                ("return_weight", lambda: gguf_lora.patch_weight_to_device(
+                    key, device_to=torch.device("cpu"), return_weight=True))):
+            try:
+                attempt()
+                row[name] = "returned"
+            except RuntimeError as exc:
+                row[name] = str(exc)
+        row["nothing_set"] = key not in gguf_lora.backup
+    comfy.model_management.unload_all_models()  # saving loaded it (with its LoRA) as ComfyUI's current model
+    return row
 
 
 def newest_signature(patcher) -> dict:
@@ -111,8 +123,7 @@ def main() -> None:
     write_test_lora(lora_path)
     original = comfy_model.load_tagmoe_model(os.environ["TAGMOE_TINY"]).patcher
     plain = call(original)
-    original_with_lora = comfy_lora.apply_lora(original, str(lora_path), 1.0)[0]
-    lora_original = call(original_with_lora)
+    lora_original = call(comfy_lora.apply_lora(original, str(lora_path), 1.0)[0])
     result["original_size"] = original.model_size()
     for quant in ("F32", "Q8_0"):
         path = out / f"tiny-{quant}.gguf"
@@ -142,7 +153,7 @@ def main() -> None:
         row["lora_cast_on_forward_max_diff"] = float((call(with_lora, lowvram=True) - lora_full).abs().max())
         row["unpatched_max_diff"] = float((call(patcher) - full).abs().max())
         row["patches_left"] = sum(bool(m.gguf_patches) for m in linears)
-        row["saved_weight"] = saved_weight(with_lora, original_with_lora)
+        row["saving"] = saving(with_lora, quant, out)
         result[quant] = row
 
     result["newest_signature"] = newest_signature(loaded.patcher)

@@ -29,9 +29,12 @@ def test_gguf_native_model_in_process(tiny_bundle, tmp_path):
         assert row["lora_cast_on_forward_max_diff"] < 1e-5
         assert row["unpatched_max_diff"] == 0.0 and row["patches_left"] == 0
     assert f32["lora_rel_vs_original_lora"] < 1e-5 and q8["lora_rel_vs_original_lora"] < 0.01
-    # newest ComfyUI's saving (patch_weight_to_device(..., return_weight=True)), emulated: the patched weights
-    assert f32["saved_weight"]["quantized"] == 0 and 0 < q8["saved_weight"]["quantized"] <= q8["saved_weight"]["keys"]
-    assert q8["saved_weight"]["worst_rel"] < 0.01 and q8["saved_weight"]["dtype"] == "torch.float32"
+    # saving (ComfyUI's ModelSave): a quantized GGUF is refused in one line, by every way ComfyUI saves
+    refused = q8["saving"]
+    assert refused["refused"].startswith("saving a TAG-MoE model loaded from a quantized .gguf is not supported")
+    assert "\n" not in refused["refused"] and refused["file_written"] is False
+    assert refused["patcher_state_dict"] == refused["return_weight"] == refused["refused"] and refused["nothing_set"]
+    assert f32["saving"]["saved"] and f32["saving"]["saved_keys"] > 100  # a float .gguf saves as any model
     assert result["newest_signature"] == {"seen": [{"return_weight": True, "force_cast": True},
                                                    {"return_weight": False, "force_cast": False}],
                                           "returned": "weight"}
