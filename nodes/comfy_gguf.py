@@ -85,18 +85,14 @@ class GGUFLinear(comfy.ops.manual_cast.Linear):
         weight, bias = self.dequantized(input.device, input.dtype)
         return torch.nn.functional.linear(input, weight, bias)
 
-    def patched_weight(self, device: torch.device, patches: list) -> torch.Tensor:
-        """The weight dequantized on ``device`` in float32, ``patches`` ((LoRA patches, key) pairs) applied."""
-        raw = self.weight.to(device, non_blocking=mm.device_supports_non_blocking(device))
-        weight = dequantize(raw, TYPES[self.ggml_type], self.ggml_shape, torch.float32)
-        for layer_patches, key in patches:
-            weight = comfy.lora.calculate_weight(_to(layer_patches, device), weight, key)
-        return weight
-
     def dequantized(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) on ``device`` in ``dtype``, LoRA patches applied to the dequantized weight."""
         non_blocking = mm.device_supports_non_blocking(device)
-        weight = self.patched_weight(device, self.gguf_patches).to(dtype)
+        raw = self.weight.to(device, non_blocking=non_blocking)
+        weight = dequantize(raw, TYPES[self.ggml_type], self.ggml_shape, torch.float32)
+        for patches, key in self.gguf_patches:
+            weight = comfy.lora.calculate_weight(_to(patches, device), weight, key)
+        weight = weight.to(dtype)
         for function in self.weight_function:  # ComfyUI's LowVramPatch: LoRA under cast-on-forward
             weight = function(weight)
         bias = None

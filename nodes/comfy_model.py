@@ -103,10 +103,9 @@ class TagMoEQwenImage(comfy.model_base.QwenImage):
 
     def state_dict_for_saving(self, *args, **kwargs):
         """What ComfyUI's checkpoint saving writes (every version calls it): refused for quantized GGUF Linears."""
-        if any(getattr(m, "ggml_type", None) for m in self.diffusion_model.modules()):
-            from . import comfy_gguf
+        from . import comfy_gguf
 
-            comfy_gguf.refuse_saving_quantized(self.diffusion_model)
+        comfy_gguf.refuse_saving_quantized(self.diffusion_model)
         return super().state_dict_for_saving(*args, **kwargs)
 
     def extra_conds(self, **kwargs):
