@@ -454,7 +454,8 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
                          train="whole", steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          lambda_lbl=args.lambda_lbl, lambda_align=args.lambda_align, seed=args.seed,
                          device="cpu", max_grad_norm=1.0, train_tag_embedding=not args.freeze_tag_embedding,
-                         text_dropout=args.text_dropout, weight_decay=args.weight_decay, ema_decay=args.ema_decay)
+                         text_dropout=args.text_dropout, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
+                         optimizer=args.optimizer, muon_lr=args.muon_lr)
     start = time.perf_counter()
     with SingleFrameConvs(), FastRMSNorm():  # the data's VAE encoding: the same latents within float rounding
         trainer = prepare(config)
@@ -463,10 +464,11 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
         f"{len(trainer.samples)} samples encoded in {encode_seconds:.0f}s, {trainer.batches_per_epoch} batches/epoch")
     start, window = time.perf_counter(), []
     capped = False
+    peaks = [group["lr"] for group in trainer.optimizer.param_groups]  # --lr, or --muon-lr for Muon's matrices
     while trainer.step_index < args.steps:
-        lr = args.lr * 0.5 * (1 + math.cos(math.pi * trainer.step_index / args.steps))
-        lr *= min(1.0, (trainer.step_index + 1) / max(1, args.warmup))
-        for group in trainer.optimizer.param_groups:
+        for group, peak in zip(trainer.optimizer.param_groups, peaks):
+            lr = peak * 0.5 * (1 + math.cos(math.pi * trainer.step_index / args.steps))
+            lr *= min(1.0, (trainer.step_index + 1) / max(1, args.warmup))
             group["lr"] = lr
         report = trainer.step()
         window.append(report.terms)
@@ -489,7 +491,8 @@ def train_transformer(args, base: Path, tagmoe: Path, train_dir: Path, run_dir: 
                "first_50_mean": {k: float(np.mean([h[k] for h in head])) for k in head[0]},
                "last_200_mean": {k: float(np.mean([h[k] for h in tail])) for k in tail[0]},
                "lr": args.lr, "batch_size": args.batch_size, "lambda_lbl": args.lambda_lbl,
-               "lambda_align": args.lambda_align, "weight_decay": args.weight_decay, "ema_decay": args.ema_decay}
+               "lambda_align": args.lambda_align, "weight_decay": args.weight_decay, "ema_decay": args.ema_decay,
+               "optimizer": args.optimizer, "muon_lr": args.muon_lr}
     log(f"transformer done: {trainer.step_index} steps in {seconds:.0f}s; loss first 50 "
         f"{summary['first_50_mean']['loss']:.4f} -> last 200 {summary['last_200_mean']['loss']:.4f}")
     return summary, checkpoint
@@ -669,6 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=100, help="the transformer's linear learning-rate warmup steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled weight decay")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
+                        help="the transformer's optimizer (muon: Muon for the blocks' weight matrices, AdamW for "
+                             "the rest)")
+    parser.add_argument("--muon-lr", type=float, default=0.0, help="Muon's learning rate (0: --lr)")
     parser.add_argument("--ema-decay", type=float, default=0.0,
                         help="keep a moving average of the transformer's weights and ship it (0: the last weights)")
     parser.add_argument("--text-dropout", type=float, default=0.0,

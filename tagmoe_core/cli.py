@@ -579,6 +579,10 @@ def _add_train(sub) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--steps", type=int, default=100, help="optimizer steps in all (default: 100)")
     run.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
+    run.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
+                     help="adamw (default), or muon: Muon for the weight matrices inside the transformer blocks "
+                          "(--train whole), AdamW for the rest")
+    _flag(run, "muon_lr", type=float, default=0.0, help="the Muon matrices' learning rate (default 0: --lr)")
     _flag(run, "batch_size", type=int, default=1, help="samples a step (of one size and kind; default: 1)")
     _flag(run, "lambda_lbl", type=float, default=0.01, help="weight of the load-balancing loss (default: 0.01)")
     _flag(run, "lambda_align", type=float, default=0.1, help="weight of the alignment loss (default: 0.1)")
@@ -616,7 +620,7 @@ def run_train(args) -> int:
         resume=args.resume, save_every=args.save_every, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_modules=modules, train_tag_embedding=not args.freeze_tag_embedding, text_dropout=args.text_dropout,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, ema_decay=args.ema_decay,
-        device=args.device, dtype=args.dtype,
+        optimizer=args.optimizer, muon_lr=args.muon_lr, device=args.device, dtype=args.dtype,
         bf16=False if args.no_bf16_autocast else None, gradient_checkpointing=args.gradient_checkpointing)
     result = train(config, progress=lambda report: print(report.line(), flush=True))
     if result.checkpoint is not None:

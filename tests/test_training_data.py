@@ -126,7 +126,10 @@ def test_a_checkpoint_of_the_wrong_shape_is_refused_before_training(key, shape, 
 
 @pytest.mark.parametrize("flags, words", [(["--steps", "0"], "--steps"), (["--lr", "nan"], "--lr"),
                                           (["--lambda-align", "-1"], "--lambda-align"),
-                                          (["--ema-decay", "1"], "--ema-decay")])
+                                          (["--ema-decay", "1"], "--ema-decay"),
+                                          (["--optimizer", "muon"], "--train whole"),
+                                          (["--optimizer", "muon", "--train", "whole", "--muon-lr", "-1"],
+                                           "--muon-lr")])
 def test_bad_flags_are_one_line_errors(flags, words, tiny_bundle, tmp_path, capsys):
     code = main(["train", "--tiny", "--data", str(make_data(tmp_path / "d")), "--output", str(tmp_path / "o"),
                  "--device", "cpu", *flags])

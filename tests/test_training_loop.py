@@ -42,9 +42,11 @@ def _forward(transformer, seed: int = 0) -> torch.Tensor:
                            img_shapes=[[(1, 3, 4), (1, 3, 4)]], return_dict=False)[0]
 
 
-@pytest.mark.parametrize("mode", ["whole", "moe", "lora"])
+@pytest.mark.parametrize("mode", ["whole", "moe", "lora", "whole-muon"])
 def test_training_steps_lower_the_loss_on_a_fixed_batch_and_train_only_their_part(mode, tiny_bundle, data, tmp_path):
-    trainer = prepare(_config(tiny_bundle, data, tmp_path / "o", train=mode, lr=3e-3 if mode == "whole" else 1e-2))
+    mode, _, optimizer = mode.partition("-")
+    trainer = prepare(_config(tiny_bundle, data, tmp_path / "o", train=mode, lr=3e-3 if mode == "whole" else 1e-2,
+                              optimizer=optimizer or "adamw"))
     before_weights = {k: v.clone() for k, v in trainer.transformer.state_dict().items()}
     inputs = trainer.step_inputs(0)
     with torch.no_grad():
@@ -93,16 +95,18 @@ def test_a_training_checkpoint_loads_through_the_core_loader_with_the_trained_ou
     assert not torch.allclose(_forward(original.transformer), _forward(loaded.transformer), atol=1e-4)
 
 
-@pytest.mark.parametrize("mode, ema", [("moe", 0.0), ("lora", 0.0), ("moe", 0.9), ("lora", 0.9)])
+@pytest.mark.parametrize("mode, ema", [("moe", 0.0), ("lora", 0.0), ("moe", 0.9), ("lora", 0.9),
+                                       ("whole-muon", 0.0)])
 def test_resume_continues_exactly_as_an_uninterrupted_run(mode, ema, tiny_bundle, data, tmp_path):
     # With a moving average the checkpoint's model is the average: the resumed run must go on from the
     # live weights and the average both (from the average alone its losses would differ from step 3).
     # (with an average, the uninterrupted run saves at every step: saving must not disturb training)
-    whole = train(_config(tiny_bundle, data, tmp_path / "a", train=mode, steps=5, seed=7, ema_decay=ema,
-                          save_every=1 if ema else 0))
-    train(_config(tiny_bundle, data, tmp_path / "b", train=mode, steps=2, seed=7, ema_decay=ema))
-    resumed = train(_config(tiny_bundle, data, tmp_path / "b", train=mode, steps=5, seed=7, resume=True,
-                            ema_decay=ema))
+    # Muon's momentum buffers and AdamW's moments come back from one optimizer state.
+    mode, _, optimizer = mode.partition("-")
+    kw = {"train": mode, "seed": 7, "ema_decay": ema, "optimizer": optimizer or "adamw", "muon_lr": 2e-3}
+    whole = train(_config(tiny_bundle, data, tmp_path / "a", steps=5, save_every=1 if ema else 0, **kw))
+    train(_config(tiny_bundle, data, tmp_path / "b", steps=2, **kw))
+    resumed = train(_config(tiny_bundle, data, tmp_path / "b", steps=5, resume=True, **kw))
     assert len(whole.history) == 5 and resumed.history == whole.history  # every loss term, bit for bit
     assert saved_steps(tmp_path / "b") == [2, 5]
     a, b = _weights(whole.checkpoint), _weights(resumed.checkpoint)
@@ -169,7 +173,34 @@ def test_an_output_with_checkpoints_needs_resume_and_the_same_settings(tiny_bund
     torch.save(state, state_file)
     with pytest.raises(InputError, match=r"ema_decay 0.0 \(now 0.9\)"):
         train(_config(tiny_bundle, data, tmp_path / "o", steps=2, resume=True, ema_decay=0.9), progress=steps.append)
+    # nor can the optimizer change (a checkpoint saved before --optimizer existed was AdamW's)
+    del state["config"]["optimizer"]
+    torch.save(state, state_file)
+    with pytest.raises(InputError, match=r"optimizer 'adamw' \(now 'muon'\)"):
+        train(_config(tiny_bundle, data, tmp_path / "o", steps=2, train="whole", resume=True, optimizer="muon"),
+              progress=steps.append)
     assert steps == [] and saved_steps(tmp_path / "o") == [1]
+
+
+def test_muon_trains_the_blocks_matrices_and_adamw_the_rest(tiny_bundle, data, tmp_path):
+    from tagmoe_core.training.muon import MuonWithAdamW
+
+    trainer = prepare(_config(tiny_bundle, data, tmp_path / "o", train="whole", optimizer="muon", lr=1e-3,
+                              muon_lr=5e-3))
+    optimizer = trainer.optimizer
+    assert isinstance(optimizer, MuonWithAdamW)
+    names = {id(p): n for n, p in trainer.transformer.named_parameters()}
+    muon, adamw = ({names[id(p)] for g in optimizer.param_groups if g["muon"] == flag for p in g["params"]}
+                   for flag in (True, False))
+    assert not muon & adamw and len(muon | adamw) == len(trainer.params)
+    assert {"transformer_blocks.0.attn.to_q.weight", "transformer_blocks.3.attn.to_add_out.weight",
+            "transformer_blocks.0.img_mod.1.weight", "transformer_blocks.1.txt_mlp.net.2.weight"} <= muon
+    assert all(n.startswith("transformer_blocks.") and n.endswith(".weight") for n in muon)
+    assert not any(".router." in n or ".experts." in n for n in muon)
+    assert {"img_in.weight", "proj_out.weight", "router_head.net.0.weight",
+            "transformer_blocks.2.img_mlp.experts.mlp.w1", "transformer_blocks.2.img_mlp.router.layer.weight",
+            "transformer_blocks.0.attn.to_q.bias"} <= adamw
+    assert [g["lr"] for g in optimizer.param_groups] == [5e-3, 1e-3]
 
 
 def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_bundle, data, tmp_path):
