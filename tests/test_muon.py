@@ -95,3 +95,20 @@ def test_a_muon_group_refuses_what_is_not_a_stack_of_matrices():
         MuonWithAdamW([{"params": _params(0, [(8,)]), "muon": True}], lr=1e-2)
     with pytest.raises(ValueError, match="3 stacked"):
         MuonWithAdamW([{"params": _params(0, [(8, 4)]), "muon": True, "matrices": 3}], lr=1e-2)
+
+
+def test_step_hooks_run_once_and_groups_can_be_added_later():
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])  # torch wraps the first optimizer class's step
+    params, aux, later = _params(0), _params(1, [(7,)]), _params(2, [(16, 8)])
+    optimizer = MuonWithAdamW([{"params": params, "muon": True}, {"params": aux}], lr=1e-2)
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(len(opt.param_groups)))
+    optimizer.add_param_group({"params": later, "muon": True, "lr": 3e-2})
+    optimizer.add_param_group({"params": _params(3, [(5,)])})
+    before = later[0].detach().clone()
+    _grads(0, params + aux + later)
+    optimizer.step()
+    assert seen == [4]  # once, seeing every group
+    assert optimizer.param_groups[2]["ns_steps"] == 5 and optimizer.param_groups[3]["muon"] is False
+    assert not torch.equal(later[0], before)
+    assert optimizer._step_supports_amp_scaling is False  # a GradScaler unscales for the Muon groups too

@@ -66,17 +66,22 @@ class MuonWithAdamW(torch.optim.AdamW):
                      "adjust_lr_fn": "match_rms_adamw", "matrices": 1}
 
     def __init__(self, params: Iterable, **adamw):
-        groups = [dict(g) for g in params]
-        for group in groups:
-            group.setdefault("muon", False)
-            if group["muon"]:
-                for key, value in self.MUON_DEFAULTS.items():
-                    group.setdefault(key, value)
-                for param in group["params"]:
-                    if param.ndim != 2 or param.shape[0] % group["matrices"]:
-                        raise ValueError(f"a Muon group takes 2-D parameters of {group['matrices']} stacked "
-                                         f"matrices, got shape {tuple(param.shape)}")
-        super().__init__(groups, **adamw)
+        super().__init__(params, **adamw)
+        # A GradScaler must unscale the gradients itself: the Muon groups do not read fused AdamW's grad_scale.
+        self._step_supports_amp_scaling = False
+
+    def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("muon"):
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            param_group = {**self.MUON_DEFAULTS, **param_group, "params": params}
+            for param in params:
+                if param.ndim != 2 or param.shape[0] % param_group["matrices"]:
+                    raise ValueError(f"a Muon group takes 2-D parameters of {param_group['matrices']} stacked "
+                                     f"matrices, got shape {tuple(param.shape)}")
+        else:
+            param_group = {**param_group, "muon": False}
+        super().add_param_group(param_group)
 
     def __setstate__(self, state: dict) -> None:
         # AdamW's upgrade of loaded state expects its own per-parameter state: show it only its groups.
@@ -91,10 +96,15 @@ class MuonWithAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         self._muon_step([g for g in self.param_groups if g["muon"]])
+        # AdamW's own step, without the hook-and-profiler wrapper torch puts on the first optimizer class it
+        # builds (this step already runs inside it when it is this class's; step hooks must run once).
+        adamw_step = torch.optim.AdamW.step
+        if getattr(adamw_step, "hooked", False):
+            adamw_step = adamw_step.__wrapped__
         groups = self.param_groups
         self.param_groups = [g for g in groups if not g["muon"]]
         try:
-            super().step()
+            adamw_step(self)
         finally:
             self.param_groups = groups
         return loss
