@@ -22,7 +22,8 @@ scales with the machine. Every stage's size and step count is a flag.
    transformer can reach through this VAE);
 3. trains the whole tiny TAG-MoE transformer (random tiny bundle's weights as the start, the frozen
    tiny text encoder, its tokenizer taught the task set's words) with ``tagmoe_core.training``
-   (L_flow + lambda_lbl L_lbl + lambda_align L_align) on the trained VAE's latents, with a cosine
+   (L_flow + lambda_lbl L_lbl + lambda_align L_align) on the trained VAE's latents, Muon for the
+   blocks' weight matrices and AdamW for the rest (--optimizer, --muon-lr), with a cosine
    learning-rate decay over --steps;
 4. assembles OUT/bundle (trained VAE + trained transformer + the tiny text encoder, tokenizer,
    scheduler) and evaluates it on the held-out set through ``load_pipeline``: task success per
@@ -615,7 +616,7 @@ def transformer_config(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)
-    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--heldout-count", type=int, default=140)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=7000)
@@ -667,15 +668,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "which spells most of them letter by letter)")
     parser.add_argument("--freeze-tag-embedding", action=argparse.BooleanOptionalAction, default=True,
                         help="keep tag_embedding at its start (L_align then cannot collapse onto it)")
-    parser.add_argument("--steps", type=int, default=15000)
+    parser.add_argument("--steps", type=int, default=10500)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100, help="the transformer's linear learning-rate warmup steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled weight decay")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
+    parser.add_argument("--optimizer", default="muon", choices=["adamw", "muon"],
                         help="the transformer's optimizer (muon: Muon for the blocks' weight matrices, AdamW for "
                              "the rest)")
-    parser.add_argument("--muon-lr", type=float, default=0.0, help="Muon's learning rate (0: --lr)")
+    parser.add_argument("--muon-lr", type=float, default=6e-3, help="Muon's learning rate (0: --lr)")
     parser.add_argument("--ema-decay", type=float, default=0.0,
                         help="keep a moving average of the transformer's weights and ship it (0: the last weights)")
     parser.add_argument("--text-dropout", type=float, default=0.0,
