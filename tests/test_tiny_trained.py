@@ -22,10 +22,10 @@ from tagmoe_core.training.evaluation import judge_sample
 # scripts/train_tiny.py judges them (seed = the sample's index, 20 steps, cfg 1).
 CHECKED_TASKS = ("remove", "grayscale", "invert")
 PER_TASK = 4
-# The shipped model passes 7 of the 12 (remove 2, grayscale 3, invert 2; its card, tagmoe_core/assets/
+# The shipped model passes 10 of the 12 (remove 3, grayscale 4, invert 3; its card, tagmoe_core/assets/
 # tiny-shapes/README.md, has every task's rate); random transformer weights pass none. The bound leaves
 # room for float rounding on other machines to flip a borderline sample or two.
-MIN_SUCCESSES = 5
+MIN_SUCCESSES = 8
 
 
 def checked_samples() -> list[synthetic.TaskSpec]:
