@@ -2,9 +2,11 @@
 
     python scripts/train_tiny.py OUT
 
-The defaults are the recipe: 25 to 33 minutes on 2 cores, by the host (BENCHMARKS.md); the
---vae-minutes / --minutes caps bound the training to 27 minutes and the rest (data, encoding,
-evaluation: about 3 minutes) scales with the machine. Every stage's size and step count is a flag.
+The defaults are the recipe: about 25 minutes on a fast enough 2-core host; on a slower one the
+--vae-minutes / --minutes caps stop the training within 27 minutes, before its last steps (the report
+says so), and the rest (data, encoding, evaluation: about 3 minutes) scales with the machine; with
+--vae-minutes 0 --minutes 0 it is the recipe on any host (33 minutes on the slowest measured,
+BENCHMARKS.md). Every stage's size and step count is a flag.
 
 1. writes the synthetic train and held-out sets (``tagmoe_core.training.synthetic``) to OUT/data/;
 2. trains a tiny AutoencoderKLQwenImage (base width 16, ComfyUI's stage multipliers 1,2,4,4, one

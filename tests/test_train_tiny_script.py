@@ -291,7 +291,7 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
                         "--steps", "3", "--warmup", "2", "--eval-steps", "2", "--eval-limit", "7", "--eval-train", "3",
                         "--heads", "2", "--head-dim", "16", "--threads", "1", "--weight-decay", "0.05"]) == 0
     report = json.loads((out / "report.json").read_text())
-    # --weight-decay reaches AdamW (the checkpoint's optimizer state)
+    # --weight-decay reaches every optimizer group, Muon's and AdamW's (the checkpoint's optimizer state)
     from tagmoe_core.training.checkpoints import latest_checkpoint, load_state
     groups = load_state(latest_checkpoint(out / "run"))["optimizer"]["param_groups"]
     assert report["transformer"]["weight_decay"] == 0.05 and {g["weight_decay"] for g in groups} == {0.05}
