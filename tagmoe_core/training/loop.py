@@ -232,7 +232,7 @@ def make_optimizer(transformer: nn.Module, params: list[nn.Parameter], config: T
     if not matrices:
         raise InputError("--optimizer muon: this run trains no weight matrix inside the transformer blocks")
     chosen = {id(p) for p in matrices}
-    groups = [{"params": matrices, "muon": True, "lr": config.muon_lr or config.lr},
+    groups = [{"params": matrices, "muon": True, "lr": group_lr(config, {"muon": True})},
               {"params": [p for p in params if id(p) not in chosen]}]
     return MuonWithAdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 

@@ -9,9 +9,9 @@ parameter may be several matrices stored in one tensor (MegaBlocks' stacked expe
 [E*F, H] are E matrices [F, H], each orthogonalised on its own, as a per-expert Linear would be).
 On a 2-core CPU this halves the optimizer's time for the tiny transformer's 52 matrices.
 
-Which parameters take Muon and which AdamW is :func:`split_for_muon`'s choice (the usual one: the
-matrices inside the transformer blocks; embeddings, input/output projections, norms, biases and
-the tag heads stay on AdamW).
+Which parameters take Muon and which AdamW is ``training.loop.muon_parameters``'s choice (the
+usual one: the matrices inside the transformer blocks; embeddings, input/output projections, norms,
+biases and the tag heads stay on AdamW).
 """
 
 from __future__ import annotations
