@@ -32,7 +32,7 @@ def test_samples_are_read_with_rule_tags_where_none_are_given(tmp_path):
 
 def test_encoding_builds_condition_and_text_as_inference_does(tiny_pipe, tmp_path):
     samples = read_samples(make_data(tmp_path / "d"))
-    encoded = encode_samples(tiny_pipe, samples, seed=5)
+    encoded = encode_samples(tiny_pipe, samples, seed=5, batch=1)  # one picture a VAE call
     edit, t2i = encoded[0], encoded[3]
     assert edit.target.shape == (12, 64) and edit.condition.shape == (12, 64) and t2i.condition is None
     assert edit.img_shapes == [(1, 3, 4), (1, 3, 4)] and t2i.img_shapes == [(1, 3, 4)]
@@ -41,10 +41,20 @@ def test_encoding_builds_condition_and_text_as_inference_does(tiny_pipe, tmp_pat
     prepared = tiny_pipe.prepare_condition(Image.open(samples[0].input), 64, 48, generator=generator)
     assert torch.equal(edit.condition, prepared.tokens[0])
     assert torch.equal(edit.prompt, tiny_pipe.encode_prompt("Make the circle red").embeds[0])
+    # Encoded in batches (the VAE on several pictures at once, each condition's own noise): the same
+    # tokens within float rounding, the conditions' posterior draws unchanged.
+    batched = encode_samples(tiny_pipe, samples, seed=5, batch=3)
+    for one, many in zip(encoded, batched):
+        torch.testing.assert_close(many.target, one.target, rtol=1e-5, atol=1e-5)
+        if one.condition is not None:
+            torch.testing.assert_close(many.condition, one.condition, rtol=1e-5, atol=1e-5)
+        assert torch.equal(many.prompt, one.prompt) and many.tag_ids == one.tag_ids
     # The target: what a run's output tokens are before they are decoded (VAE mean, normalised, packed).
     dist = tiny_pipe.vae.encode(torch.zeros(1, 3, 1, 48, 64)).latent_dist
     assert target_tokens(tiny_pipe, Image.new("RGB", (64, 48), (128, 128, 128))).shape == pack(dist.mode()).shape[1:]
-    assert torch.equal(encode_samples(tiny_pipe, samples, seed=5)[0].condition, edit.condition)  # reproducible
+    again = encode_samples(tiny_pipe, samples, seed=5)  # reproducible, in the default batches too
+    assert torch.equal(again[0].condition, encode_samples(tiny_pipe, samples, seed=5)[0].condition)
+    assert torch.equal(encode_samples(tiny_pipe, samples, seed=5, batch=1)[0].condition, edit.condition)
 
 
 def _break(root, case: str) -> str:

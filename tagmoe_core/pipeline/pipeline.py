@@ -205,12 +205,7 @@ class TagMoEPipeline:
             raise InputError(f"the condition image must be a PIL image, got {type(image).__name__}")
         if posterior not in ("sample", "mode"):
             raise InputError(f"posterior must be 'sample' or 'mode', got {posterior!r}")
-        vae_device = next(self.vae.parameters()).device
-        pixels = vae_input(condition_pixels(image, width, height)).to(vae_device, self.vae.dtype)
-        dist = self.vae.encode(pixels).latent_dist
-        latent = dist.sample(generator=generator) if posterior == "sample" else dist.mode()
-        latents = normalize(latent, self.vae.config).to(self.device, self.dtype)
-        tokens = pack(latents)
+        tokens = self.encode_condition(condition_pixels(image, width, height), generator, posterior)
         region_shape = None
         if region is not None:
             gh, gw = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
@@ -218,6 +213,18 @@ class TagMoEPipeline:
             x1, y1, x2, y2 = region_shape.box
             tokens = tokens.view(1, gh, gw, -1)[:, y1:y2 + 1, x1:x2 + 1].reshape(1, -1, tokens.shape[-1])
         return ConditionImage(tokens, width, height, image.size, region_shape)
+
+    @torch.inference_mode()
+    def encode_condition(self, pixels: torch.Tensor,
+                         generator: torch.Generator | list[torch.Generator] | None = None,
+                         posterior: str = "sample") -> torch.Tensor:
+        """Condition pictures [B, H, W, 3] in 0..1 (``condition_pixels``'s, one size) -> their tokens [B, N, C]:
+        VAE-encoded in one batch, the posterior sampled from ``generator`` (or, a list of one per picture,
+        each picture's draw as it would be alone) or its mean ("mode"), normalised and packed."""
+        vae_device = next(self.vae.parameters()).device
+        dist = self.vae.encode(vae_input(pixels).to(vae_device, self.vae.dtype)).latent_dist
+        latent = dist.sample(generator=generator) if posterior == "sample" else dist.mode()
+        return pack(normalize(latent, self.vae.config).to(self.device, self.dtype))
 
     # -- sampling -------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -20,15 +20,16 @@ bad tags) is a :class:`~tagmoe_core.errors.DataError` of one line naming the sam
 
 :func:`encode_samples` then builds, with the frozen VAE and text encoder, what every training step
 needs: the target's model-space tokens (VAE mean, normalised, packed: what a run's output
-latents are before they are decoded), the condition tokens through the pipeline's own
-``prepare_condition`` (bucket snap, resize to the target size, VAE posterior sample, normalise,
-pack) and the prompt through its ``encode_prompt`` (the reference's template and drop).
+latents are before they are decoded), the condition tokens as the pipeline's own
+``prepare_condition`` builds them (``condition_pixels``: bucket snap, resize to the target size;
+``encode_condition``: VAE posterior sample, normalise, pack) and the prompt through its ``encode_prompt`` (the reference's template and drop).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from ..errors import DataError, TagMoEError
 from ..images import open_image, to_rgb
 from ..intent.tagging import rule_tags
 from ..pipeline.checks import check_size
-from ..pipeline.condition import vae_input
+from ..pipeline.condition import condition_pixels, vae_input
 from ..pipeline.latents import PIXELS_PER_TOKEN, normalize, pack
 from ..pipeline.text_encoding import EMPTY_NEGATIVE
 from ..taxonomy import IMAGE_GENERATION, TaskTags
@@ -187,31 +188,70 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().float().cpu().clone()
 
 
+ENCODE_BATCH = 32  # pictures of one size per VAE call when a data set is encoded
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """[H, W, 3] float32 in 0..1."""
+    return torch.from_numpy(np.array(to_rgb(image)).astype(np.float32) / 255.0)
+
+
 @torch.inference_mode()
-def target_tokens(pipe, image: Image.Image) -> torch.Tensor:
-    """[N, 64]: the target image as the model-space tokens a run would decode into it (VAE mean)."""
-    pixels = torch.from_numpy(np.array(to_rgb(image)).astype(np.float32) / 255.0)[None]
+def _target_batch(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] target pictures -> [B, N, 64] model-space tokens (VAE mean, normalised, packed)."""
     vae_device = next(pipe.vae.parameters()).device
     latent = pipe.vae.encode(vae_input(pixels).to(vae_device, pipe.vae.dtype)).latent_dist.mode()
-    return pack(normalize(latent, pipe.vae.config))[0]
+    return pack(normalize(latent, pipe.vae.config))
 
 
-def encode_samples(pipe, samples: list[TrainSample], seed: int = 0) -> list[EncodedSample]:
+def target_tokens(pipe, image: Image.Image) -> torch.Tensor:
+    """[N, 64]: the target image as the model-space tokens a run would decode into it (VAE mean)."""
+    return _target_batch(pipe, _pixels(image)[None])[0]
+
+
+def _pictures(sample: TrainSample) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A sample's target pixels and its condition's (``condition_pixels``: bucket snap, resize), [H, W, 3]."""
+    condition = None
+    if sample.input is not None:
+        condition = condition_pixels(open_image(sample.input), sample.width, sample.height)[0]
+    return _pixels(open_image(sample.target)), condition
+
+
+def encode_samples(pipe, samples: list[TrainSample], seed: int = 0,
+                   batch: int = ENCODE_BATCH) -> list[EncodedSample]:
     """Encode every sample once with the pipeline's frozen VAE and text encoder. The condition's
     VAE posterior is sampled as the reference samples it, from a generator seeded by ``seed`` and the
-    sample's position (the same data and seed give the same tensors)."""
-    encoded = []
+    sample's position (the same data and seed give the same tensors).
+
+    The pictures are read and prepared on as many threads as torch computes with (PIL's decoding and
+    resizing release the GIL: the condition's bucket snap, up to the preferred bucket and back down, is
+    most of a tiny model's encoding) and go through the VAE ``batch`` of one size at a time (within
+    float rounding the tokens one at a time gives; each condition's noise still drawn from its own
+    generator); each distinct instruction is encoded once."""
+    groups: dict[tuple[int, int, bool], list[int]] = {}
     for i, sample in enumerate(samples):
-        target = _plain(target_tokens(pipe, open_image(sample.target)))
-        condition = None
-        if sample.input is not None:
-            generator = torch.Generator(device=pipe.device).manual_seed(seed * 1_000_003 + i)
-            prepared = pipe.prepare_condition(open_image(sample.input), sample.width, sample.height,
-                                              generator=generator, posterior="sample")
-            condition = _plain(prepared.tokens[0])
-        prompt = _plain(pipe.encode_prompt(sample.instruction).embeds[0])
-        encoded.append(EncodedSample(target, condition, prompt, sample.tags.ids, sample.width, sample.height))
-    return encoded
+        groups.setdefault((sample.width, sample.height, sample.input is not None), []).append(i)
+    prompts: dict[str, torch.Tensor] = {}
+    encoded: list[EncodedSample | None] = [None] * len(samples)
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        for (_, _, edit), members in groups.items():
+            for begin in range(0, len(members), max(1, batch)):
+                chunk = members[begin:begin + max(1, batch)]
+                pictures = list(pool.map(lambda i: _pictures(samples[i]), chunk))
+                targets = _target_batch(pipe, torch.stack([target for target, _ in pictures]))
+                conditions = None
+                if edit:
+                    generators = [torch.Generator(device=pipe.device).manual_seed(seed * 1_000_003 + i) for i in chunk]
+                    conditions = pipe.encode_condition(torch.stack([c for _, c in pictures]), generators, "sample")
+                for row, i in enumerate(chunk):
+                    sample = samples[i]
+                    if sample.instruction not in prompts:
+                        prompts[sample.instruction] = _plain(pipe.encode_prompt(sample.instruction).embeds[0])
+                    encoded[i] = EncodedSample(_plain(targets[row]),
+                                               None if conditions is None else _plain(conditions[row]),
+                                               prompts[sample.instruction], sample.tags.ids, sample.width,
+                                               sample.height)
+    return [e for e in encoded if e is not None]
 
 
 def encode_empty_prompt(pipe) -> torch.Tensor:
