@@ -618,7 +618,7 @@ def transformer_config(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)
-    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--count", type=int, default=6000)
     parser.add_argument("--heldout-count", type=int, default=140)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=7000)
@@ -670,10 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "which spells most of them letter by letter)")
     parser.add_argument("--freeze-tag-embedding", action=argparse.BooleanOptionalAction, default=True,
                         help="keep tag_embedding at its start (L_align then cannot collapse onto it)")
-    parser.add_argument("--steps", type=int, default=10500)
+    parser.add_argument("--steps", type=int, default=5500)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100, help="the transformer's linear learning-rate warmup steps")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled weight decay")
     parser.add_argument("--optimizer", default="muon", choices=["adamw", "muon"],
                         help="the transformer's optimizer (muon: Muon for the blocks' weight matrices, AdamW for "
