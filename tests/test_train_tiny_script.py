@@ -275,6 +275,15 @@ def test_a_vae_still_at_the_mean_colour_starts_again(tmp_path):
     assert not torch.equal(initial(0), initial(script.restart_seed(0, 1)))
 
 
+def test_minutes_shortens_the_schedule_to_what_fits_the_host():
+    script = _script()
+    # 200 steps in 60 s: 0.3 s a step, so 10 minutes fit 2000 of 5500 steps; a fast host keeps the recipe's
+    assert script.steps_that_fit(5500, 200, 60.0, 10.0) == 2000
+    assert script.steps_that_fit(5500, 200, 10.0, 10.0) == 5500
+    assert script.steps_that_fit(5500, 200, 60.0, 0.0) == 5500  # no cap
+    assert script.steps_that_fit(5500, 200, 6000.0, 10.0) == 201  # already past the minutes: stop next step
+
+
 @pytest.mark.slow
 def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     from diffusers import AutoencoderKLQwenImage
@@ -296,6 +305,7 @@ def test_train_tiny_runs_every_stage_and_writes_a_comfyui_vae(tmp_path):
     groups = load_state(latest_checkpoint(out / "run"))["optimizer"]["param_groups"]
     assert report["transformer"]["weight_decay"] == 0.05 and {g["weight_decay"] for g in groups} == {0.05}
     assert report["vae"]["steps"] == 3 and report["vae"]["decoder_steps"] == 2 and report["transformer"]["steps"] == 3
+    assert report["transformer"]["steps_asked"] == 3 and not report["transformer"]["shortened_by_minutes"]
     assert report["vae"]["compiled"] is False
     # the unseen split: the 7 samples after the 14 training ones, judged as the others
     assert [s.index for s in synthetic.read_tasks(out / "data" / "unseen")] == list(range(14, 21))

@@ -22,7 +22,8 @@ bad tags) is a :class:`~tagmoe_core.errors.DataError` of one line naming the sam
 needs: the target's model-space tokens (VAE mean, normalised, packed: what a run's output
 latents are before they are decoded), the condition tokens as the pipeline's own
 ``prepare_condition`` builds them (``condition_pixels``: bucket snap, resize to the target size;
-``encode_condition``: VAE posterior sample, normalise, pack) and the prompt through its ``encode_prompt`` (the reference's template and drop).
+``encode_condition``: VAE posterior sample, normalise, pack) and the prompt through its
+``encode_prompt`` (the reference's template and drop).
 """
 
 from __future__ import annotations
