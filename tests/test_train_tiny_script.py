@@ -277,8 +277,8 @@ def test_a_vae_still_at_the_mean_colour_starts_again(tmp_path):
 
 def test_minutes_shortens_the_schedule_to_what_fits_the_host():
     script = _script()
-    # 200 steps in 60 s: 0.3 s a step, so 10 minutes fit 2000 of 5500 steps; a fast host keeps the recipe's
-    assert script.steps_that_fit(5500, 200, 60.0, 10.0) == 2000
+    # 200 steps in 60 s: 0.3 s a step, so 90% of 10 minutes fit 1800 of 5500 steps; a fast host keeps the recipe's
+    assert script.FIT_SHARE == 0.9 and script.steps_that_fit(5500, 200, 60.0, 10.0) == 1800
     assert script.steps_that_fit(5500, 200, 10.0, 10.0) == 5500
     assert script.steps_that_fit(5500, 200, 60.0, 0.0) == 5500  # no cap
     assert script.steps_that_fit(5500, 200, 6000.0, 10.0) == 201  # already past the minutes: stop next step
