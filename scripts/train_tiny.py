@@ -2,12 +2,13 @@
 
     python scripts/train_tiny.py OUT
 
-The defaults are the recipe where a 2-core host is fast enough (about 33 minutes on the sixteenth
-session's, BENCHMARKS.md); on a slower one --vae-minutes stops the VAE and --minutes fits the
-transformer's learning-rate schedule to fewer steps (timed over its first 200), so that the whole
-command ends within about 28 minutes (the report says so), the rest (data, encoding, evaluation: about
-3 minutes) scaling with the machine; with --vae-minutes 0 --minutes 0 it is the recipe on any host.
-Every stage's size and step count is a flag.
+The recipe is the defaults with --vae-minutes 0 --minutes 0 (33 minutes alone on the sixteenth
+session's 2-core host, BENCHMARKS.md). The defaults' limits keep the command within about 28 minutes:
+--vae-minutes stops the VAE, and --minutes fits the transformer's learning-rate schedule to the steps
+that fit (timed over its first 200; the report says so), so a host less than about 1.5x faster than
+that one trains fewer steps than the recipe's (there: about 3700 of 5500, 52% held-out instead of
+56%); the rest (data, encoding, evaluation: about 3 minutes) scales with the machine. Every stage's
+size and step count is a flag.
 
 1. writes the synthetic train and held-out sets (``tagmoe_core.training.synthetic``) to OUT/data/;
 2. trains a tiny AutoencoderKLQwenImage (base width 16, ComfyUI's stage multipliers 1,2,4,4, one

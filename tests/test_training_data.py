@@ -30,6 +30,21 @@ def test_samples_are_read_with_rule_tags_where_none_are_given(tmp_path):
     assert not given.tags_from_rules and (given.width, given.height) == SIZE
 
 
+def test_encoding_batches_by_pixels_so_large_pictures_go_one_at_a_time(tiny_pipe, tmp_path, monkeypatch):
+    """A batch holds at most ENCODE_PIXELS pixels (a 1024x1024 data set: one picture a VAE call, as
+    before batching): with the budget at one 64x48 picture, the default batch gives exactly the
+    one-at-a-time tensors."""
+    from tagmoe_core.training import data
+
+    samples = read_samples(make_data(tmp_path / "d"))
+    single = encode_samples(tiny_pipe, samples, seed=5, batch=1)
+    monkeypatch.setattr(data, "ENCODE_PIXELS", 64 * 48)
+    for one, capped in zip(single, encode_samples(tiny_pipe, samples, seed=5)):
+        assert torch.equal(one.target, capped.target)
+        assert (one.condition is None) == (capped.condition is None)
+        assert one.condition is None or torch.equal(one.condition, capped.condition)
+
+
 def test_encoding_builds_condition_and_text_as_inference_does(tiny_pipe, tmp_path):
     samples = read_samples(make_data(tmp_path / "d"))
     encoded = encode_samples(tiny_pipe, samples, seed=5, batch=1)  # one picture a VAE call

@@ -189,7 +189,8 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().float().cpu().clone()
 
 
-ENCODE_BATCH = 32  # pictures of one size per VAE call when a data set is encoded
+ENCODE_BATCH = 32  # pictures of one size per VAE call when a data set is encoded ...
+ENCODE_PIXELS = ENCODE_BATCH * 64 * 64  # ... and at most this many pixels in all (1024x1024: one at a time)
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
@@ -210,12 +211,11 @@ def target_tokens(pipe, image: Image.Image) -> torch.Tensor:
     return _target_batch(pipe, _pixels(image)[None])[0]
 
 
-def _pictures(sample: TrainSample) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _pictures(sample: TrainSample, target: Image.Image,
+              source: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A sample's target pixels and its condition's (``condition_pixels``: bucket snap, resize), [H, W, 3]."""
-    condition = None
-    if sample.input is not None:
-        condition = condition_pixels(open_image(sample.input), sample.width, sample.height)[0]
-    return _pixels(open_image(sample.target)), condition
+    condition = None if source is None else condition_pixels(source, sample.width, sample.height)[0]
+    return _pixels(target), condition
 
 
 def encode_samples(pipe, samples: list[TrainSample], seed: int = 0,
@@ -226,7 +226,8 @@ def encode_samples(pipe, samples: list[TrainSample], seed: int = 0,
 
     The pictures are read and prepared on as many threads as torch computes with (PIL's decoding and
     resizing release the GIL: the condition's bucket snap, up to the preferred bucket and back down, is
-    most of a tiny model's encoding) and go through the VAE ``batch`` of one size at a time (within
+    most of a tiny model's encoding) and go through the VAE ``batch`` of one size at a time (fewer
+    where that is over :data:`ENCODE_PIXELS`: a 1024x1024 data set one picture a call, as before; within
     float rounding the tokens one at a time gives; each condition's noise still drawn from its own
     generator); each distinct instruction is encoded once."""
     groups: dict[tuple[int, int, bool], list[int]] = {}
@@ -235,10 +236,14 @@ def encode_samples(pipe, samples: list[TrainSample], seed: int = 0,
     prompts: dict[str, torch.Tensor] = {}
     encoded: list[EncodedSample | None] = [None] * len(samples)
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        for (_, _, edit), members in groups.items():
-            for begin in range(0, len(members), max(1, batch)):
-                chunk = members[begin:begin + max(1, batch)]
-                pictures = list(pool.map(lambda i: _pictures(samples[i]), chunk))
+        for (width, height, edit), members in groups.items():
+            size = max(1, min(batch, ENCODE_PIXELS // (width * height)))
+            for begin in range(0, len(members), size):
+                chunk = members[begin:begin + size]
+                # opened here (open_image's warning filter is not thread-safe), prepared on the threads
+                opened = [(samples[i], open_image(samples[i].target),
+                           None if samples[i].input is None else open_image(samples[i].input)) for i in chunk]
+                pictures = list(pool.map(lambda args: _pictures(*args), opened))
                 targets = _target_batch(pipe, torch.stack([target for target, _ in pictures]))
                 conditions = None
                 if edit:
@@ -252,7 +257,8 @@ def encode_samples(pipe, samples: list[TrainSample], seed: int = 0,
                                                None if conditions is None else _plain(conditions[row]),
                                                prompts[sample.instruction], sample.tags.ids, sample.width,
                                                sample.height)
-    return [e for e in encoded if e is not None]
+    assert all(e is not None for e in encoded)
+    return encoded  # type: ignore[return-value]
 
 
 def encode_empty_prompt(pipe) -> torch.Tensor:
