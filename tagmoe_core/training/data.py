@@ -42,8 +42,8 @@ from ..errors import DataError, TagMoEError
 from ..images import open_image, to_rgb
 from ..intent.tagging import rule_tags
 from ..pipeline.checks import check_size
-from ..pipeline.condition import condition_pixels, vae_input
-from ..pipeline.latents import PIXELS_PER_TOKEN, normalize, pack
+from ..pipeline.condition import condition_pixels
+from ..pipeline.latents import PIXELS_PER_TOKEN
 from ..pipeline.text_encoding import EMPTY_NEGATIVE
 from ..taxonomy import IMAGE_GENERATION, TaskTags
 
@@ -200,10 +200,9 @@ def _pixels(image: Image.Image) -> torch.Tensor:
 
 @torch.inference_mode()
 def _target_batch(pipe, pixels: torch.Tensor) -> torch.Tensor:
-    """[B, H, W, 3] target pictures -> [B, N, 64] model-space tokens (VAE mean, normalised, packed)."""
-    vae_device = next(pipe.vae.parameters()).device
-    latent = pipe.vae.encode(vae_input(pixels).to(vae_device, pipe.vae.dtype)).latent_dist.mode()
-    return pack(normalize(latent, pipe.vae.config))
+    """[B, H, W, 3] target pictures -> [B, N, 64] model-space tokens: a condition's encoding with the
+    posterior's mean (VAE mean, normalised, packed; the VAE computes in the pipeline's dtype)."""
+    return pipe.encode_condition(pixels, posterior="mode")
 
 
 def target_tokens(pipe, image: Image.Image) -> torch.Tensor:
@@ -243,7 +242,7 @@ def encode_samples(pipe, samples: list[TrainSample], seed: int = 0,
                 # opened here (open_image's warning filter is not thread-safe), prepared on the threads
                 opened = [(samples[i], open_image(samples[i].target),
                            None if samples[i].input is None else open_image(samples[i].input)) for i in chunk]
-                pictures = list(pool.map(lambda args: _pictures(*args), opened))
+                pictures = list(pool.map(_pictures, *zip(*opened)))
                 targets = _target_batch(pipe, torch.stack([target for target, _ in pictures]))
                 conditions = None
                 if edit:
