@@ -423,12 +423,10 @@ def try_it() -> Graph:
                        "seen (training never saw a green circle, a purple square, a yellow triangle, red on blue "
                        "or white on black), adding (*Add a blue square*) and drawing without an input (*A blue "
                        "square on a yellow background*) in 10-15% (the shape comes out as a blob); local edits "
-                       "of a two-object "
-                       "picture mostly fail. Keep 64x64 and "
-                       "cfg 1 (it never learnt the empty prompt). It runs on the CPU; loading it releases a model "
-                       "this loader holds.\n\nThe first row draws a picture; the two below edit it. The routing "
-                       "maps show which expert worked where: the removal and the black-and-white use different "
-                       "experts.", size=(360, 600))
+                       "of a two-object picture mostly fail. Keep 64x64 and cfg 1 (it never learnt the empty "
+                       "prompt). It runs on the CPU; loading it releases a model this loader holds.\n\nThe first "
+                       "row draws a picture; the two below edit it. The routing maps show which expert worked "
+                       "where: the removal and the black-and-white use different experts.", size=(360, 600))
     pictures = None
     rows = ((TRY_PICTURE, None),) + TRY_EDITS
     for row, (prompt, prefix) in enumerate(rows):
