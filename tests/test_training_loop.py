@@ -280,3 +280,47 @@ def test_a_training_checkpoint_loads_through_the_diffusers_folder_loader_node(ti
     finally:
         bridge._fallback_roots.clear()
         bridge._fallback_roots.update(saved)
+
+
+def test_an_output_that_cannot_be_created_is_refused_before_loading(tiny_bundle, data, tmp_path):
+    # Found at the first save before, after loading, encoding and training every step: the run was lost.
+    (tmp_path / "afile").write_text("not a folder")
+    steps = []
+    with pytest.raises(InputError, match="cannot be created: .*afile' is a file"):
+        train(_config(tiny_bundle, data, tmp_path / "afile" / "sub", steps=1), progress=steps.append)
+    assert steps == []
+
+
+def test_a_resumed_state_or_tag_head_that_does_not_fit_is_one_clear_error(tiny_bundle, data, tmp_path):
+    from safetensors.torch import save_file
+
+    from tagmoe_core.errors import CorruptCheckpointError
+
+    train(_config(tiny_bundle, data, tmp_path / "o", steps=1, train="lora"))
+    checkpoint = tmp_path / "o" / "checkpoint-000001"
+    weights_file = next((checkpoint / "transformer").glob("*.safetensors"))
+    weights = load_file(weights_file)
+    rows = weights["tag_embedding.weight"]
+    weights["tag_embedding.weight"] = torch.cat([rows, rows[:2]])  # two tags more than the model has
+    save_file(weights, str(weights_file))
+    steps = []
+    with pytest.raises(CorruptCheckpointError, match=r"its 'tag_embedding.weight' is \[\d+, \d+\], the model's is"):
+        train(_config(tiny_bundle, data, tmp_path / "o", steps=2, train="lora", resume=True), progress=steps.append)
+    torch.save([1, 2, 3], checkpoint / STATE_FILE)  # not the dictionary training saves
+    with pytest.raises(CorruptCheckpointError, match="is not a training state"):
+        train(_config(tiny_bundle, data, tmp_path / "o", steps=2, train="lora", resume=True), progress=steps.append)
+    assert steps == []
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(tiny_bundle, data, tmp_path):
+    from tagmoe_core.errors import TagMoEError
+
+    output = tmp_path / "o"
+
+    def folder_becomes_a_file(report):  # as a disk that fills or a folder removed during the run
+        if output.is_dir():
+            output.rmdir()
+        output.write_text("in the way")
+
+    with pytest.raises(TagMoEError, match="the checkpoint of step 1 could not be written to"):
+        train(_config(tiny_bundle, data, output, steps=1), progress=folder_becomes_a_file)

@@ -84,10 +84,13 @@ def save_checkpoint(output: Path, step: int, weights: Mapping[str, torch.Tensor]
 def load_state(folder: Path) -> dict[str, Any]:
     path = Path(folder) / STATE_FILE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError) as exc:
         raise CorruptCheckpointError(f"'{path}' cannot be read as a training state ({' '.join(str(exc).split())[:200]})"
                                      ) from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise CorruptCheckpointError(f"'{path}' is not a training state (no step saved in it)")
+    return state
 
 
 def load_lora(folder: Path) -> dict[str, torch.Tensor]:

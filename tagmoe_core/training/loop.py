@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, TagMoEError
+from ..errors import CorruptCheckpointError, InputError, TagMoEError
 from ..model.checkpoint import CheckpointReader, resolve_weight_files
 from ..model.layout import read_transformer_config
 from ..model.moe import TagMoEFeedForward, moe_layers
@@ -154,10 +155,22 @@ def _settings(config: TrainConfig) -> dict:
     return out
 
 
-def _resume_point(config: TrainConfig) -> tuple[Path | None, dict | None]:
-    output = Path(config.output)
+def _check_output(output: Path) -> None:
+    """The checkpoints' folder can be written (or created): found now, not at the first save."""
     if output.exists() and not output.is_dir():
         raise InputError(f"--output '{output}' is a file; give a folder for the checkpoints")
+    existing = output.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--output '{output}' cannot be created: '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--output '{output}' cannot be written: no write permission in '{existing}'")
+
+
+def _resume_point(config: TrainConfig) -> tuple[Path | None, dict | None]:
+    output = Path(config.output)
+    _check_output(output)
     latest = latest_checkpoint(output)
     if latest is None:
         if config.resume:
@@ -411,8 +424,12 @@ class Trainer:
             state["live"] = [p.detach().to("cpu", copy=True) for p in self.params]
         transformer_config = read_transformer_config(config.base, resolve_weight_files(config.tagmoe))
         lora = self.lora.state_dict() if self.lora is not None else None
-        path = save_checkpoint(Path(config.output), self.step_index, self.release_state_dict(), transformer_config,
-                               state, lora)
+        try:
+            path = save_checkpoint(Path(config.output), self.step_index, self.release_state_dict(), transformer_config,
+                                   state, lora)
+        except OSError as exc:  # a full disk, a folder removed while training
+            raise TagMoEError(f"the checkpoint of step {self.step_index} could not be written to "
+                              f"'{config.output}': {exc.strerror or exc}") from exc
         _write_log(Path(config.output), self.history)
         return path
 
@@ -488,9 +505,15 @@ def _restore_tag_heads(transformer: nn.Module, checkpoint: Path) -> None:
     reader = CheckpointReader.open(resolve_weight_files(checkpoint))
     try:
         keys = [k for k in reader.keys() if k.startswith(TAG_HEAD_PREFIXES)]
+        params = dict(transformer.named_parameters())
         with torch.no_grad():
             for key, tensor in reader.tensors(keys):
-                transformer.get_parameter(key).copy_(tensor)
+                param = params.get(key)
+                if param is None or param.shape != tensor.shape:
+                    have = "no such parameter" if param is None else f"the model's is {list(param.shape)}"
+                    raise CorruptCheckpointError(f"{checkpoint} does not fit this model: its '{key}' is "
+                                                 f"{list(tensor.shape)}, {have}")
+                param.copy_(tensor)
     finally:
         reader.close()
 
