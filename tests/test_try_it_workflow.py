@@ -3,10 +3,11 @@ file wires it (without ComfyUI: the pack's nodes in dependency order), draws a p
 as asked, and the two edits route to different experts. The same workflow inside a real ComfyUI:
 tests/test_comfyui_integration.py.
 
-Measured on the CPU (fp32, as the workflow loads it): the drawing passes with its shape's fill at
-0.782 and its centre 0.04 off the middle, the removal with the rest at 48.6 dB, the black-and-white
-at 35.2 dB (bound 25); the removal sends 78% of its tokens' top-1 to expert 1 (shares 0.16 / 0.78 /
-0.07 / 0.00), the black-and-white 92% to expert 2 (0.00 / 0.08 / 0.92 / 0.00): 0.85 apart."""
+Measured on the CPU (fp32, as the workflow loads it; the model shipped at fce1b76): the drawing passes
+with its shape's fill at 0.789 and its centre 0.04 off the middle, the removal with the rest at 52.5 dB,
+the black-and-white at 37.7 dB (bound 25); the removal sends 76% of its tokens' top-1 to expert 1
+(shares 0.24 / 0.76 / 0.00 / 0.00), the black-and-white splits them between experts 2 and 3 (0.00 / 0.00 /
+0.50 / 0.50): 1.00 apart."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from workflow_api import run_offline
 pack = load_pack()
 bridge = pack.nodes.comfy_bridge
 # The two edits' top-1 shares per expert are this far apart at least (total-variation distance: 0 for the
-# same use of the experts, 1 for disjoint ones; the shipped model: 0.85).
+# same use of the experts, 1 for disjoint ones; the shipped model: 1.00).
 ROUTING_APART = 0.5
 
 
