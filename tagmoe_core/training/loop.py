@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CorruptCheckpointError, InputError, TagMoEError
+from ..errors import InputError, ShapeMismatchError, TagMoEError, UnexpectedKeysError
 from ..model.checkpoint import CheckpointReader, resolve_weight_files
 from ..model.layout import read_transformer_config
 from ..model.moe import TagMoEFeedForward, moe_layers
@@ -506,14 +506,16 @@ def _restore_tag_heads(transformer: nn.Module, checkpoint: Path) -> None:
     try:
         keys = [k for k in reader.keys() if k.startswith(TAG_HEAD_PREFIXES)]
         params = dict(transformer.named_parameters())
+        unknown = [k for k in keys if k not in params]
+        if unknown:
+            raise UnexpectedKeysError(unknown, reader.describe(), hint="resume with the model it was trained on")
+        for key in keys:
+            if tuple(reader.infos[key].shape) != tuple(params[key].shape):
+                raise ShapeMismatchError(key, tuple(params[key].shape), tuple(reader.infos[key].shape),
+                                         reader.describe())
         with torch.no_grad():
             for key, tensor in reader.tensors(keys):
-                param = params.get(key)
-                if param is None or param.shape != tensor.shape:
-                    have = "no such parameter" if param is None else f"the model's is {list(param.shape)}"
-                    raise CorruptCheckpointError(f"{checkpoint} does not fit this model: its '{key}' is "
-                                                 f"{list(tensor.shape)}, {have}")
-                param.copy_(tensor)
+                params[key].copy_(tensor)
     finally:
         reader.close()
 
