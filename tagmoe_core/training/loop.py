@@ -427,10 +427,10 @@ class Trainer:
         try:
             path = save_checkpoint(Path(config.output), self.step_index, self.release_state_dict(), transformer_config,
                                    state, lora)
+            _write_log(Path(config.output), self.history)
         except OSError as exc:  # a full disk, a folder removed while training
             raise TagMoEError(f"the checkpoint of step {self.step_index} could not be written to "
                               f"'{config.output}': {exc.strerror or exc}") from exc
-        _write_log(Path(config.output), self.history)
         return path
 
 
