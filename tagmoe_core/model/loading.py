@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -149,12 +149,18 @@ def plan_tagmoe_load(
                             and (base_reader is None or k not in base_reader)]
     sources = [(k, tag_reader) for k in expected if k in tag_reader]
     sources += [(k, base_reader) for k in rest if base_reader is not None and k in base_reader]
-    for key, reader in sources:
-        found = reader.infos[key].shape
-        if found != expected[key]:
-            raise ShapeMismatchError(key, expected[key], found, reader.describe())
+    check_shapes(sources, expected)
     return LoadPlan(model, sources, tag_reader, base_reader, spec, blocks, dtype, str(tagmoe),
                     str(base) if base is not None else None, unexpected, missing_optional)
+
+
+def check_shapes(sources: Iterable[tuple[str, CheckpointReader]], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise ShapeMismatchError for the first key whose shape in its reader (read from the file's table,
+    no tensor loaded) is not the model's."""
+    for key, reader in sources:
+        found = tuple(reader.infos[key].shape)
+        if found != tuple(expected[key]):
+            raise ShapeMismatchError(key, tuple(expected[key]), found, reader.describe())
 
 
 def execute_load(plan: LoadPlan, device: str | torch.device | Mapping[str, int | str | torch.device] = "cpu",

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, ShapeMismatchError, TagMoEError, UnexpectedKeysError
+from ..errors import InputError, TagMoEError, UnexpectedKeysError
 from ..model.checkpoint import CheckpointReader, resolve_weight_files
 from ..model.layout import read_transformer_config
+from ..model.loading import check_shapes
 from ..model.moe import TagMoEFeedForward, moe_layers
 from ..model.tag_heads import PREFIXES as TAG_HEAD_PREFIXES
 from .checkpoints import checkpoints, latest_checkpoint, load_lora, load_state, save_checkpoint
@@ -509,10 +510,7 @@ def _restore_tag_heads(transformer: nn.Module, checkpoint: Path) -> None:
         unknown = [k for k in keys if k not in params]
         if unknown:
             raise UnexpectedKeysError(unknown, reader.describe(), hint="resume with the model it was trained on")
-        for key in keys:
-            if tuple(reader.infos[key].shape) != tuple(params[key].shape):
-                raise ShapeMismatchError(key, tuple(params[key].shape), tuple(reader.infos[key].shape),
-                                         reader.describe())
+        check_shapes([(k, reader) for k in keys], {k: tuple(params[k].shape) for k in keys})
         with torch.no_grad():
             for key, tensor in reader.tensors(keys):
                 params[key].copy_(tensor)
