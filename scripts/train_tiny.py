@@ -602,10 +602,12 @@ def judge(pipe, args, heldout_dir: Path, train_dir: Path, unseen_dir: Path | Non
     return report
 
 
-def write_unseen(folder: Path, count: int, seed: int, train_count: int) -> Path:
+def write_unseen(folder: Path, count: int, seed: int, train_count: int,
+                 size: tuple[int, int] = synthetic.DEFAULT_SIZE) -> Path:
     """``count`` samples of the train split after the ``train_count`` training ones: pictures no training
     sample holds, of the shape-colour pairs training sees (the held-out split's are absent from them)."""
-    written = synthetic.write_dataset(folder, count, seed=seed, split="train", overwrite=True, start=train_count)
+    written = synthetic.write_dataset(folder, count, seed=seed, split="train", overwrite=True, start=train_count,
+                                      size=size)
     log(f"unseen: {written.count} samples ({written.per_task})")
     return folder
 
@@ -616,13 +618,15 @@ def unseen_after_run(out: Path, count: int) -> Path:
     OUT/data/unseen_N (the run's folder, which its report judged, is left as it is)."""
     manifest = json.loads((out / "data" / "train" / synthetic.MANIFEST_FILE).read_text())
     seed, start = int(manifest["seed"]), int(manifest["count"])
+    size = (int(manifest.get("width", synthetic.DEFAULT_SIZE[0])), int(manifest.get("height", synthetic.DEFAULT_SIZE[1])))
     folder = out / "data" / "unseen"
     if (folder / synthetic.MANIFEST_FILE).is_file():
         have = json.loads((folder / synthetic.MANIFEST_FILE).read_text())
         if (have.get("seed"), have.get("split"), have.get("start"), have.get("version")) == \
-                (seed, "train", start, synthetic.VERSION) and have.get("count", 0) >= count:
+                (seed, "train", start, synthetic.VERSION) and have.get("count", 0) >= count \
+                and (have.get("width"), have.get("height")) == size:
             return folder
-    return write_unseen(out / "data" / f"unseen_{count}", count, seed, start)
+    return write_unseen(out / "data" / f"unseen_{count}", count, seed, start, size)
 
 
 def log_eval(split: str, result: dict) -> None:
@@ -649,6 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=int, default=6000)
     parser.add_argument("--heldout-count", type=int, default=140)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=synthetic.DEFAULT_SIZE[0],
+                        help="the pictures' side in pixels (a multiple of 16 of at least 48; objects scale with it)")
     parser.add_argument("--vae-steps", type=int, default=7000)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=3e-3)
@@ -740,9 +746,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.vae_crop % 8 or not 0 <= args.vae_crop <= min(synthetic.DEFAULT_SIZE):
+    if args.vae_crop % 8 or not 0 <= args.vae_crop <= args.size:
         parser.error(f"--vae-crop must be 0 or a multiple of 8 (the VAE's latent pixel) up to "
-                     f"{min(synthetic.DEFAULT_SIZE)} (the pictures' side), got {args.vae_crop}")
+                     f"{args.size} (the pictures' side), got {args.vae_crop}")
+    try:
+        synthetic.check_size(args.size, args.size)
+    except synthetic.DataError as exc:
+        parser.error(f"--size: {exc}")
     if args.vae_restart_at < 1 or not 0 <= args.vae_restarts < 64:
         parser.error("--vae-restart-at must be at least 1 and --vae-restarts from 0 to 63, got "
                      f"{args.vae_restart_at} and {args.vae_restarts}")
@@ -764,7 +774,8 @@ def main(argv=None) -> int:
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
 
     for folder, count, split in ((train_dir, args.count, "train"), (heldout_dir, args.heldout_count, "heldout")):
-        written = synthetic.write_dataset(folder, count, seed=args.seed, split=split, overwrite=True)
+        written = synthetic.write_dataset(folder, count, seed=args.seed, split=split, overwrite=True,
+                                          size=(args.size, args.size))
         log(f"{split}: {written.count} samples in {written.seconds:.1f}s ({written.per_task})")
 
     random_bundle = build_tiny_bundle(out / "random", seed=args.seed, transformer_config=transformer_config(args),
@@ -795,7 +806,8 @@ def main(argv=None) -> int:
                          placement="single")
     report["vae"]["heldout_target_ceiling"] = vae_ceiling(pipe, heldout_dir)
     log(f"success of the held-out targets after a VAE round trip: {report['vae']['heldout_target_ceiling']}")
-    unseen = write_unseen(out / "data" / "unseen", args.eval_unseen, args.seed, args.count) if args.eval_unseen \
+    unseen = write_unseen(out / "data" / "unseen", args.eval_unseen, args.seed, args.count, (args.size, args.size)) \
+        if args.eval_unseen \
         else None
     report.update(judge(pipe, args, heldout_dir, train_dir, unseen, out / "samples"))
     report["seconds_total"] = round(time.perf_counter() - total, 1)

@@ -234,6 +234,8 @@ def _vae_only(script, out, *extra):
     (["--vae-restart-at", "0"], "--vae-restart-at must be at least 1"),
     (["--vae-restarts", "64"], "--vae-restarts from 0 to 63"),
     (["--seed", "-1"], "--seed must be from 0 to 2**32 - 1"),
+    (["--size", "72"], "--size: the synthetic images' width must be a multiple of 16 of at least 48, got 72"),
+    (["--size", "96", "--vae-crop", "104"], "up to 96 (the pictures' side), got 104"),
 ])
 def test_bad_settings_are_refused_in_one_line_before_any_work(tmp_path, capsys, flags, message):
     script = _script()
@@ -241,6 +243,20 @@ def test_bad_settings_are_refused_in_one_line_before_any_work(tmp_path, capsys, 
         script.main([str(tmp_path / "run"), *flags])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_size_draws_every_split_at_that_size(tmp_path):
+    from PIL import Image
+
+    script = _script()
+    out = tmp_path / "run"
+    assert _vae_only(script, out, "--size", "96", "--vae-crop", "96") == 0
+    for split in ("train", "heldout"):
+        manifest = json.loads((out / "data" / split / synthetic.MANIFEST_FILE).read_text())
+        assert (manifest["width"], manifest["height"]) == (96, 96)
+        assert {Image.open(f).size for f in (out / "data" / split).glob("*.png")} == {(96, 96)}
+    # the unseen samples a finished run is judged on again are drawn at the run's size too
+    assert {Image.open(f).size for f in script.unseen_after_run(out, 2).glob("*.png")} == {(96, 96)}
 
 
 def test_a_vae_still_at_the_mean_colour_starts_again(tmp_path):
