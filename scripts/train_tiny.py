@@ -618,7 +618,8 @@ def unseen_after_run(out: Path, count: int) -> Path:
     OUT/data/unseen_N (the run's folder, which its report judged, is left as it is)."""
     manifest = json.loads((out / "data" / "train" / synthetic.MANIFEST_FILE).read_text())
     seed, start = int(manifest["seed"]), int(manifest["count"])
-    size = (int(manifest.get("width", synthetic.DEFAULT_SIZE[0])), int(manifest.get("height", synthetic.DEFAULT_SIZE[1])))
+    width, height = synthetic.DEFAULT_SIZE
+    size = (int(manifest.get("width", width)), int(manifest.get("height", height)))
     folder = out / "data" / "unseen"
     if (folder / synthetic.MANIFEST_FILE).is_file():
         have = json.loads((folder / synthetic.MANIFEST_FILE).read_text())
