@@ -213,3 +213,40 @@ def test_expert_maps_draw_the_first_condition_when_several_were_recorded():
     target, condition = rec.expert_maps()
     assert target.shape == (2, 2, 2) and condition.shape == (2, 2, 2)
     assert torch.equal(condition[1], torch.ones(2, 2))  # the first condition's 4 tokens all chose expert 1
+
+
+def test_one_recorder_fed_from_two_threads_labels_each_pass_by_its_own_thread(tiny_pipe):
+    """Newer ComfyUI's multi-GPU split runs the conditional and the unconditional pass in two threads
+    at once, through one recorder (``with_routing_recorder``'s apply_model wrapper: ``before_pass``,
+    then the model under ``attached()``, on each thread): each layer's routing keeps its own thread's
+    step and pass, not the one the other thread set last."""
+    import threading
+
+    layer = moe_layers(tiny_pipe.transformer)[0]
+    recorder = RoutingRecorder()
+    both_set = threading.Barrier(2)
+    x = torch.randn(1, 6, layer.router.layer.in_features, generator=torch.Generator().manual_seed(0))
+    errors = []
+
+    def one_pass(step: int, name: str) -> None:
+        try:
+            recorder.before_pass(step, name)
+            both_set.wait()  # both threads have told the recorder their pass before either runs
+            with torch.no_grad(), recorder.attached():
+                layer(x)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one_pass, args=(3, "cond")),
+               threading.Thread(target=one_pass, args=(4, "uncond"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    labels = sorted((r.step, r.pass_name) for r in recorder.recording.records)
+    assert labels == [(3, "cond"), (4, "uncond")]
+    assert recorder.recording.steps == 5
+    # both threads routed the same tokens through the same layer: the same choices, filed apart
+    first, second = recorder.recording.records
+    assert torch.equal(first.experts, second.experts)

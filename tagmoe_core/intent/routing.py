@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -92,16 +93,28 @@ class RoutingRecorder:
 
     The sampler tells it which step and pass runs through :meth:`before_pass`: one pass name, or
     one per equal chunk of the batch when conditional and unconditional passes run batched (as
-    ComfyUI's samplers do).
+    ComfyUI's samplers do). That is kept per thread: a sampler that runs passes on several threads at
+    once (newer ComfyUI's multi-GPU split: the conditional pass on one device, the unconditional on
+    another, one recorder) labels each layer's routing with the pass of the thread that computed it.
     """
 
     def __init__(self) -> None:
         self.recording = RoutingRecording()
-        self.step, self.passes = 0, ("cond",)
+        self._pass = threading.local()
+        self._lock = threading.Lock()
+
+    @property
+    def step(self) -> int:
+        return getattr(self._pass, "step", 0)
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        return getattr(self._pass, "passes", ("cond",))
 
     def before_pass(self, step: int, passes: str | Sequence[str]) -> None:
-        self.step, self.passes = step, (passes,) if isinstance(passes, str) else tuple(passes)
-        self.recording.steps = max(self.recording.steps, step + 1)
+        self._pass.step, self._pass.passes = step, (passes,) if isinstance(passes, str) else tuple(passes)
+        with self._lock:
+            self.recording.steps = max(self.recording.steps, step + 1)
 
     def set_layout(self, num_target: int, target_grid: tuple[int, int],
                    condition_grid: tuple[int, int] | None) -> None:
@@ -115,11 +128,13 @@ class RoutingRecorder:
         top = experts[:, 0].reshape(batch, tokens).to(torch.uint8).cpu()
         score = weights[:, 0].reshape(batch, tokens).to(torch.float16).cpu()
         mean = scores.float().reshape(batch, tokens, -1).mean(1).cpu()
-        chunk = batch // len(self.passes)
-        for i, name in enumerate(self.passes):
+        step, passes = self.step, self.passes
+        chunk = batch // len(passes)
+        for i, name in enumerate(passes):
             rows = slice(i * chunk, (i + 1) * chunk)
-            self.recording.records.append(LayerRouting(self.step, name, layer_index, top[rows], score[rows],
-                                                       mean[rows]))
+            with self._lock:
+                self.recording.records.append(LayerRouting(step, name, layer_index, top[rows], score[rows],
+                                                           mean[rows]))
 
     @contextlib.contextmanager
     def attached(self, transformer: torch.nn.Module | None = None):
