@@ -747,13 +747,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.vae_crop % 8 or not 0 <= args.vae_crop <= args.size:
-        parser.error(f"--vae-crop must be 0 or a multiple of 8 (the VAE's latent pixel) up to "
-                     f"{args.size} (the pictures' side), got {args.vae_crop}")
     try:
         synthetic.check_size(args.size, args.size)
     except synthetic.DataError as exc:
         parser.error(f"--size: {exc}")
+    if args.vae_crop % 8 or not 0 <= args.vae_crop <= args.size:
+        parser.error(f"--vae-crop must be 0 or a multiple of 8 (the VAE's latent pixel) up to "
+                     f"{args.size} (the pictures' side), got {args.vae_crop}")
     if args.vae_restart_at < 1 or not 0 <= args.vae_restarts < 64:
         parser.error("--vae-restart-at must be at least 1 and --vae-restarts from 0 to 63, got "
                      f"{args.vae_restart_at} and {args.vae_restarts}")
@@ -773,10 +773,10 @@ def main(argv=None) -> int:
         return evaluate_again(args, out, train_dir, heldout_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    size = (args.size, args.size)
 
     for folder, count, split in ((train_dir, args.count, "train"), (heldout_dir, args.heldout_count, "heldout")):
-        written = synthetic.write_dataset(folder, count, seed=args.seed, split=split, overwrite=True,
-                                          size=(args.size, args.size))
+        written = synthetic.write_dataset(folder, count, seed=args.seed, split=split, overwrite=True, size=size)
         log(f"{split}: {written.count} samples in {written.seconds:.1f}s ({written.per_task})")
 
     random_bundle = build_tiny_bundle(out / "random", seed=args.seed, transformer_config=transformer_config(args),
@@ -807,9 +807,9 @@ def main(argv=None) -> int:
                          placement="single")
     report["vae"]["heldout_target_ceiling"] = vae_ceiling(pipe, heldout_dir)
     log(f"success of the held-out targets after a VAE round trip: {report['vae']['heldout_target_ceiling']}")
-    unseen = write_unseen(out / "data" / "unseen", args.eval_unseen, args.seed, args.count, (args.size, args.size)) \
-        if args.eval_unseen \
-        else None
+    unseen = None
+    if args.eval_unseen:
+        unseen = write_unseen(out / "data" / "unseen", args.eval_unseen, args.seed, args.count, size)
     report.update(judge(pipe, args, heldout_dir, train_dir, unseen, out / "samples"))
     report["seconds_total"] = round(time.perf_counter() - total, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1))
