@@ -1,8 +1,11 @@
 """GGUF figures: file size per ``--quant`` type at the release's shapes (exact, from the converter's own plan
 of the release tensor list: no weights needed), and on the tiny model the file size and the rel L2 of one
-model call against the original weights (fp32, core transformer, same inputs).
+model call against the original weights (fp32, core transformer, same inputs). ``--trained N``: the
+shipped trained tiny model written as each type, through ``tagmoe edit``'s pipeline: the rel L2 of
+4-step edits' latents against the BF16 file's and the original weights' (same inputs and seeds), and
+task success on the first N held-out samples as ``scripts/train_tiny.py`` judges them.
 
-    python bench/bench_gguf.py [--json rows.json]
+    python bench/bench_gguf.py [--trained 140] [--json rows.json]
 """
 
 from __future__ import annotations
@@ -63,6 +66,52 @@ def tiny_rows() -> list[dict]:
     return rows
 
 
+def trained_rows(samples: int, edits: int = 6, quants: list[str] | None = None) -> list[dict]:
+    """Per type, the shipped trained tiny model (``tiny.trained_tiny_bundle``) from a GGUF file of that
+    type: ``edit_rel_l2_vs_bf16`` / ``_vs_original``, the rel L2 of the final latents of ``edits`` 4-step
+    held-out edits (the first of each edit task, seed = index) against the BF16 file's and the original
+    weights'; ``success``, of the first ``samples`` held-out samples (20 steps, cfg 1)."""
+    from tagmoe_core.model.gguf_convert import convert_to_gguf
+    from tagmoe_core.model.gguf_format import QUANT_TYPES
+    from tagmoe_core.pipeline.builder import load_pipeline
+    from tagmoe_core.tiny import trained_tiny_bundle
+    from tagmoe_core.training import synthetic
+    from tagmoe_core.training.evaluation import judge_sample
+
+    bundle = trained_tiny_bundle()
+    edit_specs = [synthetic.make_sample(synthetic.TASKS.index(task), split="heldout")
+                  for task in synthetic.EDITS[:edits]]
+    judged_specs = [synthetic.make_sample(i, split="heldout") for i in range(samples)]
+
+    def measure(weights) -> tuple[list[torch.Tensor], int]:
+        pipe = load_pipeline(bundle.base, weights, device="cpu", dtype=torch.float32, backend="torch",
+                             placement="single")
+        latents = [pipe.sample(pipe.encode(spec.instruction, ""), spec.input_image(), width=spec.width,
+                               height=spec.height, steps=4, cfg=1.0, seed=spec.index, tags=spec.tags).latents.float()
+                   for spec in edit_specs]
+        return latents, sum(judge_sample(pipe, spec, seed=spec.index).ok for spec in judged_specs)
+
+    def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        return float(torch.cat([x.flatten() for x in a]).sub(torch.cat([y.flatten() for y in b])).norm()
+                     / torch.cat([y.flatten() for y in b]).norm())
+
+    original, original_ok = measure(bundle.tagmoe)
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for quant in ["BF16"] + [q for q in (quants or QUANT_TYPES) if q != "BF16"]:
+            report = convert_to_gguf(bundle.tagmoe, Path(scratch) / f"trained-{quant}.gguf", quant)
+            results[quant] = (report.nbytes, report.type_counts, *measure(report.output))
+    bf16 = results["BF16"][2]
+    rows = [{"model": "trained", "quant": "original (fp16 safetensors)", "bytes": None, "edits": len(edit_specs),
+             "edit_rel_l2_vs_bf16": rel(original, bf16), "edit_rel_l2_vs_original": 0.0,
+             "success": original_ok, "samples": samples, "types": {}}]
+    for quant, (nbytes, types, latents, ok) in results.items():
+        rows.append({"model": "trained", "quant": quant, "bytes": nbytes, "types": types, "edits": len(edit_specs),
+                     "edit_rel_l2_vs_bf16": rel(latents, bf16), "edit_rel_l2_vs_original": rel(latents, original),
+                     "success": ok, "samples": samples})
+    return rows
+
+
 def dequant_rows(repeats: int = 3) -> list[dict]:
     """Seconds to dequantize one release expert matrix [12288, 3072] per type on this machine's CPU (what a
     quantized Linear adds to each forward, before its matmul), and the matmul of 4096 tokens with it."""
@@ -106,8 +155,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--release-only", action="store_true", help="skip the tiny model")
     parser.add_argument("--dequant", action="store_true", help="also time dequantizing a release expert matrix")
+    parser.add_argument("--trained", type=int, default=0, metavar="N",
+                        help="also the shipped trained tiny model per type: 4-step edits' error and success on N "
+                             "held-out samples")
+    parser.add_argument("--quants", nargs="+", help="the types --trained writes (default: all; BF16 always)")
     args = parser.parse_args(argv)
     rows = release_sizes() + ([] if args.release_only else tiny_rows()) + (dequant_rows() if args.dequant else [])
+    rows += trained_rows(args.trained, quants=args.quants) if args.trained else []
     for row in rows:
         if row["model"] == "release":
             print(f"release {row['quant']:5s} {row['bytes']:>15,d} B  {row['gib']:6.2f} GiB  "
@@ -115,6 +169,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         elif row["model"] == "dequant":
             print(f"dequant {row['quant']:5s} [12288, 3072] in {row['seconds'] * 1e3:7.1f} ms on {row['threads']} "
                   f"CPU threads (its matmul with 4096 tokens: {row['matmul_4096_tokens_s'] * 1e3:.0f} ms)")
+        elif row["model"] == "trained":
+            size = "" if row["bytes"] is None else f"{row['bytes']:>12,d} B"
+            print(f"trained {row['quant']:5s} {size}  {row['edits']} 4-step edits: rel L2 vs BF16 "
+                  f"{row['edit_rel_l2_vs_bf16']:.2e}, vs original {row['edit_rel_l2_vs_original']:.2e}; "
+                  f"held-out success {row['success']}/{row['samples']}  {row['types']}")
         else:
             print(f"tiny    {row['quant']:5s} {row['bytes']:>15,d} B  rel L2 of one model call "
                   f"{row['rel_l2_model_call']:.2e}")

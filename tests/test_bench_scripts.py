@@ -47,3 +47,14 @@ def test_bench_gguf_sizes_at_release_shapes():
     assert sizes == sorted(sizes) and rows["BF16"]["bytes"] == rows["F16"]["bytes"]
     assert 42 < rows["BF16"]["gib"] < 42.5 and 8.5 < rows["Q8_0"]["bits_per_weight"] < 8.6  # 22.7B weights
     assert rows["Q4_0"]["types"]["Q4_0"] == 900  # 50 dense blocks x 14 matrices + 10 MoE blocks x (12 + 4 x 2)
+
+
+def test_bench_gguf_measures_the_trained_tiny_model_per_type():
+    rows = load("bench_gguf").main(["--release-only", "--trained", "2", "--quants", "Q8_0"])
+    trained = {row["quant"]: row for row in rows if row["model"] == "trained"}
+    assert set(trained) == {"original (fp16 safetensors)", "BF16", "Q8_0"}
+    assert trained["BF16"]["edit_rel_l2_vs_bf16"] == 0.0 and trained["BF16"]["types"]["BF16"] > 0
+    # fp16 weights read as bf16 lose a few bits; Q8_0 a few more, still far below a changed picture's error
+    assert 0 < trained["original (fp16 safetensors)"]["edit_rel_l2_vs_bf16"] < 1e-2
+    assert 0 < trained["Q8_0"]["edit_rel_l2_vs_original"] < 2e-2 and trained["Q8_0"]["types"]["Q8_0"] > 0
+    assert all(0 <= row["success"] <= 2 and row["samples"] == 2 for row in trained.values())
