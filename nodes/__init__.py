@@ -15,6 +15,7 @@ from .native.patches import TagMoERecordRouting, TagMoETagGuidance
 from .native.sampling import TagMoECFG, TagMoECFGGuider, TagMoENoise, TagMoEScheduler
 
 comfy_bridge.register_model_folder()
+comfy_bridge.guard_builtin_gguf_loader()  # a TAG-MoE .gguf in a ComfyUI loader that reads .gguf: refused
 
 NODE_CLASS_MAPPINGS = {
     # TAG-MoE as a native ComfyUI MODEL

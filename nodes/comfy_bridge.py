@@ -8,6 +8,7 @@ progress is recorded instead of sent, and cancellation is requested with ``inter
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -58,6 +59,47 @@ def register_model_folder() -> None:
     known = _folder_paths.folder_names_and_paths.get(TAGMOE_FOLDER)
     if known is None or path not in known[0]:
         _folder_paths.add_model_folder_path(TAGMOE_FOLDER, path, is_default=True)
+
+
+def guard_gguf_loader(module) -> bool:
+    """Make ``module.gguf_sd_loader`` refuse a TAG-MoE ``.gguf`` in one line. Some ComfyUI builds read
+    ``.gguf`` diffusion models themselves (the hiddenswitch fork's ``comfy.gguf``, from ComfyUI-GGUF's
+    loader, lists them in Load Diffusion Model and only warns on an unknown ``general.architecture``): they
+    would build a dense Qwen-Image from a TAG-MoE file, without its experts, and sample with it. Where the
+    file's metadata says TAG-MoE, the wrapped loader raises instead, naming the node that loads it; every
+    other file goes to the original loader unchanged. Returns whether the loader is guarded."""
+    from ..tagmoe_core.model.gguf_format import ARCH
+    from ..tagmoe_core.model.gguf_reader import architecture_of
+
+    original = getattr(module, "gguf_sd_loader", None)
+    if not callable(original):
+        return False
+    if getattr(original, "tagmoe_guard", False):
+        return True
+
+    @functools.wraps(original)
+    def gguf_sd_loader(path, *args, **kwargs):
+        if architecture_of(path) == ARCH:
+            raise ValueError(f"'{Path(path).name}' is a TAG-MoE .gguf ('{ARCH}'): load it with TAG-MoE Load "
+                             "Diffusion Model; this loader would build a dense Qwen-Image without its experts")
+        return original(path, *args, **kwargs)
+
+    gguf_sd_loader.tagmoe_guard = True
+    module.gguf_sd_loader = gguf_sd_loader
+    return True
+
+
+def guard_builtin_gguf_loader() -> bool:
+    """:func:`guard_gguf_loader` on ComfyUI's own GGUF reader where the running ComfyUI has one
+    (``comfy.gguf``, read at each load by ``comfy.utils.load_torch_file``); Comfy-Org's ComfyUI has none
+    and does not list ``.gguf`` files in its loaders, so nothing changes there."""
+    if not HAVE_COMFY:
+        return False
+    try:
+        import comfy.gguf as builtin
+    except ImportError:
+        return False
+    return guard_gguf_loader(builtin)
 
 
 def model_roots(kind: str) -> list[Path]:

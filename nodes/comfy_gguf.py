@@ -14,7 +14,7 @@ GGUF models, through ComfyUI's own extension points:
 * :func:`new_patcher` subclasses the patcher ComfyUI's loader uses: when it would bake a LoRA into a
   fully loaded weight (``patch_weight_to_device``), a quantized Linear keeps the patches and applies
   them at each forward instead (a quantized weight cannot take them in place); unpatching drops them.
-  Dynamic VRAM is not used for GGUF (ComfyUI-GGUF has separate nodes for it).
+  Dynamic VRAM is not used for GGUF: the classic patcher's partial loading moves the quantized bytes.
 """
 
 from __future__ import annotations

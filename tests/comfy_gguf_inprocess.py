@@ -28,6 +28,13 @@ import comfy.cli_args  # noqa: E402
 comfy.cli_args.args.cpu = True
 import comfy.model_management  # noqa: E402,F401
 import torch  # noqa: E402
+
+try:  # the hiddenswitch fork loads custom nodes in its vanilla environment (a top-level folder_paths, ...)
+    from comfy_compatibility.vanilla import prepare_vanilla_environment
+except ImportError:  # Comfy-Org's ComfyUI: its folder's modules are top-level already
+    pass
+else:
+    prepare_vanilla_environment()
 from comfy_server import LORA_NAME, write_test_lora  # noqa: E402
 from node_harness import REPO, load_pack  # noqa: E402
 
@@ -91,6 +98,46 @@ def newest_signature(patcher) -> dict:
     finally:
         base.patch_weight_to_device = original
     return {"seen": seen, "returned": returned}
+
+
+def own_loader(out: Path) -> dict:
+    """ComfyUI's own Load Diffusion Model (``UNETLoader``: ``comfy.sd.load_diffusion_model``) given the
+    TAG-MoE Q8_0 file: whether it lists ``.gguf`` files, whether this ComfyUI reads them itself
+    (``comfy.gguf``: the hiddenswitch fork), and what loading the file does: refused in one line by the
+    pack's guard, where there is a reader to guard. Another model's ``.gguf`` still reads there."""
+    import folder_paths
+
+    import comfy.sd
+    import comfy.utils
+
+    _, extensions = folder_paths.folder_names_and_paths["diffusion_models"]  # the fork's FolderPathsTuple unpacks too
+    row: dict = {"lists_gguf": ".gguf" in set(extensions)}
+    try:
+        import comfy.gguf
+
+        row["reads_gguf"] = True
+        row["guarded"] = bool(getattr(comfy.gguf.gguf_sd_loader, "tagmoe_guard", False))
+    except ImportError:
+        row["reads_gguf"] = False
+    if row["lists_gguf"] or row["reads_gguf"]:
+        try:
+            model = comfy.sd.load_diffusion_model(str(out / "tiny-Q8_0.gguf"))
+            built = model.model.diffusion_model
+            experts = any(".experts" in n for n, _ in built.named_modules())
+            row["load"] = f"loaded {type(built).__name__}, experts: {experts}"
+        except Exception as exc:  # noqa: BLE001 - what it raises is the finding
+            row["load"] = f"{type(exc).__name__}: {exc}"
+        import gguf
+
+        other = out / "other-qwen-image.gguf"
+        writer = gguf.GGUFWriter(other, "qwen_image")
+        writer.add_tensor("model.diffusion_model.img_in.weight", torch.ones(4, 8).numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        row["other_reads"] = sorted(comfy.utils.load_torch_file(str(other)))
+    return row
 
 
 def main() -> None:
@@ -175,6 +222,8 @@ def main() -> None:
     q8_classic = loaded.patcher  # the Q8_0 file loaded above, without the emulation
     result["dynamic_vram_patcher"] = {"dynamic": bool(comfy_model.is_dynamic(dynamic_on)),
                                       "max_diff": float((call(dynamic_on) - call(q8_classic)).abs().max())}
+
+    result["own_loader"] = own_loader(out)
 
     gguf_dir = os.environ.get("COMFYUI_GGUF_DIR")
     if gguf_dir:

@@ -54,6 +54,7 @@ def _full_size_vae_bundle(tiny_bundle, root: Path) -> tuple[Path, Path]:
 
 
 TRAINED_BASE, TRAINED_WEIGHTS, TRAINED_VAE = "Qwen-Image-shapes", "TAG-MoE-shapes", "qwen_image_vae_shapes.safetensors"
+TRAINED_GGUF = "TAG-MoE-shapes-Q4_0.gguf"  # the trained transformer quantized, in models/diffusion_models
 
 
 def _trained_comfy_vae(path: Path) -> Path:
@@ -119,6 +120,9 @@ def start_server(tiny_bundle, tmp_path_factory):
     trained = trained_tiny_bundle()
     (home / "models/diffusers" / TRAINED_BASE).symlink_to(trained.base)
     (home / "models/diffusion_models" / TRAINED_WEIGHTS).symlink_to(trained.tagmoe)
+    from tagmoe_core.model.gguf_convert import convert_to_gguf
+
+    convert_to_gguf(trained.tagmoe, home / "models/diffusion_models" / TRAINED_GGUF, "Q4_0")
     (home / "models/vae" / TRAINED_VAE).symlink_to(_trained_comfy_vae(root / "src" / TRAINED_VAE))
     # a returning user: newer frontends open the template browser on a first visit, late, over the graph
     (home / "user/default").mkdir(parents=True, exist_ok=True)
@@ -188,6 +192,31 @@ def run_prompt(server, prompt: dict, timeout: float = 600) -> dict:
                 messages = json.dumps(entry["status"]["messages"], indent=1)[-3000:]
                 pytest.fail(f"prompt failed: {messages}\n{server['log'].read_text()[-3000:]}")
             return entry
+        time.sleep(0.5)
+    pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+def prompt_error(server, prompt: dict, timeout: float = 120) -> str:
+    """Queue ``prompt``, which must fail while running: the exception message of its ``execution_error``
+    (Comfy-Org's history gives ``["execution_error", {..., "exception_message": ...}]``, the hiddenswitch
+    fork's ``"execution_error: <message>"``)."""
+    import requests
+
+    reply = requests.post(f"{server['url']}/prompt", json={"prompt": prompt, "client_id": "tagmoe-tests"}, timeout=30)
+    assert reply.ok, reply.text
+    prompt_id = reply.json()["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        history = requests.get(f"{server['url']}/history/{prompt_id}", timeout=10).json()
+        status = history.get(prompt_id, {}).get("status", {})
+        if status.get("status_str") == "error" or status.get("completed") is not None:
+            assert status["status_str"] == "error", status
+            for message in status["messages"]:
+                if isinstance(message, str) and message.startswith("execution_error: "):
+                    return message.removeprefix("execution_error: ").strip()
+                if isinstance(message, list) and message[0] == "execution_error":
+                    return message[1]["exception_message"].strip()
+            pytest.fail(f"no execution_error in {status}")
         time.sleep(0.5)
     pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 import pytest
-from comfy_server import COMFYUI_DIR, run_in_comfyui
+from comfy_server import COMFYUI_DIR, TRAINED_GGUF, is_hiddenswitch_fork, prompt_error, run_in_comfyui
 
 from tagmoe_core.model.gguf_convert import convert_to_gguf
 
@@ -40,5 +40,38 @@ def test_gguf_native_model_in_process(tiny_bundle, tmp_path):
                                           "returned": "weight"}
     # with newest ComfyUI's dynamic VRAM (emulated), a GGUF loads with the classic patcher, the same model
     assert result["dynamic_vram_patcher"] == {"dynamic": False, "max_diff": 0.0}
+    # ComfyUI's own Load Diffusion Model: Comfy-Org's neither lists nor reads .gguf; the hiddenswitch fork reads
+    # them itself (comfy.gguf) and would build a dense Qwen-Image without the experts: the pack's guard refuses
+    own = result["own_loader"]
+    if own["reads_gguf"]:
+        assert own["lists_gguf"] and own["guarded"] and own["load"] == (
+            "ValueError: 'tiny-Q8_0.gguf' is a TAG-MoE .gguf ('tagmoe_qwen_image'): load it with TAG-MoE Load "
+            "Diffusion Model; this loader would build a dense Qwen-Image without its experts")
+        assert own["other_reads"] == ["img_in.weight"]  # other files still go to ComfyUI's reader
+    else:
+        assert not own["lists_gguf"] and "load" not in own
     if "comfyui_gguf" in result:  # city96/ComfyUI-GGUF's UnetLoaderGGUF refuses the file instead of losing experts
         assert result["comfyui_gguf"] == "ValueError: Unexpected architecture type in GGUF file: 'tagmoe_qwen_image'"
+
+
+def test_comfyuis_own_load_diffusion_model_refuses_a_tagmoe_gguf_where_it_lists_one(comfy_server):
+    """ComfyUI's own Load Diffusion Model (UNETLoader) in the running server: Comfy-Org's does not list
+    .gguf files; the hiddenswitch fork's lists them and reads them itself, and would build a dense
+    Qwen-Image without the experts from a TAG-MoE one: the pack's guard makes that one line instead."""
+    import requests
+
+    listed = requests.get(f"{comfy_server['url']}/object_info/UNETLoader", timeout=30).json()["UNETLoader"]
+    names = listed["input"]["required"]["unet_name"][0]
+    print(f"UNETLoader lists {len(names)} files, .gguf among them: {[n for n in names if n.endswith('.gguf')]}")
+    if not is_hiddenswitch_fork():
+        assert not [n for n in names if n.endswith(".gguf")]
+        return
+    assert TRAINED_GGUF in names
+    error = prompt_error(comfy_server, {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TRAINED_GGUF, "weight_dtype": "default"}},
+        "2": {"class_type": "ModelSave", "inputs": {"model": ["1", 0], "filename_prefix": "never_written"}}})
+    print(f"UNETLoader on {TRAINED_GGUF}: {error}")
+    assert error == (
+        f"'{TRAINED_GGUF}' is a TAG-MoE .gguf ('tagmoe_qwen_image'): load it with TAG-MoE Load Diffusion Model; "
+        "this loader would build a dense Qwen-Image without its experts")
+    assert not list((comfy_server["home"] / "output").rglob("never_written*"))

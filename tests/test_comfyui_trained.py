@@ -1,5 +1,7 @@
 """The trained tiny model through the native ComfyUI graph a user builds: the same edits succeed as
-through ``tagmoe_core`` (``tagmoe edit``), pixel for pixel within float rounding.
+through ``tagmoe_core`` (``tagmoe edit``), pixel for pixel within float rounding; from its weights
+folder and from a Q4_0 ``.gguf`` of it (quantized in ComfyUI's memory, dequantized at each forward; the
+core dequantizes the same file at load).
 
 TAG-MoE Load Diffusion Model, TAG-MoE Text Encode (diffusers folder), Load Image, ComfyUI's Load VAE
 (the trained VAE in ComfyUI's layout), TAG-MoE Edit Conditioning, TAG-MoE Scheduler / CFG Guider /
@@ -14,8 +16,8 @@ import os
 
 import numpy as np
 import pytest
-from comfy_server import COMFYUI_DIR, TRAINED_BASE, TRAINED_VAE, TRAINED_WEIGHTS, images_of, run_prompt, \
-    same_on_every_tree
+from comfy_server import COMFYUI_DIR, TRAINED_BASE, TRAINED_GGUF, TRAINED_VAE, TRAINED_WEIGHTS, images_of, \
+    run_prompt, same_on_every_tree
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout")]
@@ -42,9 +44,9 @@ def _specs():
     return synthetic.make_samples(count, split="heldout") if count else checked_samples()
 
 
-def _prompt(spec, image_name: str | None) -> dict:
+def _prompt(spec, image_name: str | None, weights: str) -> dict:
     graph = {
-        "1": {"class_type": "TagMoELoadDiffusionModel", "inputs": {"weights": f"{TRAINED_WEIGHTS}/",
+        "1": {"class_type": "TagMoELoadDiffusionModel", "inputs": {"weights": weights,
                                                                    "weight_dtype": "default"}},
         "2": {"class_type": "TagMoETextEncodeDiffusers", "inputs": {"base_model": TRAINED_BASE,
                                                                     "text": spec.instruction}},
@@ -77,7 +79,8 @@ def _prompt(spec, image_name: str | None) -> dict:
     return graph
 
 
-def test_held_out_edits_succeed_in_comfyui_as_in_the_core(comfy_server):
+@pytest.mark.parametrize("weights", ["folder", "Q4_0"])
+def test_held_out_edits_succeed_in_comfyui_as_in_the_core(comfy_server, weights):
     import torch
     from tagmoe_core.pipeline.builder import load_pipeline
     from tagmoe_core.tiny import trained_tiny_bundle
@@ -85,7 +88,9 @@ def test_held_out_edits_succeed_in_comfyui_as_in_the_core(comfy_server):
     from tagmoe_core.training.task_success import check_task
 
     bundle = trained_tiny_bundle()
-    core = load_pipeline(bundle.base, bundle.tagmoe, device="cpu", dtype=torch.float32, backend="torch",
+    listed = f"{TRAINED_WEIGHTS}/" if weights == "folder" else TRAINED_GGUF
+    source_weights = bundle.tagmoe if weights == "folder" else comfy_server["home"] / "models/diffusion_models" / listed
+    core = load_pipeline(bundle.base, source_weights, device="cpu", dtype=torch.float32, backend="torch",
                          placement="single")
     native_ok, core_ok, worst, outputs, disagreements = [], [], 0, [], []
     for spec in _specs():
@@ -94,7 +99,7 @@ def test_held_out_edits_succeed_in_comfyui_as_in_the_core(comfy_server):
         if source is not None:
             name = f"shapes_{spec.split}_{spec.index}.png"
             source.save(comfy_server["home"] / "input" / name)
-        native = images_of(comfy_server, run_prompt(comfy_server, _prompt(spec, name)))["26"][0]
+        native = images_of(comfy_server, run_prompt(comfy_server, _prompt(spec, name, listed)))["26"][0]
         judged = judge_sample(core, spec, seed=spec.index, steps=STEPS, cfg=CFG)
         diff = int(np.abs(np.asarray(native, dtype=np.int16) - np.asarray(judged.output, dtype=np.int16)).max())
         worst = max(worst, diff)
@@ -106,10 +111,11 @@ def test_held_out_edits_succeed_in_comfyui_as_in_the_core(comfy_server):
             disagreements.append(f"{spec.split} {spec.index}: native {verdict.summary()}; "
                                  f"core {judged.verdict.summary()}")
     count = len(native_ok)
-    print(f"trained tiny model, {count} held-out samples: native graph {sum(native_ok)}/{count} succeed, "
+    print(f"trained tiny model ({weights}), {count} held-out samples: native graph {sum(native_ok)}/{count} succeed, "
           f"tagmoe_core {sum(core_ok)}/{count}; largest pixel difference {worst}/255; verdicts that differ: "
           f"{disagreements or 'none'}")
-    for tree, tree_diff in same_on_every_tree(f"trained-shapes-{count}", torch.tensor(np.stack(outputs))).items():
+    stacked = torch.tensor(np.stack(outputs))
+    for tree, tree_diff in same_on_every_tree(f"trained-shapes-{weights}-{count}", stacked).items():
         assert tree_diff <= MAX_PIXEL_DIFF, (tree, tree_diff)
     assert worst <= MAX_PIXEL_DIFF
     assert len(disagreements) <= allowed_disagreements(count), disagreements

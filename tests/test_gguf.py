@@ -444,3 +444,37 @@ def test_a_gguf_converts_back_to_safetensors_and_to_another_type(converted, sour
     direct = GGUFFile.open(converted["Q8_0"]).tensors
     for name, tensor in GGUFFile.open(again).tensors.items():  # F32 GGUF -> Q8_0 is the source -> Q8_0
         assert tensor.qtype == direct[name].qtype and torch.equal(tensor.data, direct[name].data), name
+
+
+# -- a ComfyUI that reads .gguf itself (the hiddenswitch fork's comfy.gguf) -------------------------------------
+def test_architecture_of_reads_the_header(converted, tmp_path):
+    from tagmoe_core.model.gguf_reader import architecture_of
+
+    assert architecture_of(converted["Q8_0"]) == ARCH
+    assert architecture_of(_write(tmp_path / "llama.gguf", "llama", {"t": np.zeros((2, 32), np.float32)})) == "llama"
+    (tmp_path / "not.gguf").write_bytes(b"not a gguf at all")
+    assert architecture_of(tmp_path / "not.gguf") is None and architecture_of(tmp_path / "missing.gguf") is None
+
+
+def test_a_comfyui_gguf_loader_refuses_a_tagmoe_file_and_reads_every_other(converted, tiny_bundle, tmp_path):
+    """The pack wraps a running ComfyUI's own ``comfy.gguf.gguf_sd_loader`` (the hiddenswitch fork has one,
+    which only warns on an unknown architecture and would build dense Qwen-Image): here a stand-in module,
+    since CI has no ComfyUI; test_comfyui_gguf.py runs the real one."""
+    import types
+
+    from node_harness import REPO, load_pack
+
+    bridge = load_pack(REPO).nodes.comfy_bridge
+    calls = []
+    builtin = types.ModuleType("comfy_gguf_standin")
+    builtin.gguf_sd_loader = lambda path, handle_prefix="model.diffusion_model.", **kw: calls.append(path) or {"k": 1}
+    dense = load_file(next((tiny_bundle.base / "transformer").glob("*.safetensors")))
+    qwen = _write(tmp_path / "qwen-image.gguf", "qwen_image",
+                  {k: v.float().numpy() for k, v in list(dense.items())[:2]})
+    assert bridge.guard_gguf_loader(builtin) and bridge.guard_gguf_loader(builtin)  # once, however often called
+    with pytest.raises(ValueError, match=r"^'tiny-Q8_0.gguf' is a TAG-MoE .gguf \('tagmoe_qwen_image'\): load it "
+                                         r"with TAG-MoE Load Diffusion Model; this loader would build a dense"):
+        builtin.gguf_sd_loader(str(converted["Q8_0"]))
+    assert calls == []  # refused before the loader read anything
+    assert builtin.gguf_sd_loader(str(qwen), handle_prefix=None) == {"k": 1} and calls == [str(qwen)]
+    assert not bridge.guard_gguf_loader(types.ModuleType("no_loader"))

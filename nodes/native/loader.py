@@ -29,7 +29,8 @@ class TagMoELoadDiffusionModel:
             "required": {
                 "weights": (bridge.list_tagmoe_weights() or [NO_WEIGHTS], {"tooltip": (
                     "a TAG-MoE file or folder in models/diffusion_models or models/tagmoe: one .safetensors (e.g. "
-                    "from 'tagmoe convert'), or the release's folder with its *.index.json and shards")}),
+                    "from 'tagmoe convert'), a quantized .gguf ('tagmoe convert SRC OUT.gguf --quant Q4_0'), or "
+                    "the release's folder with its *.index.json and shards")}),
                 "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip": (
                     "how the weights are stored: default keeps the file's (bf16) or what ComfyUI picks for the "
                     "device; fp8 halves the GPU memory, and the host memory on ComfyUI without dynamic VRAM "

@@ -136,6 +136,18 @@ class GGUFFile:
         return counts
 
 
+def architecture_of(path: str | os.PathLike) -> str | None:
+    """A GGUF file's ``general.architecture`` (None where the file is not a readable GGUF or has none).
+    Reads the header only (the tensor data stays on disk, memory-mapped)."""
+    import gguf
+
+    try:
+        entry = gguf.GGUFReader(path, "r").fields.get("general.architecture")
+        return None if entry is None else str(entry.contents())
+    except (OSError, ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+
+
 def _check_arch(path: Path, arch: object, names: list[str]) -> None:
     if arch == ARCH:
         return
