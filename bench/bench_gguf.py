@@ -68,7 +68,8 @@ def tiny_rows() -> list[dict]:
 
 def trained_rows(samples: int, edits: int = 6, quants: list[str] | None = None) -> list[dict]:
     """Per type, the shipped trained tiny model (``tiny.trained_tiny_bundle``) from a GGUF file of that
-    type: ``edit_rel_l2_vs_bf16`` / ``_vs_original``, the rel L2 of the final latents of ``edits`` 4-step
+    type: ``call_rel_l2_vs_bf16``, of one model call (``_call``'s inputs) against the BF16 file's;
+    ``edit_rel_l2_vs_bf16`` / ``_vs_original``, the rel L2 of the final latents of ``edits`` 4-step
     held-out edits (the first of each edit task, seed = index) against the BF16 file's and the original
     weights'; ``success``, of the first ``samples`` held-out samples (20 steps, cfg 1)."""
     from tagmoe_core.model.gguf_convert import convert_to_gguf
@@ -83,31 +84,34 @@ def trained_rows(samples: int, edits: int = 6, quants: list[str] | None = None) 
                   for task in synthetic.EDITS[:edits]]
     judged_specs = [synthetic.make_sample(i, split="heldout") for i in range(samples)]
 
-    def measure(weights) -> tuple[list[torch.Tensor], int]:
+    def measure(weights) -> tuple[torch.Tensor, list[torch.Tensor], int]:
         pipe = load_pipeline(bundle.base, weights, device="cpu", dtype=torch.float32, backend="torch",
                              placement="single")
         latents = [pipe.sample(pipe.encode(spec.instruction, ""), spec.input_image(), width=spec.width,
                                height=spec.height, steps=4, cfg=1.0, seed=spec.index, tags=spec.tags).latents.float()
                    for spec in edit_specs]
-        return latents, sum(judge_sample(pipe, spec, seed=spec.index).ok for spec in judged_specs)
+        ok = sum(judge_sample(pipe, spec, seed=spec.index).ok for spec in judged_specs)
+        return _call(pipe.transformer), latents, ok
 
     def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         return float(torch.cat([x.flatten() for x in a]).sub(torch.cat([y.flatten() for y in b])).norm()
                      / torch.cat([y.flatten() for y in b]).norm())
 
-    original, original_ok = measure(bundle.tagmoe)
+    original_call, original, original_ok = measure(bundle.tagmoe)
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for quant in ["BF16"] + [q for q in (quants or QUANT_TYPES) if q != "BF16"]:
             report = convert_to_gguf(bundle.tagmoe, Path(scratch) / f"trained-{quant}.gguf", quant)
             results[quant] = (report.nbytes, report.type_counts, *measure(report.output))
-    bf16 = results["BF16"][2]
+    bf16_call, bf16 = results["BF16"][2], results["BF16"][3]
     rows = [{"model": "trained", "quant": "original (fp16 safetensors)", "bytes": None, "edits": len(edit_specs),
+             "call_rel_l2_vs_bf16": rel([original_call], [bf16_call]),
              "edit_rel_l2_vs_bf16": rel(original, bf16), "edit_rel_l2_vs_original": 0.0,
              "success": original_ok, "samples": samples, "types": {}}]
-    for quant, (nbytes, types, latents, ok) in results.items():
+    for quant, (nbytes, types, call, latents, ok) in results.items():
         rows.append({"model": "trained", "quant": quant, "bytes": nbytes, "types": types, "edits": len(edit_specs),
-                     "edit_rel_l2_vs_bf16": rel(latents, bf16), "edit_rel_l2_vs_original": rel(latents, original),
+                     "call_rel_l2_vs_bf16": rel([call], [bf16_call]), "edit_rel_l2_vs_bf16": rel(latents, bf16),
+                     "edit_rel_l2_vs_original": rel(latents, original),
                      "success": ok, "samples": samples})
     return rows
 
@@ -171,7 +175,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"CPU threads (its matmul with 4096 tokens: {row['matmul_4096_tokens_s'] * 1e3:.0f} ms)")
         elif row["model"] == "trained":
             size = "" if row["bytes"] is None else f"{row['bytes']:>12,d} B"
-            print(f"trained {row['quant']:5s} {size}  {row['edits']} 4-step edits: rel L2 vs BF16 "
+            print(f"trained {row['quant']:5s} {size}  one call: rel L2 vs BF16 {row['call_rel_l2_vs_bf16']:.2e}; "
+                  f"{row['edits']} 4-step edits: rel L2 vs BF16 "
                   f"{row['edit_rel_l2_vs_bf16']:.2e}, vs original {row['edit_rel_l2_vs_original']:.2e}; "
                   f"held-out success {row['success']}/{row['samples']}  {row['types']}")
         else:

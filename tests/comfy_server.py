@@ -122,7 +122,8 @@ def start_server(tiny_bundle, tmp_path_factory):
     (home / "models/diffusion_models" / TRAINED_WEIGHTS).symlink_to(trained.tagmoe)
     from tagmoe_core.model.gguf_convert import convert_to_gguf
 
-    convert_to_gguf(trained.tagmoe, home / "models/diffusion_models" / TRAINED_GGUF, "Q4_0")
+    for quant in ("Q4_0", "Q4_K"):  # a legacy type and a K-quant (on the trained model's 512-wide matrices)
+        convert_to_gguf(trained.tagmoe, home / "models/diffusion_models" / TRAINED_GGUF.replace("Q4_0", quant), quant)
     (home / "models/vae" / TRAINED_VAE).symlink_to(_trained_comfy_vae(root / "src" / TRAINED_VAE))
     # a returning user: newer frontends open the template browser on a first visit, late, over the graph
     (home / "user/default").mkdir(parents=True, exist_ok=True)

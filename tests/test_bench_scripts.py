@@ -57,4 +57,5 @@ def test_bench_gguf_measures_the_trained_tiny_model_per_type():
     # fp16 weights read as bf16 lose a few bits; Q8_0 a few more, still far below a changed picture's error
     assert 0 < trained["original (fp16 safetensors)"]["edit_rel_l2_vs_bf16"] < 1e-2
     assert 0 < trained["Q8_0"]["edit_rel_l2_vs_original"] < 2e-2 and trained["Q8_0"]["types"]["Q8_0"] > 0
+    assert trained["BF16"]["call_rel_l2_vs_bf16"] == 0.0 and 0 < trained["Q8_0"]["call_rel_l2_vs_bf16"] < 5e-2
     assert all(0 <= row["success"] <= 2 and row["samples"] == 2 for row in trained.values())

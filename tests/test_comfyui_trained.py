@@ -1,7 +1,7 @@
 """The trained tiny model through the native ComfyUI graph a user builds: the same edits succeed as
 through ``tagmoe_core`` (``tagmoe edit``), pixel for pixel within float rounding; from its weights
-folder and from a Q4_0 ``.gguf`` of it (quantized in ComfyUI's memory, dequantized at each forward; the
-core dequantizes the same file at load).
+folder and from Q4_0 and Q4_K ``.gguf`` files of it (quantized in ComfyUI's memory, dequantized at each
+forward; the core dequantizes the same file at load).
 
 TAG-MoE Load Diffusion Model, TAG-MoE Text Encode (diffusers folder), Load Image, ComfyUI's Load VAE
 (the trained VAE in ComfyUI's layout), TAG-MoE Edit Conditioning, TAG-MoE Scheduler / CFG Guider /
@@ -79,7 +79,7 @@ def _prompt(spec, image_name: str | None, weights: str) -> dict:
     return graph
 
 
-@pytest.mark.parametrize("weights", ["folder", "Q4_0"])
+@pytest.mark.parametrize("weights", ["folder", "Q4_0", "Q4_K"])
 def test_held_out_edits_succeed_in_comfyui_as_in_the_core(comfy_server, weights):
     import torch
     from tagmoe_core.pipeline.builder import load_pipeline
@@ -88,7 +88,7 @@ def test_held_out_edits_succeed_in_comfyui_as_in_the_core(comfy_server, weights)
     from tagmoe_core.training.task_success import check_task
 
     bundle = trained_tiny_bundle()
-    listed = f"{TRAINED_WEIGHTS}/" if weights == "folder" else TRAINED_GGUF
+    listed = f"{TRAINED_WEIGHTS}/" if weights == "folder" else TRAINED_GGUF.replace("Q4_0", weights)
     source_weights = bundle.tagmoe if weights == "folder" else comfy_server["home"] / "models/diffusion_models" / listed
     core = load_pipeline(bundle.base, source_weights, device="cpu", dtype=torch.float32, backend="torch",
                          placement="single")

@@ -478,3 +478,30 @@ def test_a_comfyui_gguf_loader_refuses_a_tagmoe_file_and_reads_every_other(conve
     assert calls == []  # refused before the loader read anything
     assert builtin.gguf_sd_loader(str(qwen), handle_prefix=None) == {"k": 1} and calls == [str(qwen)]
     assert not bridge.guard_gguf_loader(types.ModuleType("no_loader"))
+
+
+@pytest.mark.parametrize("quant, bound", [("Q6_K", 0.03), ("Q5_K", 0.05), ("Q4_K", 0.08)])
+def test_k_quant_files_of_the_trained_tiny_model_load_and_stay_close(quant, bound, tmp_path):
+    """The random tiny model has no matrix 256 wide, so its K-quant files are Q8_0 throughout; the trained
+    tiny model's 14 matrices of 512 inputs (FFN down projections, experts' w2) take the K-type: written,
+    read back through the core loader, one model call within ``bound`` of the original weights (measured
+    1.5e-2 / 1.8e-2 / 4.3e-2)."""
+    from tagmoe_core.tiny import trained_tiny_bundle
+
+    bundle = trained_tiny_bundle()
+    report = convert_to_gguf(bundle.tagmoe, tmp_path / f"trained-{quant}.gguf", quant)
+    assert report.type_counts[quant] == 14 and report.type_counts["Q8_0"] == 54
+    assert GGUFFile.open(report.output).type_counts()[quant] == 14
+    original, _ = load_tagmoe_transformer(bundle.tagmoe)
+    quantized, _ = load_tagmoe_transformer(report.output)
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 16, 64, generator=g), torch.randn(1, 5, 32, generator=g)
+
+    def call(model):
+        with torch.no_grad():
+            return model(hidden_states=x, timestep=torch.tensor([0.6]), encoder_hidden_states=text,
+                         img_shapes=[[(1, 4, 4)]], return_dict=False)[0]
+
+    want = call(original)
+    rel = float((call(quantized) - want).norm() / want.norm())
+    assert 0 < rel < bound, rel
