@@ -317,7 +317,7 @@ def load_tagmoe_model(path: str | Path, weight_dtype: str = "default",
         model_config, unet_dtype, manual_cast_dtype = tagmoe_model_config(
             ckpt.dims, ckpt.spec, ckpt.blocks, weight_dtype, ckpt.num_parameters, file_dtype, operations)
         expected = expected_state(model_config)
-        ckpt.check({k: shape for k, (shape, _) in expected.items()})  # before anything is built or read
+        ckpt.check({k: shape for k, (shape, _) in expected.items()}, quantized=gguf)  # before anything is built or read
         model = TagMoEQwenImage(model_config)
         patcher = new_patcher(model, disable_dynamic or gguf, comfy_gguf.patcher_class if gguf else None)
         assign = is_dynamic(patcher)  # the file's tensors become the weights (memory-mapped), as ComfyUI does

@@ -505,3 +505,37 @@ def test_k_quant_files_of_the_trained_tiny_model_load_and_stay_close(quant, boun
     want = call(original)
     rel = float((call(quantized) - want).norm() / want.norm())
     assert 0 < rel < bound, rel
+
+
+def test_quantized_experts_in_the_release_layout_are_refused_before_loading(tiny_bundle, tmp_path):
+    """A hand-made GGUF with the release's stacked expert tensors quantized (not what 'tagmoe convert'
+    writes): the native path keeps weights quantized and cannot slice them per expert, so it is refused by
+    the check that runs before the model is built, not midway through the file; the core path (weights
+    dequantized at load) still reads it."""
+    from tagmoe_core.errors import UnknownLayoutError
+
+    state = {}
+    for f in sorted((tiny_bundle.tagmoe / "transformer").glob("*.safetensors")):
+        state.update(load_file(f))
+    stacked = [k for k in state if k.endswith(("experts.mlp.w1", "experts.mlp.w2"))]
+    assert stacked
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    tensors = {k: gguf.quants.quantize(v.float().numpy(), q8) if k in stacked else v.float().numpy()
+               for k, v in state.items()}
+    path = tmp_path / "release-layout-Q8_0.gguf"
+    writer = gguf.GGUFWriter(path, ARCH)
+    writer.add_string(KEY_CONFIG, (tiny_bundle.tagmoe / "transformer" / "config.json").read_text())
+    for name, data in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=q8 if name in stacked else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ckpt = LinearExpertsCheckpoint.open(path)
+    try:
+        with pytest.raises(UnknownLayoutError, match=r"quantized MoE weights in the release layout .*experts\.mlp"):
+            ckpt.check({}, quantized=True)
+    finally:
+        ckpt.close()
+    model, _ = load_tagmoe_transformer(path, tiny_bundle.base)
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -75,9 +75,14 @@ class LinearExpertsCheckpoint:
     def num_parameters(self) -> int:
         return sum(int(torch.Size(shape).numel()) for shape in self.shapes().values())
 
-    def check(self, expected: Mapping[str, tuple[int, ...]]) -> None:
+    def check(self, expected: Mapping[str, tuple[int, ...]], quantized: bool = False) -> None:
         """Every key the model expects is here with its shape, and nothing else is: before any
-        weight is read."""
+        weight is read. ``quantized`` (the weights kept quantized, as :meth:`chunks` gives them): no
+        quantized tensor needs slicing or transposing (a GGUF keeps one tensor per expert)."""
+        if quantized:
+            for piece in self.plan.values():
+                if piece != Piece(piece.source) and self.reader.infos[piece.source].stored_nbytes is not None:
+                    raise self._release_layout_error(piece.source)
         shapes = self.shapes()
         missing = [k for k in expected if k not in shapes]
         if missing:
@@ -103,9 +108,7 @@ class LinearExpertsCheckpoint:
         for source, tensor in self.reader.tensors(list(wanted), chunk_bytes, quantized=quantized):
             for key, piece in wanted[source]:
                 if quantized and tensor.dtype == torch.uint8 and piece != Piece(source):
-                    raise UnknownLayoutError(f"{self.describe()} holds quantized MoE weights in the release layout "
-                                             f"('{source}'); a GGUF keeps one tensor per expert: write it with "
-                                             "'tagmoe convert SRC OUT.gguf'")
+                    raise self._release_layout_error(source)
                 chunk[key] = piece.take(tensor)
             nbytes = self.reader.nbytes([source])
             size += nbytes
@@ -115,6 +118,10 @@ class LinearExpertsCheckpoint:
                 chunk, size = {}, 0
         if chunk:
             yield chunk, done
+
+    def _release_layout_error(self, source: str) -> UnknownLayoutError:
+        return UnknownLayoutError(f"{self.describe()} holds quantized MoE weights in the release layout ('{source}'); "
+                                  "a GGUF keeps one tensor per expert: write it with 'tagmoe convert SRC OUT.gguf'")
 
     @property
     def nbytes(self) -> int:

@@ -115,8 +115,8 @@ class GGUFFile:
             kinds = ", ".join(f"{n} ({len(v)} tensors, e.g. '{v[0]}')" for n, v in sorted(unsupported.items()))
             raise UnsupportedQuantizationError(
                 f"'{path}' holds tensors in GGML types this loader does not read: {kinds}; it reads "
-                f"{', '.join(READABLE)}: write the file with 'tagmoe convert SRC OUT.gguf --quant Q8_0' (or Q5_1, "
-                "Q5_0, Q4_1, Q4_0, BF16)")
+                f"{', '.join(READABLE)}: write the file with 'tagmoe convert SRC OUT.gguf --quant Q8_0' (or Q6_K, "
+                "Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, BF16)")
         return cls(path, str(arch), tensors, metadata)
 
     def config(self) -> dict[str, Any] | None:
