@@ -5,6 +5,11 @@ by side in one run, on a random TAG-MoE (same weights in both).
     # on a GPU: the release's architecture under a 24 GB budget, ComfyUI's partial loading doing the rest
     COMFYUI_DIR=... python bench/bench_native.py --config release --device cuda --size 1024 --vram-budget-gib 24
     # (the core's counterpart at that budget: python bench/bench_gpu.py --modes block-swap-0)
+    # the same in fp8, as GGUF (random weights quantized as 'tagmoe convert --quant' types them, kept
+    # quantized, dequantized at each forward) and ComfyUI's own dense Qwen-Image, the baseline:
+    COMFYUI_DIR=... python bench/bench_native.py --config release --device cuda --size 1024 --weight-dtype fp8_e4m3fn
+    COMFYUI_DIR=... python bench/bench_native.py --config release --device cuda --size 1024 --gguf Q4_0
+    COMFYUI_DIR=... python bench/bench_native.py --config release --device cuda --size 1024 --dense
 
 Run it with a Python that has ComfyUI's requirements and this package. Both sides denoise the
 same text-to-image run with true CFG (two transformer passes per step): the core with its
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -108,9 +114,15 @@ def main() -> None:
     parser.add_argument("--weight-dtype", default="default", help="as TAG-MoE Load Diffusion Model's weight_dtype")
     parser.add_argument("--pytorch-attention", action="store_true",
                         help="ComfyUI with --use-pytorch-cross-attention (its default on NVIDIA; on the CPU it splits)")
+    parser.add_argument("--gguf", metavar="TYPE", help="release: the weights quantized as 'tagmoe convert --quant "
+                                                        "TYPE' would write them (Q8_0, Q4_0, Q4_K, ...), kept "
+                                                        "quantized and dequantized at each forward")
+    parser.add_argument("--dense", action="store_true",
+                        help="release: ComfyUI's own dense Qwen-Image of the same blocks instead (the baseline)")
     parser.add_argument("--layers", type=int, default=60, help="release: fewer blocks for a smoke run (MoE: the "
                                                                  "last min(10, layers - 1))")
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # the hiddenswitch fork's comfy.cli_args parses the process's arguments on import
     if args.config == "release":
         return release_run(args)
     comfy_dir = os.environ.get("COMFYUI_DIR")
@@ -204,6 +216,66 @@ RELEASE = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers":
            "axes_dims_rope": [16, 56, 56]}
 
 
+def dense_qwen_image(layers: int, weight_dtype: str, gen):
+    """ComfyUI's own Qwen-Image (the dense model TAG-MoE extends) with ``layers`` blocks and random bf16
+    weights, loaded by ComfyUI's own ``load_diffusion_model_state_dict`` as Load Diffusion Model does
+    (``weight_dtype`` as its widget): ``(patcher, label, GiB of weights handed over)``."""
+    import comfy.ldm.qwen_image.model as qwen_image
+    import comfy.ops
+    import comfy.sd
+    import torch
+
+    class Eager(comfy.ops.disable_weight_init):  # a twin on the meta device, for the keys and shapes only
+        class Linear(torch.nn.Linear):
+            def reset_parameters(self):
+                return None
+
+        class Embedding(torch.nn.Embedding):
+            def reset_parameters(self):
+                return None
+
+    with torch.device("meta"):
+        twin = qwen_image.QwenImageTransformer2DModel(num_layers=layers, device=torch.device("meta"), operations=Eager)
+    state = {k: torch.randn(v.shape, generator=gen, dtype=torch.bfloat16) * 0.02 for k, v in twin.state_dict().items()}
+    weight_gib = sum(t.numel() * t.element_size() for t in state.values()) / 2**30
+    options = {} if weight_dtype == "default" else {  # as ComfyUI's UNETLoader sets them
+        "dtype": getattr(torch, "float8_" + weight_dtype.removeprefix("fp8_").removesuffix("_fast"))}
+    if weight_dtype.endswith("_fast"):
+        options["fp8_optimizations"] = True
+    patcher = comfy.sd.load_diffusion_model_state_dict(state, model_options=options)
+    label = f"dense Qwen-Image (ComfyUI's), weights {patcher.model.get_dtype()}"
+    return patcher, label, weight_gib
+
+
+def random_gguf_state(expected: dict, quant: str, gen) -> dict:
+    """Random weights for ``expected`` (key -> (shape, dtype)) typed as ``tagmoe convert --quant quant``
+    types them (``gguf_convert.tensor_type``): float ones as tensors, quantized ones as raw GGML bytes the
+    way the loader hands them over (``gguf_reader.as_quantized``). A quantized matrix is 64 random rows
+    quantized once and tiled: valid blocks of the type at any size, in seconds, with the dequantization
+    and memory traffic of a real file."""
+    import torch
+
+    from tagmoe_core.model.gguf_convert import quantize_rows, tensor_type
+    from tagmoe_core.model.gguf_reader import GGUFTensor, as_quantized
+
+    floats = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    blocks: dict[tuple[str, int], torch.Tensor] = {}
+    state = {}
+    for key, (shape, _) in expected.items():
+        qtype = tensor_type(key, tuple(shape), quant)
+        if qtype.name in floats:
+            state[key] = (torch.randn(shape, generator=gen) * 0.02).to(floats[qtype.name])
+            continue
+        rows, width = math.prod(shape[:-1]), shape[-1]
+        if (qtype.name, width) not in blocks:
+            sample = torch.randn(64, width, generator=gen) * 0.02
+            blocks[qtype.name, width] = torch.from_numpy(quantize_rows(sample, qtype)[0].copy())
+        block = blocks[qtype.name, width]
+        raw = block.repeat(-(-rows // 64), 1)[:rows].reshape(-1)
+        state[key] = as_quantized(GGUFTensor(key, qtype, tuple(shape), raw))
+    return state
+
+
 def release_run(args) -> None:
     """The release's architecture with random weights, native only: s/step and peak GPU memory."""
     sys.path.insert(0, os.environ["COMFYUI_DIR"])
@@ -223,25 +295,44 @@ def release_run(args) -> None:
     pack = load_pack(ROOT)
     import importlib
 
+    import comfy.ops
+
     comfy_model = importlib.import_module(pack.__name__ + ".nodes.comfy_model")
     comfy_sampling = importlib.import_module(pack.__name__ + ".nodes.comfy_sampling")
+    operations = None
+    if args.gguf:
+        if args.weight_dtype != "default":
+            sys.exit("--gguf keeps its own quantization: leave --weight-dtype default")
+        operations = importlib.import_module(pack.__name__ + ".nodes.comfy_gguf").operations(comfy.ops.manual_cast)
     if args.device == "cuda" and args.vram_budget_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         mm.EXTRA_RESERVED_VRAM = max(0, int(total - args.vram_budget_gib * 2**30))  # what --reserve-vram sets
-    moe_blocks = min(10, args.layers - 1)
-    spec = MoESpec(num_experts=4, top_k=1, num_moe_blocks=moe_blocks, ffn_hidden_size=4 * 3072)
-    blocks = list(range(args.layers - moe_blocks, args.layers))
     start = time.perf_counter()
-    model, storage, compute = comfy_model.new_tagmoe_model({**RELEASE, "num_layers": args.layers}, spec, blocks,
-                                                          args.weight_dtype, num_parameters=22_700_000_000,
-                                                          file_dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
-    # random weights in bf16 (the release file's dtype), loaded as the loader loads a file: with dynamic
-    # VRAM's lazy Linears there are no parameters to fill in place
-    state = {key: torch.randn(shape, generator=gen, dtype=torch.bfloat16) * 0.02
-             for key, (shape, _) in comfy_model.expected_state(model.model_config).items()}
-    patcher = comfy_model.manage(model, state)
-    del state
+    if args.dense:
+        patcher, label, weight_gib = dense_qwen_image(args.layers, args.weight_dtype, gen)
+        guider_class = comfy.samplers.CFGGuider
+    else:
+        moe_blocks = min(10, args.layers - 1)
+        spec = MoESpec(num_experts=4, top_k=1, num_moe_blocks=moe_blocks, ffn_hidden_size=4 * 3072)
+        blocks = list(range(args.layers - moe_blocks, args.layers))
+        model, storage, compute = comfy_model.new_tagmoe_model({**RELEASE, "num_layers": args.layers}, spec, blocks,
+                                                              args.weight_dtype, num_parameters=22_700_000_000,
+                                                              file_dtype=None if args.gguf else torch.bfloat16,
+                                                              custom_operations=operations)
+        expected = comfy_model.expected_state(model.model_config)
+        if args.gguf:
+            state = random_gguf_state(expected, args.gguf, gen)
+        else:
+            # random weights in bf16 (the release file's dtype), loaded as the loader loads a file: with dynamic
+            # VRAM's lazy Linears there are no parameters to fill in place
+            state = {key: torch.randn(shape, generator=gen, dtype=torch.bfloat16) * 0.02
+                     for key, (shape, _) in expected.items()}
+        weight_gib = sum(t.numel() * t.element_size() for t in state.values()) / 2**30
+        patcher = comfy_model.manage(model, state, gguf=bool(args.gguf))
+        del state
+        label = f"TAG-MoE, weights {args.gguf or storage}, compute {compute}"
+        guider_class = comfy_sampling.ReferenceCFGGuider
     build_s = time.perf_counter() - start
     h = w = args.size // 8
     gen = torch.Generator().manual_seed(1)
@@ -251,7 +342,7 @@ def release_run(args) -> None:
     sigmas = reference_sigmas(args.steps, image_seq_len(args.size, args.size))
     times, peaks = [], []
     for _ in range(args.rounds):
-        guider = comfy_sampling.ReferenceCFGGuider(patcher)
+        guider = guider_class(patcher)
         guider.set_conds([[text["pos"], {}]], [[text["neg"], {}]])
         guider.set_cfg(4.0)
         if args.device == "cuda":
@@ -264,10 +355,11 @@ def release_run(args) -> None:
             torch.cuda.synchronize()
             peaks.append((torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30))
         times.append((time.perf_counter() - start) / args.steps)
-    print(f"release architecture, random weights ({build_s:.0f} s to build), storage {storage}, compute {compute}, "
+    print(f"release architecture ({args.layers} blocks): {label}; random weights {weight_gib:.2f} GiB "
+          f"({build_s:.0f} s to build), "
           f"{args.size}x{args.size}, true CFG, {args.steps} steps x {args.rounds} rounds, device {args.device}, "
           f"budget {args.vram_budget_gib or 'all'} GiB")
-    print(f"native s/step: median {statistics.median(times):.2f} (min {min(times):.2f}, max {max(times):.2f}); "
+    print(f"s/step: median {statistics.median(times):.2f} (min {min(times):.2f}, max {max(times):.2f}); "
           f"the first round includes moving the weights in")
     if peaks:
         allocated, reserved = max(p[0] for p in peaks), max(p[1] for p in peaks)

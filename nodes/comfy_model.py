@@ -284,14 +284,24 @@ def finish(patcher, heads: TagHeads | None, reload: tuple | None = None):
     return patcher
 
 
-def manage(model: TagMoEQwenImage, state: dict[str, torch.Tensor], heads: TagHeads | None = None):
+def manage(model: TagMoEQwenImage, state: dict[str, torch.Tensor], heads: TagHeads | None = None,
+           gguf: bool = False):
     """A patcher for ``model`` with ``state`` loaded the way the loader loads files (benchmarks build
-    random weights for ``expected_state`` keys by hand)."""
-    patcher = new_patcher(model)
+    random weights for ``expected_state`` keys by hand). ``gguf``: a model built with
+    ``comfy_gguf.operations`` and ``state`` holding quantized tensors (``gguf_reader.as_quantized``), given
+    the patcher a ``.gguf`` gets."""
+    if gguf:
+        from . import comfy_gguf
+
+        patcher = new_patcher(model, True, comfy_gguf.patcher_class)
+    else:
+        patcher = new_patcher(model)
     unexpected = load_weights(model.diffusion_model, state, is_dynamic(patcher))
     missing = sorted(set(expected_state(model.model_config)) - set(state))
     if missing or unexpected:
         raise ValueError(f"state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if gguf:
+        comfy_gguf.weights_loaded(patcher)
     return finish(patcher, heads)
 
 
