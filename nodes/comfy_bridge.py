@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,15 +62,15 @@ def register_model_folder() -> None:
         _folder_paths.add_model_folder_path(TAGMOE_FOLDER, path, is_default=True)
 
 
-def guard_gguf_loader(module) -> bool:
+def guard_gguf_loader(module: types.ModuleType) -> bool:
     """Make ``module.gguf_sd_loader`` refuse a TAG-MoE ``.gguf`` in one line. Some ComfyUI builds read
     ``.gguf`` diffusion models themselves (the hiddenswitch fork's ``comfy.gguf``, from ComfyUI-GGUF's
     loader, lists them in Load Diffusion Model and only warns on an unknown ``general.architecture``): they
     would build a dense Qwen-Image from a TAG-MoE file, without its experts, and sample with it. Where the
-    file's metadata says TAG-MoE, the wrapped loader raises instead, naming the node that loads it; every
-    other file goes to the original loader unchanged. Returns whether the loader is guarded."""
-    from ..tagmoe_core.model.gguf_format import ARCH
-    from ..tagmoe_core.model.gguf_reader import architecture_of
+    file's header says TAG-MoE (its label, or a ``qwen_image`` label over MoE routers), the wrapped loader
+    raises instead, naming the node that loads it; every other file, and one whose header cannot be read,
+    goes to the original loader unchanged. Returns whether the loader is guarded."""
+    from ..tagmoe_core.model.gguf_reader import tagmoe_architecture
 
     original = getattr(module, "gguf_sd_loader", None)
     if not callable(original):
@@ -79,12 +80,13 @@ def guard_gguf_loader(module) -> bool:
 
     @functools.wraps(original)
     def gguf_sd_loader(path, *args, **kwargs):
-        if architecture_of(path) == ARCH:
-            raise ValueError(f"'{Path(path).name}' is a TAG-MoE .gguf ('{ARCH}'): load it with TAG-MoE Load "
-                             "Diffusion Model; this loader would build a dense Qwen-Image without its experts")
+        arch = tagmoe_architecture(path)
+        if arch is not None:
+            raise ValueError(f"'{Path(path).name}' is a TAG-MoE .gguf ('{arch}'): load it with TAG-MoE Load "
+                             "Diffusion Model; this loader would drop its MoE experts")
         return original(path, *args, **kwargs)
 
-    gguf_sd_loader.tagmoe_guard = True
+    setattr(gguf_sd_loader, "tagmoe_guard", True)
     module.gguf_sd_loader = gguf_sd_loader
     return True
 

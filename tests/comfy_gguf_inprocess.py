@@ -29,11 +29,11 @@ comfy.cli_args.args.cpu = True
 import comfy.model_management  # noqa: E402,F401
 import torch  # noqa: E402
 
-try:  # the hiddenswitch fork loads custom nodes in its vanilla environment (a top-level folder_paths, ...)
+if importlib.util.find_spec("comfy_compatibility") is not None:
+    # the hiddenswitch fork loads custom nodes in its vanilla environment (a top-level folder_paths, ...);
+    # Comfy-Org's ComfyUI has its folder's modules top-level already. A failing import is the fork's setup.
     from comfy_compatibility.vanilla import prepare_vanilla_environment
-except ImportError:  # Comfy-Org's ComfyUI: its folder's modules are top-level already
-    pass
-else:
+
     prepare_vanilla_environment()
 from comfy_server import LORA_NAME, write_test_lora  # noqa: E402
 from node_harness import REPO, load_pack  # noqa: E402
@@ -100,6 +100,22 @@ def newest_signature(patcher) -> dict:
     return {"seen": seen, "returned": returned}
 
 
+def relabelled(source: Path, path: Path, arch: str = "qwen_image") -> Path:
+    """``source``'s tensors (quantized ones as they are) under another ``general.architecture``."""
+    import gguf
+
+    if not path.exists():
+        reader = gguf.GGUFReader(source, "r")
+        writer = gguf.GGUFWriter(path, arch)
+        for t in reader.tensors:
+            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
 def own_loader(out: Path) -> dict:
     """ComfyUI's own Load Diffusion Model (``UNETLoader``: ``comfy.sd.load_diffusion_model``) given the
     TAG-MoE Q8_0 file: whether it lists ``.gguf`` files, whether this ComfyUI reads them itself
@@ -110,8 +126,14 @@ def own_loader(out: Path) -> dict:
     import comfy.sd
     import comfy.utils
 
-    _, extensions = folder_paths.folder_names_and_paths["diffusion_models"]  # the fork's FolderPathsTuple unpacks too
-    row: dict = {"lists_gguf": ".gguf" in set(extensions)}
+    listed = out / "listed"  # what Load Diffusion Model's file list shows, from a folder of two empty files
+    listed.mkdir(exist_ok=True)
+    for name in ("probe.gguf", "probe.safetensors"):
+        (listed / name).touch()
+    folder_paths.add_model_folder_path("diffusion_models", str(listed))
+    names = folder_paths.get_filename_list("diffusion_models")
+    assert "probe.safetensors" in names, names
+    row: dict = {"lists_gguf": "probe.gguf" in names}
     try:
         import comfy.gguf
 
@@ -127,6 +149,11 @@ def own_loader(out: Path) -> dict:
             row["load"] = f"loaded {type(built).__name__}, experts: {experts}"
         except Exception as exc:  # noqa: BLE001 - what it raises is the finding
             row["load"] = f"{type(exc).__name__}: {exc}"
+        try:  # the same file labelled qwen_image (as a converter labelling by keys would): still TAG-MoE
+            comfy.sd.load_diffusion_model(str(relabelled(out / "tiny-Q8_0.gguf", out / "moe-as-qwen.gguf")))
+            row["relabelled_load"] = "loaded"
+        except Exception as exc:  # noqa: BLE001 - what it raises is the finding
+            row["relabelled_load"] = f"{type(exc).__name__}: {exc}"
         import gguf
 
         other = out / "other-qwen-image.gguf"
@@ -237,6 +264,11 @@ def main() -> None:
             result["comfyui_gguf"] = "loaded"
         except Exception as exc:  # noqa: BLE001 - what it raises is the finding
             result["comfyui_gguf"] = f"{type(exc).__name__}: {exc}"
+        # a TAG-MoE file labelled qwen_image (not what 'tagmoe convert' writes): its reader takes it, experts and
+        # all, and the dense model it builds next would drop them; the pack does not patch another pack's code
+        state = loader.gguf_sd_loader(str(relabelled(out / "tiny-Q8_0.gguf", out / "moe-as-qwen.gguf")))
+        result["comfyui_gguf_relabelled"] = {"read": len(state),
+                                             "experts": sum(".img_mlp.experts." in k for k in state)}
     (out / "result.json").write_text(json.dumps(result))
 
 

@@ -46,12 +46,20 @@ def test_gguf_native_model_in_process(tiny_bundle, tmp_path):
     if own["reads_gguf"]:
         assert own["lists_gguf"] and own["guarded"] and own["load"] == (
             "ValueError: 'tiny-Q8_0.gguf' is a TAG-MoE .gguf ('tagmoe_qwen_image'): load it with TAG-MoE Load "
-            "Diffusion Model; this loader would build a dense Qwen-Image without its experts")
+            "Diffusion Model; this loader would drop its MoE experts"), own
+        assert own["relabelled_load"] == (  # labelled qwen_image by another converter, routers inside: refused too
+            "ValueError: 'moe-as-qwen.gguf' is a TAG-MoE .gguf ('qwen_image'): load it with TAG-MoE Load "
+            "Diffusion Model; this loader would drop its MoE experts")
         assert own["other_reads"] == ["img_in.weight"]  # other files still go to ComfyUI's reader
     else:
         assert not own["lists_gguf"] and "load" not in own
     if "comfyui_gguf" in result:  # city96/ComfyUI-GGUF's UnetLoaderGGUF refuses the file instead of losing experts
         assert result["comfyui_gguf"] == "ValueError: Unexpected architecture type in GGUF file: 'tagmoe_qwen_image'"
+        # a TAG-MoE file labelled qwen_image (not what 'tagmoe convert' writes) it reads, experts and all: the README
+        # says so (convert with 'tagmoe convert'); the pack does not patch another pack's loader
+        relabelled = result["comfyui_gguf_relabelled"]
+        print(f"ComfyUI-GGUF's reader on a TAG-MoE file labelled qwen_image: {relabelled}")
+        assert relabelled["read"] > 0 and relabelled["experts"] > 0
 
 
 def test_comfyuis_own_load_diffusion_model_refuses_a_tagmoe_gguf_where_it_lists_one(comfy_server):
@@ -73,5 +81,5 @@ def test_comfyuis_own_load_diffusion_model_refuses_a_tagmoe_gguf_where_it_lists_
     print(f"UNETLoader on {TRAINED_GGUF}: {error}")
     assert error == (
         f"'{TRAINED_GGUF}' is a TAG-MoE .gguf ('tagmoe_qwen_image'): load it with TAG-MoE Load Diffusion Model; "
-        "this loader would build a dense Qwen-Image without its experts")
+        "this loader would drop its MoE experts")
     assert not list((comfy_server["home"] / "output").rglob("never_written*"))

@@ -447,13 +447,30 @@ def test_a_gguf_converts_back_to_safetensors_and_to_another_type(converted, sour
 
 
 # -- a ComfyUI that reads .gguf itself (the hiddenswitch fork's comfy.gguf) -------------------------------------
-def test_architecture_of_reads_the_header(converted, tmp_path):
-    from tagmoe_core.model.gguf_reader import architecture_of
+def _relabelled(source: Path, path: Path, arch: str) -> Path:
+    """``source``'s tensors (quantized ones as they are) under another ``general.architecture``."""
+    reader = gguf.GGUFReader(source, "r")
+    return _write(path, arch, {t.name: np.asarray(t.data) for t in reader.tensors},
+                  {t.name: t.tensor_type for t in reader.tensors})
 
-    assert architecture_of(converted["Q8_0"]) == ARCH
-    assert architecture_of(_write(tmp_path / "llama.gguf", "llama", {"t": np.zeros((2, 32), np.float32)})) == "llama"
+
+def test_tagmoe_architecture_reads_the_header(converted, tiny_bundle, tmp_path):
+    from tagmoe_core.model.gguf_reader import tagmoe_architecture
+
+    assert tagmoe_architecture(converted["Q8_0"]) == ARCH
+    # labelled as dense Qwen-Image (as a converter that labels files by their keys would) but holding routers
+    assert tagmoe_architecture(_relabelled(converted["Q8_0"], tmp_path / "moe-as-qwen.gguf", "qwen_image")) \
+        == "qwen_image"
+    dense = load_file(next((tiny_bundle.base / "transformer").glob("*.safetensors")))
+    qwen = _write(tmp_path / "qwen-image.gguf", "qwen_image",
+                  {k: v.float().numpy() for k, v in list(dense.items())[:2]})
+    assert tagmoe_architecture(qwen) is None
+    assert tagmoe_architecture(_write(tmp_path / "llama.gguf", "llama", {"t": np.zeros((2, 32), np.float32)})) is None
     (tmp_path / "not.gguf").write_bytes(b"not a gguf at all")
-    assert architecture_of(tmp_path / "not.gguf") is None and architecture_of(tmp_path / "missing.gguf") is None
+    assert tagmoe_architecture(tmp_path / "not.gguf") is None and tagmoe_architecture(tmp_path / "missing.gguf") is None
+    whole = converted["Q8_0"].read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[:200])
+    assert tagmoe_architecture(tmp_path / "cut.gguf") is None
 
 
 def test_a_comfyui_gguf_loader_refuses_a_tagmoe_file_and_reads_every_other(converted, tiny_bundle, tmp_path):
@@ -467,17 +484,33 @@ def test_a_comfyui_gguf_loader_refuses_a_tagmoe_file_and_reads_every_other(conve
     bridge = load_pack(REPO).nodes.comfy_bridge
     calls = []
     builtin = types.ModuleType("comfy_gguf_standin")
-    builtin.gguf_sd_loader = lambda path, handle_prefix="model.diffusion_model.", **kw: calls.append(path) or {"k": 1}
+
+    def original(path, handle_prefix="model.diffusion_model.", **kw):
+        calls.append(path)
+        return {"k": 1}
+
+    builtin.gguf_sd_loader = original
     dense = load_file(next((tiny_bundle.base / "transformer").glob("*.safetensors")))
     qwen = _write(tmp_path / "qwen-image.gguf", "qwen_image",
                   {k: v.float().numpy() for k, v in list(dense.items())[:2]})
-    assert bridge.guard_gguf_loader(builtin) and bridge.guard_gguf_loader(builtin)  # once, however often called
+    assert bridge.guard_gguf_loader(builtin) and bridge.guard_gguf_loader(builtin)
+    assert builtin.gguf_sd_loader.__wrapped__ is original  # wrapped once, however often called
     with pytest.raises(ValueError, match=r"^'tiny-Q8_0.gguf' is a TAG-MoE .gguf \('tagmoe_qwen_image'\): load it "
-                                         r"with TAG-MoE Load Diffusion Model; this loader would build a dense"):
+                                         r"with TAG-MoE Load Diffusion Model; this loader would drop its MoE experts$"):
         builtin.gguf_sd_loader(str(converted["Q8_0"]))
+    # the same file labelled qwen_image, which this loader accepts without a warning: refused too
+    relabelled = _relabelled(converted["Q8_0"], tmp_path / "moe-as-qwen.gguf", "qwen_image")
+    with pytest.raises(ValueError, match=r"^'moe-as-qwen.gguf' is a TAG-MoE .gguf \('qwen_image'\)"):
+        builtin.gguf_sd_loader(str(relabelled))
     assert calls == []  # refused before the loader read anything
     assert builtin.gguf_sd_loader(str(qwen), handle_prefix=None) == {"k": 1} and calls == [str(qwen)]
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(12))  # the loader's own error for an unreadable file, not the guard's
+    assert builtin.gguf_sd_loader(str(broken)) == {"k": 1} and calls[-1] == str(broken)
     assert not bridge.guard_gguf_loader(types.ModuleType("no_loader"))
+    not_callable = types.ModuleType("not_callable")
+    not_callable.gguf_sd_loader = "a string"
+    assert not bridge.guard_gguf_loader(not_callable) and not_callable.gguf_sd_loader == "a string"
 
 
 @pytest.mark.parametrize("quant, bound", [("Q6_K", 0.03), ("Q5_K", 0.05), ("Q4_K", 0.08)])
@@ -539,3 +572,31 @@ def test_quantized_experts_in_the_release_layout_are_refused_before_loading(tiny
         ckpt.close()
     model, _ = load_tagmoe_transformer(path, tiny_bundle.base)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_float_experts_in_the_release_layout_pass_the_quantized_check(tiny_bundle, tmp_path):
+    """The same stacked layout in F32 (nothing quantized): the native path slices it per expert as it
+    does a safetensors file, so the pre-load check lets it through (it once took every GGUF tensor for a
+    quantized one and refused the file as 'quantized MoE weights')."""
+    state = {}
+    for f in sorted((tiny_bundle.tagmoe / "transformer").glob("*.safetensors")):
+        state.update(load_file(f))
+    assert any(k.endswith("experts.mlp.w1") for k in state)
+    path = tmp_path / "release-layout-F32.gguf"
+    writer = gguf.GGUFWriter(path, ARCH)
+    writer.add_string(KEY_CONFIG, (tiny_bundle.tagmoe / "transformer" / "config.json").read_text())
+    for name, value in state.items():
+        writer.add_tensor(name, value.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ckpt = LinearExpertsCheckpoint.open(path)
+    try:
+        expected = ckpt.shapes()
+        ckpt.check(expected, quantized=True)
+        got = {k: v for chunk, _ in ckpt.chunks(quantized=True) for k, v in chunk.items()}
+    finally:
+        ckpt.close()
+    assert set(got) == set(expected) and any(".experts.0." in k for k in got)
+    assert all(tuple(got[k].shape) == tuple(expected[k]) for k in got)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownLayoutError
+from .gguf_format import FLOAT_TYPES
 
 if TYPE_CHECKING:
     from .gguf_reader import GGUFFile
@@ -212,6 +213,11 @@ class TensorInfo:
     dtype: torch.dtype  # what ``CheckpointReader.tensors`` gives (float32 for a dequantized GGUF tensor)
     stored_nbytes: int | None = None  # bytes in the file when not numel x itemsize (a quantized GGUF tensor)
     ggml_type: str | None = None  # a GGUF tensor's GGML type (F32, BF16, Q8_0, ...)
+
+    @property
+    def quantized(self) -> bool:
+        """A GGUF tensor in a quantized GGML type (kept as raw bytes by ``chunks(quantized=True)``)."""
+        return self.ggml_type is not None and self.ggml_type not in FLOAT_TYPES
 
 
 @dataclass

@@ -81,7 +81,7 @@ class LinearExpertsCheckpoint:
         quantized tensor needs slicing or transposing (a GGUF keeps one tensor per expert)."""
         if quantized:
             for piece in self.plan.values():
-                if piece != Piece(piece.source) and self.reader.infos[piece.source].stored_nbytes is not None:
+                if piece != Piece(piece.source) and self.reader.infos[piece.source].quantized:
                     raise self._release_layout_error(piece.source)
         shapes = self.shapes()
         missing = [k for k in expected if k not in shapes]

@@ -136,23 +136,31 @@ class GGUFFile:
         return counts
 
 
-def architecture_of(path: str | os.PathLike) -> str | None:
-    """A GGUF file's ``general.architecture`` (None where the file is not a readable GGUF or has none).
-    Reads the header only (the tensor data stays on disk, memory-mapped)."""
-    import gguf
-
+def tagmoe_architecture(path: str | os.PathLike) -> str | None:
+    """The ``general.architecture`` of a GGUF file that holds TAG-MoE: ``tagmoe_qwen_image``, or
+    ``qwen_image`` with MoE routers (what a converter that labels files by their keys, such as
+    ComfyUI-GGUF's, would write). None for any other model and for a file that is not a readable GGUF
+    (left to the caller's own loader to report). Reads the header only (the tensor data stays on disk)."""
     try:
-        entry = gguf.GGUFReader(path, "r").fields.get("general.architecture")
-        return None if entry is None else str(entry.contents())
-    except (OSError, ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError):
+        import gguf
+
+        reader = gguf.GGUFReader(path, "r")
+        entry = reader.fields.get("general.architecture")
+        arch = None if entry is None else str(entry.contents())
+        names = [t.name for t in reader.tensors]
+    except Exception:  # noqa: BLE001 - an unreadable file (or an old gguf-py) is not this function's to report
         return None
+    return arch if _holds_tagmoe(arch, names) else None
+
+
+def _holds_tagmoe(arch: object, names: list[str]) -> bool:
+    return arch == ARCH or (arch == QWEN_IMAGE_ARCH and any(n.endswith(_ROUTER_SUFFIXES) for n in names))
 
 
 def _check_arch(path: Path, arch: object, names: list[str]) -> None:
     if arch == ARCH:
         return
-    has_experts = any(n.endswith(_ROUTER_SUFFIXES) for n in names)
-    if arch == QWEN_IMAGE_ARCH and has_experts:
+    if _holds_tagmoe(arch, names):
         log.warning("'%s' says general.architecture '%s' but holds MoE routers: reading it as TAG-MoE", path, arch)
         return
     if arch == QWEN_IMAGE_ARCH:
