@@ -122,6 +122,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=60, help="release: fewer blocks for a smoke run (MoE: the "
                                                                  "last min(10, layers - 1))")
     args = parser.parse_args()
+    if (args.gguf or args.dense) and args.config != "release":
+        parser.error("--gguf and --dense measure the release shapes: add --config release")
+    if args.gguf and args.dense:
+        parser.error("--gguf and --dense are two runs: the TAG-MoE GGUF model, or ComfyUI's dense Qwen-Image")
+    if args.gguf:
+        sys.path.append(str(ROOT))
+        from tagmoe_core.model.gguf_format import QUANT_TYPES
+
+        if args.gguf not in QUANT_TYPES:
+            parser.error(f"--gguf {args.gguf}: one of {', '.join(QUANT_TYPES)}")
     sys.argv = sys.argv[:1]  # the hiddenswitch fork's comfy.cli_args parses the process's arguments on import
     if args.config == "release":
         return release_run(args)

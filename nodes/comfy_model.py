@@ -288,7 +288,7 @@ def manage(model: TagMoEQwenImage, state: dict[str, torch.Tensor], heads: TagHea
            gguf: bool = False):
     """A patcher for ``model`` with ``state`` loaded the way the loader loads files (benchmarks build
     random weights for ``expected_state`` keys by hand). ``gguf``: a model built with
-    ``comfy_gguf.operations`` and ``state`` holding quantized tensors (``gguf_reader.as_quantized``), given
+    ``comfy_gguf.operations`` and ``state`` holding quantized tensors (``gguf_reader.as_quantized``): it gets
     the patcher a ``.gguf`` gets."""
     if gguf:
         from . import comfy_gguf

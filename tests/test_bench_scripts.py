@@ -59,3 +59,19 @@ def test_bench_gguf_measures_the_trained_tiny_model_per_type():
     assert 0 < trained["Q8_0"]["edit_rel_l2_vs_original"] < 2e-2 and trained["Q8_0"]["types"]["Q8_0"] > 0
     assert trained["BF16"]["call_rel_l2_vs_bf16"] == 0.0 and 0 < trained["Q8_0"]["call_rel_l2_vs_bf16"] < 5e-2
     assert all(0 <= row["success"] <= 2 and row["samples"] == 2 for row in trained.values())
+
+
+def test_bench_native_refuses_arguments_it_would_ignore_before_importing_comfyui(monkeypatch, capsys):
+    """--gguf and --dense measure the release shapes, one at a time, and the type is one the converter
+    writes; each was ignored or ended in a bare KeyError deep in a run (no ComfyUI needed to get this far)."""
+    import pytest
+
+    bench = load("bench_native")
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    for argv, message in ((["--gguf", "Q4_0"], "add --config release"),
+                          (["--config", "release", "--gguf", "Q4_0", "--dense"], "two runs"),
+                          (["--config", "release", "--gguf", "q4_0"], "--gguf q4_0: one of Q8_0, ")):
+        monkeypatch.setattr("sys.argv", ["bench_native.py", *argv])
+        with pytest.raises(SystemExit) as exited:
+            bench.main()
+        assert exited.value.code == 2 and message in capsys.readouterr().err
