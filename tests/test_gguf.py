@@ -283,8 +283,11 @@ def test_native_checkpoint_view_of_a_gguf(converted, tiny_bundle):
 
 
 # -- bad files: one clear line, before anything is loaded ------------------------------------------------------
-def _write(path: Path, arch: str, tensors: dict[str, np.ndarray], raw: dict[str, gguf.GGMLQuantizationType] = {}):
+def _write(path: Path, arch: str, tensors: dict[str, np.ndarray], raw: dict[str, gguf.GGMLQuantizationType] = {},
+           strings: dict[str, str] = {}):
     writer = gguf.GGUFWriter(path, arch)
+    for key, text in strings.items():
+        writer.add_string(key, text)
     for name, data in tensors.items():
         writer.add_tensor(name, data, raw_dtype=raw.get(name))
     writer.write_header_to_file()
@@ -315,6 +318,22 @@ def test_an_unsupported_quant_type_is_refused(tmp_path):
                   {"transformer_blocks.0.attn.to_q.weight": gguf.GGMLQuantizationType.Q2_K})
     with pytest.raises(UnsupportedQuantizationError, match=r"Q2_K \(1 tensors.*reads F32, F16, BF16.*Q6_K"):
         GGUFFile.open(path)
+
+
+def test_a_type_id_gguf_py_does_not_know_is_named_not_called_truncated(tmp_path):
+    """gguf-py stops reading at a tensor type id it has no name for (a quantization newer than the
+    installed package); that was reported as a truncated file."""
+    import struct
+
+    name = "transformer_blocks.0.attn.to_q.weight"
+    data = bytearray(_write(tmp_path / "known.gguf", ARCH, {name: np.zeros((4, 32), np.float32)}).read_bytes())
+    at = data.index(name.encode()) + len(name)  # then: n_dims (u32), dims (u64 each), type (u32)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, 99)
+    (tmp_path / "type-99.gguf").write_bytes(data)
+    with pytest.raises(UnsupportedQuantizationError, match=r"GGML type 99, which the installed gguf package does "
+                                                          r"not know; this loader reads F32, .*tagmoe convert"):
+        GGUFFile.open(tmp_path / "type-99.gguf")
 
 
 def test_truncated_and_foreign_files_are_refused(converted, tmp_path):
@@ -540,6 +559,21 @@ def test_k_quant_files_of_the_trained_tiny_model_load_and_stay_close(quant, boun
     assert 0 < rel < bound, rel
 
 
+def _release_layout_gguf(tiny_bundle, path: Path, experts: gguf.GGMLQuantizationType | None) -> Path:
+    """The tiny model's weights in the release's layout (stacked experts, ``experts.mlp.w1/w2``) as a
+    hand-made GGUF (not what 'tagmoe convert' writes): the stacked experts in ``experts`` (None: F32),
+    the rest F32."""
+    state = {}
+    for f in sorted((tiny_bundle.tagmoe / "transformer").glob("*.safetensors")):
+        state.update(load_file(f))
+    stacked = {k for k in state if k.endswith(("experts.mlp.w1", "experts.mlp.w2"))} if experts is not None else set()
+    assert any(k.endswith("experts.mlp.w1") for k in state)
+    tensors = {k: gguf.quants.quantize(v.float().numpy(), experts) if k in stacked else v.float().numpy()
+               for k, v in state.items()}
+    return _write(path, ARCH, tensors, dict.fromkeys(stacked, experts),
+                  {KEY_CONFIG: (tiny_bundle.tagmoe / "transformer" / "config.json").read_text()})
+
+
 def test_quantized_experts_in_the_release_layout_are_refused_before_loading(tiny_bundle, tmp_path):
     """A hand-made GGUF with the release's stacked expert tensors quantized (not what 'tagmoe convert'
     writes): the native path keeps weights quantized and cannot slice them per expert, so it is refused by
@@ -547,23 +581,7 @@ def test_quantized_experts_in_the_release_layout_are_refused_before_loading(tiny
     dequantized at load) still reads it."""
     from tagmoe_core.errors import UnknownLayoutError
 
-    state = {}
-    for f in sorted((tiny_bundle.tagmoe / "transformer").glob("*.safetensors")):
-        state.update(load_file(f))
-    stacked = [k for k in state if k.endswith(("experts.mlp.w1", "experts.mlp.w2"))]
-    assert stacked
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    tensors = {k: gguf.quants.quantize(v.float().numpy(), q8) if k in stacked else v.float().numpy()
-               for k, v in state.items()}
-    path = tmp_path / "release-layout-Q8_0.gguf"
-    writer = gguf.GGUFWriter(path, ARCH)
-    writer.add_string(KEY_CONFIG, (tiny_bundle.tagmoe / "transformer" / "config.json").read_text())
-    for name, data in tensors.items():
-        writer.add_tensor(name, data, raw_dtype=q8 if name in stacked else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = _release_layout_gguf(tiny_bundle, tmp_path / "release-layout-Q8_0.gguf", gguf.GGMLQuantizationType.Q8_0)
     ckpt = LinearExpertsCheckpoint.open(path)
     try:
         with pytest.raises(UnknownLayoutError, match=r"quantized MoE weights in the release layout .*experts\.mlp"):
@@ -578,19 +596,7 @@ def test_float_experts_in_the_release_layout_pass_the_quantized_check(tiny_bundl
     """The same stacked layout in F32 (nothing quantized): the native path slices it per expert as it
     does a safetensors file, so the pre-load check lets it through (it once took every GGUF tensor for a
     quantized one and refused the file as 'quantized MoE weights')."""
-    state = {}
-    for f in sorted((tiny_bundle.tagmoe / "transformer").glob("*.safetensors")):
-        state.update(load_file(f))
-    assert any(k.endswith("experts.mlp.w1") for k in state)
-    path = tmp_path / "release-layout-F32.gguf"
-    writer = gguf.GGUFWriter(path, ARCH)
-    writer.add_string(KEY_CONFIG, (tiny_bundle.tagmoe / "transformer" / "config.json").read_text())
-    for name, value in state.items():
-        writer.add_tensor(name, value.float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = _release_layout_gguf(tiny_bundle, tmp_path / "release-layout-F32.gguf", None)
     ckpt = LinearExpertsCheckpoint.open(path)
     try:
         expected = ckpt.shapes()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,12 @@ class GGUFFile:
         except ValueError as exc:
             if "magic" in str(exc).lower():
                 raise CorruptCheckpointError(f"'{path}' is not a GGUF file (its first bytes are not 'GGUF')") from exc
+            unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(exc))
+            if unknown:  # gguf-py stops at a type id it has no name for, before any tensor is listed
+                raise UnsupportedQuantizationError(
+                    f"'{path}' holds tensors in GGML type {unknown[1]}, which the installed gguf package does not "
+                    f"know; this loader reads {', '.join(READABLE)}: write the file with 'tagmoe convert SRC "
+                    "OUT.gguf --quant Q8_0' (or Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, BF16)") from exc
             raise CorruptCheckpointError(f"'{path}' is not a readable GGUF file: truncated or damaged ({exc}); the "
                                          "download or conversion may be incomplete - fetch or convert it "
                                          "again") from exc
