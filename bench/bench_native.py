@@ -32,6 +32,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 MEDIUM = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 8, "attention_head_dim": 64,
@@ -226,26 +230,17 @@ RELEASE = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers":
            "axes_dims_rope": [16, 56, 56]}
 
 
-def dense_qwen_image(layers: int, weight_dtype: str, gen):
+def dense_qwen_image(comfy_model, layers: int, weight_dtype: str, gen: torch.Generator):
     """ComfyUI's own Qwen-Image (the dense model TAG-MoE extends) with ``layers`` blocks and random bf16
     weights, loaded by ComfyUI's own ``load_diffusion_model_state_dict`` as Load Diffusion Model does
     (``weight_dtype`` as its widget): ``(patcher, label, GiB of weights handed over)``."""
     import comfy.ldm.qwen_image.model as qwen_image
-    import comfy.ops
     import comfy.sd
     import torch
 
-    class Eager(comfy.ops.disable_weight_init):  # a twin on the meta device, for the keys and shapes only
-        class Linear(torch.nn.Linear):
-            def reset_parameters(self):
-                return None
-
-        class Embedding(torch.nn.Embedding):
-            def reset_parameters(self):
-                return None
-
-    with torch.device("meta"):
-        twin = qwen_image.QwenImageTransformer2DModel(num_layers=layers, device=torch.device("meta"), operations=Eager)
+    with torch.device("meta"):  # a twin for the keys and shapes only
+        twin = qwen_image.QwenImageTransformer2DModel(num_layers=layers, device=torch.device("meta"),
+                                                      operations=comfy_model.MetaTwinOps)
     state = {k: torch.randn(v.shape, generator=gen, dtype=torch.bfloat16) * 0.02 for k, v in twin.state_dict().items()}
     weight_gib = sum(t.numel() * t.element_size() for t in state.values()) / 2**30
     options = {} if weight_dtype == "default" else {  # as ComfyUI's UNETLoader sets them
@@ -320,7 +315,7 @@ def release_run(args) -> None:
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     if args.dense:
-        patcher, label, weight_gib = dense_qwen_image(args.layers, args.weight_dtype, gen)
+        patcher, label, weight_gib = dense_qwen_image(comfy_model, args.layers, args.weight_dtype, gen)
         guider_class = comfy.samplers.CFGGuider
     else:
         moe_blocks = min(10, args.layers - 1)

@@ -181,23 +181,28 @@ def new_tagmoe_model(dims: dict, spec, blocks: list[int], weight_dtype: str = "d
     return TagMoEQwenImage(model_config), unet_dtype, manual_cast_dtype
 
 
+class MetaTwinOps(comfy.ops.disable_weight_init):
+    """``operations`` for a twin of a model on the meta device, built for its keys and shapes only:
+    plain torch Linears and Embeddings (weights allocated at construction, whatever the ComfyUI)."""
+
+    class Linear(torch.nn.Linear):
+        def reset_parameters(self):
+            return None
+
+    class Embedding(torch.nn.Embedding):
+        def reset_parameters(self):
+            return None
+
+
 def expected_state(model_config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every key a TAG-MoE model of this config holds after loading, with its shape and dtype, read off
     a twin built on the meta device (no memory) with plain torch Linears: the model itself cannot tell
     before loading, as newer ComfyUI (dynamic VRAM) builds its Linears with ``weight = bias = None``
     and creates them from the file's tensors. Every module takes its dtype from the config, not from
     its operations class, so the twin's dtypes are the model's."""
-    class Eager(comfy.ops.disable_weight_init):
-        class Linear(torch.nn.Linear):
-            def reset_parameters(self):
-                return None
-
-        class Embedding(torch.nn.Embedding):
-            def reset_parameters(self):
-                return None
-
     with torch.device("meta"):
-        twin = TagMoEQwenImageTransformer(**model_config.unet_config, device=torch.device("meta"), operations=Eager)
+        twin = TagMoEQwenImageTransformer(**model_config.unet_config, device=torch.device("meta"),
+                                          operations=MetaTwinOps)
     return {k: (tuple(v.shape), v.dtype) for k, v in twin.state_dict().items()}
 
 

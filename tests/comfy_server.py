@@ -178,7 +178,8 @@ def offline_page(browser, **options):
     return page
 
 
-def run_prompt(server, prompt: dict, timeout: float = 600) -> dict:
+def _finished(server, prompt: dict, timeout: float) -> dict:
+    """Queue ``prompt`` and wait until it has run, well or not: its ``/history`` entry."""
     import requests
 
     reply = requests.post(f"{server['url']}/prompt", json={"prompt": prompt, "client_id": "tagmoe-tests"}, timeout=30)
@@ -186,40 +187,34 @@ def run_prompt(server, prompt: dict, timeout: float = 600) -> dict:
     prompt_id = reply.json()["prompt_id"]
     deadline = time.time() + timeout
     while time.time() < deadline:
-        history = requests.get(f"{server['url']}/history/{prompt_id}", timeout=10).json()
-        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-            entry = history[prompt_id]
-            if entry["status"]["status_str"] != "success":
-                messages = json.dumps(entry["status"]["messages"], indent=1)[-3000:]
-                pytest.fail(f"prompt failed: {messages}\n{server['log'].read_text()[-3000:]}")
+        entry = requests.get(f"{server['url']}/history/{prompt_id}", timeout=10).json().get(prompt_id)
+        status = (entry or {}).get("status", {})
+        if status.get("status_str") == "error" or status.get("completed") is not None:
             return entry
         time.sleep(0.5)
     pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+def run_prompt(server, prompt: dict, timeout: float = 600) -> dict:
+    entry = _finished(server, prompt, timeout)
+    if entry["status"]["status_str"] != "success":
+        messages = json.dumps(entry["status"]["messages"], indent=1)[-3000:]
+        pytest.fail(f"prompt failed: {messages}\n{server['log'].read_text()[-3000:]}")
+    return entry
 
 
 def prompt_error(server, prompt: dict, timeout: float = 120) -> str:
     """Queue ``prompt``, which must fail while running: the exception message of its ``execution_error``
     (Comfy-Org's history gives ``["execution_error", {..., "exception_message": ...}]``, the hiddenswitch
     fork's ``"execution_error: <message>"``)."""
-    import requests
-
-    reply = requests.post(f"{server['url']}/prompt", json={"prompt": prompt, "client_id": "tagmoe-tests"}, timeout=30)
-    assert reply.ok, reply.text
-    prompt_id = reply.json()["prompt_id"]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        history = requests.get(f"{server['url']}/history/{prompt_id}", timeout=10).json()
-        status = history.get(prompt_id, {}).get("status", {})
-        if status.get("status_str") == "error" or status.get("completed") is not None:
-            assert status["status_str"] == "error", status
-            for message in status["messages"]:
-                if isinstance(message, str) and message.startswith("execution_error: "):
-                    return message.removeprefix("execution_error: ").strip()
-                if isinstance(message, list) and message[0] == "execution_error":
-                    return message[1]["exception_message"].strip()
-            pytest.fail(f"no execution_error in {status}")
-        time.sleep(0.5)
-    pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
+    status = _finished(server, prompt, timeout)["status"]
+    assert status["status_str"] == "error", status
+    for message in status["messages"]:
+        if isinstance(message, str) and message.startswith("execution_error: "):
+            return message.removeprefix("execution_error: ").strip()
+        if isinstance(message, list) and message[0] == "execution_error":
+            return message[1]["exception_message"].strip()
+    pytest.fail(f"no execution_error in {status}")
 
 
 def images_of(server, entry: dict) -> dict[str, list[Image.Image]]:
