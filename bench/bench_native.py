@@ -130,6 +130,8 @@ def main() -> None:
         parser.error("--gguf and --dense measure the release shapes: add --config release")
     if args.gguf and args.dense:
         parser.error("--gguf and --dense are two runs: the TAG-MoE GGUF model, or ComfyUI's dense Qwen-Image")
+    if args.gguf and args.weight_dtype != "default":
+        parser.error("--gguf keeps its own quantization: leave --weight-dtype default")
     if args.gguf:
         sys.path.append(str(ROOT))
         from tagmoe_core.model.gguf_format import QUANT_TYPES
@@ -306,8 +308,6 @@ def release_run(args) -> None:
     comfy_sampling = importlib.import_module(pack.__name__ + ".nodes.comfy_sampling")
     operations = None
     if args.gguf:
-        if args.weight_dtype != "default":
-            sys.exit("--gguf keeps its own quantization: leave --weight-dtype default")
         operations = importlib.import_module(pack.__name__ + ".nodes.comfy_gguf").operations(comfy.ops.manual_cast)
     if args.device == "cuda" and args.vram_budget_gib:
         total = torch.cuda.get_device_properties(0).total_memory

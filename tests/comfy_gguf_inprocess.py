@@ -266,9 +266,12 @@ def main() -> None:
             result["comfyui_gguf"] = f"{type(exc).__name__}: {exc}"
         # a TAG-MoE file labelled qwen_image (not what 'tagmoe convert' writes): its reader takes it, experts and
         # all, and the dense model it builds next would drop them; the pack does not patch another pack's code
-        state = loader.gguf_sd_loader(str(relabelled(out / "tiny-Q8_0.gguf", out / "moe-as-qwen.gguf")))
-        result["comfyui_gguf_relabelled"] = {"read": len(state),
-                                             "experts": sum(".img_mlp.experts." in k for k in state)}
+        try:
+            state = loader.gguf_sd_loader(str(relabelled(out / "tiny-Q8_0.gguf", out / "moe-as-qwen.gguf")))
+            result["comfyui_gguf_relabelled"] = {"read": len(state),
+                                                 "experts": sum(".img_mlp.experts." in k for k in state)}
+        except Exception as exc:  # noqa: BLE001 - what it raises is the finding
+            result["comfyui_gguf_relabelled"] = f"{type(exc).__name__}: {exc}"
     (out / "result.json").write_text(json.dumps(result))
 
 

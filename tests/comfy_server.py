@@ -188,7 +188,7 @@ def _finished(server, prompt: dict, timeout: float) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         entry = requests.get(f"{server['url']}/history/{prompt_id}", timeout=10).json().get(prompt_id)
-        status = (entry or {}).get("status", {})
+        status = (entry or {}).get("status") or {}
         if status.get("status_str") == "error" or status.get("completed") is not None:
             return entry
         time.sleep(0.5)

@@ -70,7 +70,9 @@ def test_bench_native_refuses_arguments_it_would_ignore_before_importing_comfyui
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
     for argv, message in ((["--gguf", "Q4_0"], "add --config release"),
                           (["--config", "release", "--gguf", "Q4_0", "--dense"], "two runs"),
-                          (["--config", "release", "--gguf", "q4_0"], "--gguf q4_0: one of Q8_0, ")):
+                          (["--config", "release", "--gguf", "q4_0"], "--gguf q4_0: one of Q8_0, "),
+                          (["--config", "release", "--gguf", "Q4_0", "--weight-dtype", "fp8_e4m3fn"],
+                           "leave --weight-dtype default")):
         monkeypatch.setattr("sys.argv", ["bench_native.py", *argv])
         with pytest.raises(SystemExit) as exited:
             bench.main()

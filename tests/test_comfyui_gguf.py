@@ -59,7 +59,7 @@ def test_gguf_native_model_in_process(tiny_bundle, tmp_path):
         # says so (convert with 'tagmoe convert'); the pack does not patch another pack's loader
         relabelled = result["comfyui_gguf_relabelled"]
         print(f"ComfyUI-GGUF's reader on a TAG-MoE file labelled qwen_image: {relabelled}")
-        assert relabelled["read"] > 0 and relabelled["experts"] > 0
+        assert isinstance(relabelled, dict) and relabelled["read"] > 0 and relabelled["experts"] > 0, relabelled
 
 
 def test_comfyuis_own_load_diffusion_model_refuses_a_tagmoe_gguf_where_it_lists_one(comfy_server):

@@ -283,9 +283,13 @@ def test_native_checkpoint_view_of_a_gguf(converted, tiny_bundle):
 
 
 # -- bad files: one clear line, before anything is loaded ------------------------------------------------------
-def _write(path: Path, arch: str, tensors: dict[str, np.ndarray], raw: dict[str, gguf.GGMLQuantizationType] = {},
-           strings: dict[str, str] = {}):
-    writer = gguf.GGUFWriter(path, arch)
+def _write(path: Path, arch: str | None, tensors: dict[str, np.ndarray],
+           raw: dict[str, gguf.GGMLQuantizationType] = {}, strings: dict[str, str] = {}):
+    """A GGUF file of ``tensors`` (``raw``: those already quantized, by type); ``arch`` None: unlabelled."""
+    writer = gguf.GGUFWriter(path, arch or "unlabelled")
+    if arch is None:
+        for fields in writer.kv_data:
+            fields.pop("general.architecture", None)
     for key, text in strings.items():
         writer.add_string(key, text)
     for name, data in tensors.items():
@@ -466,7 +470,7 @@ def test_a_gguf_converts_back_to_safetensors_and_to_another_type(converted, sour
 
 
 # -- a ComfyUI that reads .gguf itself (the hiddenswitch fork's comfy.gguf) -------------------------------------
-def _relabelled(source: Path, path: Path, arch: str) -> Path:
+def _relabelled(source: Path, path: Path, arch: str | None) -> Path:
     """``source``'s tensors (quantized ones as they are) under another ``general.architecture``."""
     reader = gguf.GGUFReader(source, "r")
     return _write(path, arch, {t.name: np.asarray(t.data) for t in reader.tensors},
@@ -484,12 +488,31 @@ def test_tagmoe_architecture_reads_the_header(converted, tiny_bundle, tmp_path):
     qwen = _write(tmp_path / "qwen-image.gguf", "qwen_image",
                   {k: v.float().numpy() for k, v in list(dense.items())[:2]})
     assert tagmoe_architecture(qwen) is None
+    unlabelled = _relabelled(converted["Q8_0"], tmp_path / "moe-unlabelled.gguf", None)
+    assert tagmoe_architecture(unlabelled) == "no general.architecture"
+    assert tagmoe_architecture(_write(tmp_path / "dense-unlabelled.gguf", None,
+                                      {k: v.float().numpy() for k, v in list(dense.items())[:2]})) is None
     assert tagmoe_architecture(_write(tmp_path / "llama.gguf", "llama", {"t": np.zeros((2, 32), np.float32)})) is None
     (tmp_path / "not.gguf").write_bytes(b"not a gguf at all")
     assert tagmoe_architecture(tmp_path / "not.gguf") is None and tagmoe_architecture(tmp_path / "missing.gguf") is None
     whole = converted["Q8_0"].read_bytes()
     (tmp_path / "cut.gguf").write_bytes(whole[:200])
     assert tagmoe_architecture(tmp_path / "cut.gguf") is None
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", None])
+def test_a_tagmoe_file_labelled_otherwise_is_read_as_tagmoe_with_a_warning(converted, tmp_path, caplog, arch):
+    """Another converter may label a TAG-MoE file by its keys (qwen_image) or not at all: with MoE routers
+    inside, the loader reads it as TAG-MoE (the same tensors) and says so, rather than refusing it as
+    another model."""
+    path = _relabelled(converted["Q8_0"], tmp_path / f"moe-as-{arch}.gguf", arch)
+    with caplog.at_level("WARNING", logger="tagmoe"):
+        read = GGUFFile.open(path)
+    said = "has no general.architecture" if arch is None else "says general.architecture 'qwen_image'"
+    assert f"{said} but holds MoE routers: reading it as TAG-MoE" in caplog.text
+    ours = GGUFFile.open(converted["Q8_0"])
+    assert set(read.tensors) == set(ours.tensors)
+    assert all(torch.equal(read.tensors[k].data, ours.tensors[k].data) for k in ours.tensors)
 
 
 def test_a_comfyui_gguf_loader_refuses_a_tagmoe_file_and_reads_every_other(converted, tiny_bundle, tmp_path):

@@ -25,6 +25,8 @@ from .gguf_dequant import BY_ID, GGMLType, dequantize
 from .gguf_format import (ARCH, FORMAT_VERSION, KEY_CONFIG, KEY_FORMAT, ORIG_SHAPE, QWEN_IMAGE_ARCH, READABLE)
 
 log = logging.getLogger("tagmoe")
+_CONVERT_HINT = (f"this loader reads {', '.join(READABLE)}: write the file with 'tagmoe convert SRC OUT.gguf --quant "
+                 "Q8_0' (or Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, BF16)")
 
 _TORCH_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _ROUTER_SUFFIXES = (".img_mlp.router.weight", ".img_mlp.router.layer.weight")
@@ -86,8 +88,7 @@ class GGUFFile:
             if unknown:  # gguf-py stops at a type id it has no name for, before any tensor is listed
                 raise UnsupportedQuantizationError(
                     f"'{path}' holds tensors in GGML type {unknown[1]}, which the installed gguf package does not "
-                    f"know; this loader reads {', '.join(READABLE)}: write the file with 'tagmoe convert SRC "
-                    "OUT.gguf --quant Q8_0' (or Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, BF16)") from exc
+                    f"know; {_CONVERT_HINT}") from exc
             raise CorruptCheckpointError(f"'{path}' is not a readable GGUF file: truncated or damaged ({exc}); the "
                                          "download or conversion may be incomplete - fetch or convert it "
                                          "again") from exc
@@ -121,9 +122,7 @@ class GGUFFile:
         if unsupported:
             kinds = ", ".join(f"{n} ({len(v)} tensors, e.g. '{v[0]}')" for n, v in sorted(unsupported.items()))
             raise UnsupportedQuantizationError(
-                f"'{path}' holds tensors in GGML types this loader does not read: {kinds}; it reads "
-                f"{', '.join(READABLE)}: write the file with 'tagmoe convert SRC OUT.gguf --quant Q8_0' (or Q6_K, "
-                "Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, BF16)")
+                f"'{path}' holds tensors in GGML types this loader does not read: {kinds}; {_CONVERT_HINT}")
         return cls(path, str(arch), tensors, metadata)
 
     def config(self) -> dict[str, Any] | None:
@@ -146,8 +145,9 @@ class GGUFFile:
 def tagmoe_architecture(path: str | os.PathLike) -> str | None:
     """The ``general.architecture`` of a GGUF file that holds TAG-MoE: ``tagmoe_qwen_image``, or
     ``qwen_image`` with MoE routers (what a converter that labels files by their keys, such as
-    ComfyUI-GGUF's, would write). None for any other model and for a file that is not a readable GGUF
-    (left to the caller's own loader to report). Reads the header only (the tensor data stays on disk)."""
+    ComfyUI-GGUF's, would write), or ``"no general.architecture"`` for an unlabelled file with MoE routers.
+    None for any other model and for a file that is not a readable GGUF (left to the caller's own loader
+    to report). Reads the header only (the tensor data stays on disk)."""
     try:
         import gguf
 
@@ -157,18 +157,22 @@ def tagmoe_architecture(path: str | os.PathLike) -> str | None:
         names = [t.name for t in reader.tensors]
     except Exception:  # noqa: BLE001 - an unreadable file (or an old gguf-py) is not this function's to report
         return None
-    return arch if _holds_tagmoe(arch, names) else None
+    if not _holds_tagmoe(arch, names):
+        return None
+    return arch if arch is not None else "no general.architecture"
 
 
 def _holds_tagmoe(arch: object, names: list[str]) -> bool:
-    return arch == ARCH or (arch == QWEN_IMAGE_ARCH and any(n.endswith(_ROUTER_SUFFIXES) for n in names))
+    """TAG-MoE's label, or dense Qwen-Image's (or none) over MoE routers."""
+    return arch == ARCH or (arch in (QWEN_IMAGE_ARCH, None) and any(n.endswith(_ROUTER_SUFFIXES) for n in names))
 
 
 def _check_arch(path: Path, arch: object, names: list[str]) -> None:
     if arch == ARCH:
         return
     if _holds_tagmoe(arch, names):
-        log.warning("'%s' says general.architecture '%s' but holds MoE routers: reading it as TAG-MoE", path, arch)
+        said = "has no general.architecture" if arch is None else f"says general.architecture '{arch}'"
+        log.warning("'%s' %s but holds MoE routers: reading it as TAG-MoE", path, said)
         return
     if arch == QWEN_IMAGE_ARCH:
         raise NotATagMoECheckpointError(
