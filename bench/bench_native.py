@@ -245,16 +245,16 @@ def dense_qwen_image(comfy_model, layers: int, weight_dtype: str, gen: torch.Gen
                                                       operations=comfy_model.MetaTwinOps)
     state = {k: torch.randn(v.shape, generator=gen, dtype=torch.bfloat16) * 0.02 for k, v in twin.state_dict().items()}
     weight_gib = sum(t.numel() * t.element_size() for t in state.values()) / 2**30
-    options = {} if weight_dtype == "default" else {  # as ComfyUI's UNETLoader sets them
-        "dtype": getattr(torch, "float8_" + weight_dtype.removeprefix("fp8_").removesuffix("_fast"))}
-    if weight_dtype.endswith("_fast"):
+    dtype, fast = comfy_model.WEIGHT_DTYPES[weight_dtype]
+    options = {"dtype": dtype} if dtype else {}  # as ComfyUI's UNETLoader sets them
+    if fast:
         options["fp8_optimizations"] = True
     patcher = comfy.sd.load_diffusion_model_state_dict(state, model_options=options)
     label = f"dense Qwen-Image (ComfyUI's), weights {patcher.model.get_dtype()}"
     return patcher, label, weight_gib
 
 
-def random_gguf_state(expected: dict, quant: str, gen) -> dict:
+def random_gguf_state(expected: dict, quant: str, gen: torch.Generator) -> dict:
     """Random weights for ``expected`` (key -> (shape, dtype)) typed as ``tagmoe convert --quant quant``
     types them (``gguf_convert.tensor_type``): float ones as tensors, quantized ones as raw GGML bytes the
     way the loader hands them over (``gguf_reader.as_quantized``). A quantized matrix is 64 random rows
@@ -263,15 +263,14 @@ def random_gguf_state(expected: dict, quant: str, gen) -> dict:
     import torch
 
     from tagmoe_core.model.gguf_convert import quantize_rows, tensor_type
-    from tagmoe_core.model.gguf_reader import GGUFTensor, as_quantized
+    from tagmoe_core.model.gguf_reader import TORCH_FLOATS, GGUFTensor, as_quantized
 
-    floats = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     blocks: dict[tuple[str, int], torch.Tensor] = {}
     state = {}
     for key, (shape, _) in expected.items():
         qtype = tensor_type(key, tuple(shape), quant)
-        if qtype.name in floats:
-            state[key] = (torch.randn(shape, generator=gen) * 0.02).to(floats[qtype.name])
+        if not qtype.quantized:
+            state[key] = (torch.randn(shape, generator=gen) * 0.02).to(TORCH_FLOATS[qtype.name])
             continue
         rows, width = math.prod(shape[:-1]), shape[-1]
         if (qtype.name, width) not in blocks:

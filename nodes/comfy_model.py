@@ -295,12 +295,9 @@ def manage(model: TagMoEQwenImage, state: dict[str, torch.Tensor], heads: TagHea
     random weights for ``expected_state`` keys by hand). ``gguf``: a model built with
     ``comfy_gguf.operations`` and ``state`` holding quantized tensors (``gguf_reader.as_quantized``): it gets
     the patcher a ``.gguf`` gets."""
-    if gguf:
-        from . import comfy_gguf
+    from . import comfy_gguf
 
-        patcher = new_patcher(model, True, comfy_gguf.patcher_class)
-    else:
-        patcher = new_patcher(model)
+    patcher = new_patcher(model, gguf, comfy_gguf.patcher_class if gguf else None)
     unexpected = load_weights(model.diffusion_model, state, is_dynamic(patcher))
     missing = sorted(set(expected_state(model.model_config)) - set(state))
     if missing or unexpected:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownLayoutError
-from .gguf_format import FLOAT_TYPES
+from .gguf_dequant import TYPES as GGML_TYPES
 
 if TYPE_CHECKING:
     from .gguf_reader import GGUFFile
@@ -217,7 +217,7 @@ class TensorInfo:
     @property
     def quantized(self) -> bool:
         """A GGUF tensor in a quantized GGML type (kept as raw bytes by ``chunks(quantized=True)``)."""
-        return self.ggml_type is not None and self.ggml_type not in FLOAT_TYPES
+        return self.ggml_type is not None and GGML_TYPES[self.ggml_type].quantized
 
 
 @dataclass

@@ -107,7 +107,7 @@ class LinearExpertsCheckpoint:
         size = done = 0
         for source, tensor in self.reader.tensors(list(wanted), chunk_bytes, quantized=quantized):
             for key, piece in wanted[source]:
-                if quantized and tensor.dtype == torch.uint8 and piece != Piece(source):
+                if quantized and piece != Piece(source) and self.reader.infos[source].quantized:
                     raise self._release_layout_error(source)
                 chunk[key] = piece.take(tensor)
             nbytes = self.reader.nbytes([source])

@@ -28,7 +28,7 @@ log = logging.getLogger("tagmoe")
 _CONVERT_HINT = (f"this loader reads {', '.join(READABLE)}: write the file with 'tagmoe convert SRC OUT.gguf --quant "
                  "Q8_0' (or Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, BF16)")
 
-_TORCH_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+TORCH_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _ROUTER_SUFFIXES = (".img_mlp.router.weight", ".img_mlp.router.layer.weight")
 
 
@@ -46,11 +46,11 @@ class GGUFTensor:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype :meth:`to_torch` gives: the stored float type, float32 for quantized types."""
-        return _TORCH_FLOATS.get(self.qtype.name, torch.float32)
+        return TORCH_FLOATS.get(self.qtype.name, torch.float32)
 
     def to_torch(self) -> torch.Tensor:
-        if self.qtype.name in _TORCH_FLOATS:  # a view of the map: no copy until it is cast or moved
-            return self.data.view(_TORCH_FLOATS[self.qtype.name]).view(self.shape)
+        if self.qtype.name in TORCH_FLOATS:  # a view of the map: no copy until it is cast or moved
+            return self.data.view(TORCH_FLOATS[self.qtype.name]).view(self.shape)
         return dequantize(self.data, self.qtype, self.shape)
 
 
